@@ -1,0 +1,176 @@
+"""The `stochvit` command: one entry point, a subcommand per job.
+
+Each suite module under `stochvit.suites` contributes its subcommand through `add_parser(subparsers)`.
+User mistakes raise `UserError`, printed as one line with exit status 2 (never a traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .data import SPECS_HELP
+from .errors import UserError
+from .layers import DISTRIBUTIONS, MODES, SHARINGS
+from .mlp import POSITIONS
+from .precision import PRECISIONS
+
+SUITES = ("demo", "calibration", "robustness", "privacy", "federated", "transfer")
+
+
+def int_list(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def add_data_args(p: argparse.ArgumentParser, default: str | None = "digits") -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default=default, help=f"dataset: {SPECS_HELP}" + (f" (default: {default})" if default else
+                                                                                " (default: the run's own)"))
+    g.add_argument("--data-dir", default=None, help="folder holding torchvision dataset files (cifar10/cifar100/svhn)")
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and stochastic layer")
+    g.add_argument("--model", default=None, help="timm model name (default: vit_digits_patch2_8 for digits, vit_tiny_patch4_32 otherwise)")
+    g.add_argument("--act", default="gelu", choices=("gelu", "relu"), help="MLP activation")
+    g.add_argument("--drop-rate", type=float, default=0.0, help="dropout rate in the MLPs and projections")
+    g.add_argument("--mc-dropout", action="store_true", help="keep dropout on at inference (MC dropout baseline)")
+    g.add_argument("--stochastic", action=argparse.BooleanOptionalAction, default=True, help="use stochastic MLP layers")
+    g.add_argument("--kind", default="diagonal", choices=tuple(DISTRIBUTIONS))
+    g.add_argument("--distribution", default="uniform", choices=sorted({d for v in DISTRIBUTIONS.values() for d in v}))
+    g.add_argument("--low", type=float, default=0.5, help="lower end of the scale range (diagonal kind)")
+    g.add_argument("--high", type=float, default=1.5, help="upper end of the scale range (diagonal kind)")
+    g.add_argument("--sharing", default="image", choices=SHARINGS, help="image: token-consistent (default)")
+    g.add_argument("--position", default="pre_act", choices=POSITIONS)
+    g.add_argument("--blocks", type=int_list, default=None, help="only these block indices, e.g. 0,1,2 (default: all)")
+
+
+def stochastic_from_args(a: argparse.Namespace) -> dict | None:
+    if not a.stochastic:
+        return None
+    return dict(kind=a.kind, distribution=a.distribution, low=a.low, high=a.high, sharing=a.sharing,
+                position=a.position, blocks=a.blocks)
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    add_data_args(p)
+    g = p.add_argument_group("data split")
+    g.add_argument("--download", action="store_true", help="allow torchvision to download the dataset (needs internet)")
+    g.add_argument("--split-seed", type=int, default=0, help="seed of the train/val/test split (keep fixed across runs)")
+    g.add_argument("--train-limit", type=int, default=None, help="keep a stratified subset of this many training images")
+    g.add_argument("--img-size", type=int, default=None, help="resize imagefolder images to this size")
+    add_model_args(p)
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=None, help="default: 60 for digits, 10 otherwise")
+    g.add_argument("--batch-size", type=int, default=None, help="default: 64 for digits, 128 otherwise")
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 3e-3 for digits, 1e-3 otherwise)")
+    g.add_argument("--weight-decay", type=float, default=0.05)
+    g.add_argument("--warmup-epochs", type=float, default=2.0)
+    g.add_argument("--label-smoothing", type=float, default=0.0)
+    g.add_argument("--clip-grad", type=float, default=1.0, help="max gradient norm (0 disables)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--precision", default="auto", choices=PRECISIONS, help="auto: bf16 autocast on CUDA and on CPUs with native bf16")
+    g.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
+    g.add_argument("--eval-samples", type=int, default=10, help="K stochastic passes for the final evaluation")
+
+
+# recipe defaults by dataset: digits is tiny (1,257 training images) and likes a short, hot schedule
+RECIPES = {"digits": dict(epochs=60, batch_size=64, lr=3e-3), None: dict(epochs=10, batch_size=128, lr=1e-3)}
+
+
+def train_config_from_args(a: argparse.Namespace):
+    from .train import TrainConfig
+
+    recipe = RECIPES.get(a.data, RECIPES[None])
+    return TrainConfig(
+        data=a.data, data_dir=a.data_dir, download=a.download, split_seed=a.split_seed, train_limit=a.train_limit,
+        img_size=a.img_size, model=a.model or ("vit_digits_patch2_8" if a.data == "digits" else "vit_tiny_patch4_32"),
+        act=a.act, drop_rate=a.drop_rate, mc_dropout=a.mc_dropout, stochastic=stochastic_from_args(a),
+        epochs=a.epochs or recipe["epochs"], batch_size=a.batch_size or recipe["batch_size"], lr=a.lr or recipe["lr"],
+        weight_decay=a.weight_decay, warmup_epochs=a.warmup_epochs, label_smoothing=a.label_smoothing,
+        clip_grad=a.clip_grad or None, seed=a.seed, precision=a.precision, workers=a.workers,
+        eval_samples=a.eval_samples,
+    )
+
+
+def cmd_train(a: argparse.Namespace) -> None:
+    from .train import train
+
+    if a.resume:
+        path = train(resume=a.resume)
+    else:
+        cfg = train_config_from_args(a)
+        extra = None
+        if getattr(a, "adv", None):
+            from .suites.robustness import adversarial_step
+
+            cfg.adv = dict(method=a.adv, eps=a.adv_eps, steps=a.adv_steps)
+            extra = adversarial_step(cfg.adv)
+        path = train(cfg, out=a.out, extra_step=extra)
+    from .runs import read_json
+
+    s = read_json(path / "summary.json", "summary")
+    t = s["test"]
+    print(f"run: {path}\ntest accuracy {s['test_accuracy']:.4f} (single pass), {t['mc_average']['accuracy']:.4f} "
+          f"(K={t['samples']} average); ECE {t['single_pass']['ece']['mean']:.4f}; trained in {s['train_seconds']:.0f} s")
+
+
+def cmd_evaluate(a: argparse.Namespace) -> None:
+    from .evaluate import run_evaluate
+
+    if a.samples < 1:
+        raise UserError("--samples must be >= 1")
+    run_evaluate(a.run_dir, a.data, a.data_dir, a.samples, a.mode, a.split)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stochvit", description=__doc__.splitlines()[0].rstrip(":") if __doc__ else None)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a (stochastic) ViT into a run directory",
+                       description="Train a ViT with token-consistent stochastic MLP layers (or a deterministic baseline).")
+    add_train_args(p)
+    p.add_argument("--out", default=None, help="run directory (default: runs/<timestamp>)")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted run (its own settings are used)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="accuracy, NLL, Brier, ECE of a run (single-pass and K-sample)",
+                       description="Evaluate a run directory; writes eval-*.json into it.")
+    p.add_argument("run_dir")
+    add_data_args(p, default=None)
+    p.add_argument("--samples", type=int, default=10, help="K stochastic passes")
+    p.add_argument("--mode", default="on", choices=MODES, help="stochastic layers: sample (on), expectation (mean), identity (off)")
+    p.add_argument("--split", default="test", choices=("test", "val"))
+    p.set_defaults(func=cmd_evaluate)
+
+    for name in SUITES:
+        try:
+            module = importlib.import_module(f".suites.{name}", __package__)
+        except ModuleNotFoundError as e:
+            if e.name and e.name.startswith(("flwr", "stochvit.suites")):
+                continue  # optional extra not installed, or suite not built yet
+            raise
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as e:
+        print(f"stochvit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"stochvit {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

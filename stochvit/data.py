@@ -1,0 +1,228 @@
+"""Datasets as in-memory uint8 image tensors with seeded splits.
+
+Every dataset is decoded once into a `(N, C, H, W)` uint8 tensor (CIFAR-10 is 150 MB), so training
+never waits on JPEG decoding. Samples come out as float images in [0, 1]; normalisation lives inside
+the model (`stochvit.models.Normalized`) so that attacks and inversions work in pixel space.
+
+Specs: "digits" (scikit-learn's bundled 8x8 digits, the embedded default), "cifar10", "cifar100",
+"svhn" (torchvision, from --data-dir, downloaded only with --download) and "imagefolder:PATH".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.model_selection import train_test_split
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
+
+from .errors import UserError
+
+TORCHVISION_SETS = ("cifar10", "cifar100", "svhn")
+SPECS_HELP = "digits | cifar10 | cifar100 | svhn | imagefolder:PATH"
+
+
+class ImageSet(Dataset):
+    """Images (uint8, N x C x H x W) and labels; yields float images in [0, 1]."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: v2.Transform | None = None) -> None:
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise ValueError(f"images must be uint8 N x C x H x W, got {images.dtype} {tuple(images.shape)}")
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self.images, self.labels, self.transform = images, labels.long(), transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        img = self.images[i]
+        if self.transform is not None:
+            img = self.transform(img)
+        return img.float().div_(255), self.labels[i]
+
+    def subset(self, indices: np.ndarray | torch.Tensor, transform: v2.Transform | None = None) -> "ImageSet":
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return ImageSet(self.images[idx], self.labels[idx], transform)
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All images as float [0, 1] and labels, without augmentation."""
+        return self.images.float().div(255), self.labels
+
+
+@dataclass
+class DataBundle:
+    name: str
+    train: ImageSet
+    val: ImageSet
+    test: ImageSet
+    class_names: list[str]
+    mean: list[float]
+    std: list[float]
+    flip: bool
+    split: dict = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def in_chans(self) -> int:
+        return int(self.train.images.shape[1])
+
+    @property
+    def img_size(self) -> int:
+        return int(self.train.images.shape[-1])
+
+    def describe(self) -> dict:
+        return dict(
+            name=self.name, num_classes=self.num_classes, in_chans=self.in_chans, img_size=self.img_size,
+            sizes=dict(train=len(self.train), val=len(self.val), test=len(self.test)), split=self.split,
+        )
+
+
+def augmentation(img_size: int, flip: bool) -> v2.Transform:
+    """Standard small-image augmentation: random crop with padding (1/8 of the side), optional flip."""
+    ops: list[v2.Transform] = [v2.RandomCrop(img_size, padding=max(1, img_size // 8))]
+    if flip:
+        ops.append(v2.RandomHorizontalFlip())
+    return v2.Compose(ops)
+
+
+def _stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    idx = np.arange(len(labels))
+    if fraction <= 0:
+        return idx, idx[:0]
+    keep, held = train_test_split(idx, test_size=fraction, stratify=labels, random_state=seed)
+    return np.sort(keep), np.sort(held)
+
+
+def _channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
+    x = images.float().div(255)
+    return x.mean(dim=(0, 2, 3)).tolist(), x.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
+
+
+def _load_digits() -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = torch.from_numpy(np.round(d.images * (255 / 16)).astype(np.uint8)).unsqueeze(1)
+    return images, torch.from_numpy(d.target), [str(i) for i in range(10)]
+
+
+def _load_torchvision(name: str, data_dir: Path, download: bool, train: bool) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    import torchvision.datasets as tvd
+
+    cls = {"cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100, "svhn": tvd.SVHN}[name]
+    kwargs = dict(split="train" if train else "test") if name == "svhn" else dict(train=train)
+    try:
+        ds = cls(str(data_dir), download=download, **kwargs)
+    except RuntimeError as e:  # torchvision: "Dataset not found or corrupted. You can use download=True ..."
+        hint = f"put the torchvision {name} files under {data_dir} (e.g. {data_dir}/{cls.base_folder if hasattr(cls, 'base_folder') else name})"
+        raise UserError(f"{name} not found in {data_dir}: {hint}, or pass --download when online. ({e})") from None
+    except OSError as e:  # offline download: URLError is an OSError
+        raise UserError(f"could not download {name} ({e}); this machine may be offline: copy the files into {data_dir} instead") from None
+    data = ds.data if name == "svhn" else ds.data.transpose(0, 3, 1, 2)
+    labels = np.asarray(ds.labels if name == "svhn" else ds.targets)
+    names = list(getattr(ds, "classes", [str(i) for i in range(10)]))
+    return torch.from_numpy(np.ascontiguousarray(data)), torch.from_numpy(labels), names
+
+
+def _decode_folder(root: Path, img_size: int | None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    from torchvision.datasets import ImageFolder
+    from torchvision.io import ImageReadMode, decode_image, read_file
+    from tqdm import tqdm
+
+    try:
+        folder = ImageFolder(str(root), loader=lambda p: p)
+    except (FileNotFoundError, OSError) as e:
+        raise UserError(f"{root}: not a class-folder tree of images ({e})") from None
+    if len(folder) == 0:
+        raise UserError(f"{root} holds no images")
+    resize = v2.Resize((img_size, img_size), antialias=True) if img_size else None
+    images, size = [], None
+    for path, _ in tqdm(folder.samples, desc=f"decode {root.name}", unit="img", leave=False, mininterval=2):
+        try:
+            img = decode_image(read_file(path), mode=ImageReadMode.RGB)
+        except RuntimeError as e:
+            raise UserError(f"cannot decode image {path}: {e}") from None
+        if resize is not None:
+            img = resize(img)
+        elif size is None:
+            size = img.shape
+        elif img.shape != size:
+            raise UserError(f"{path} is {tuple(img.shape[1:])} but earlier images are {tuple(size[1:])}; pass --img-size to resize all")
+        images.append(img)
+    return torch.stack(images), torch.tensor(folder.targets), list(folder.classes)
+
+
+def load_data(
+    spec: str = "digits",
+    data_dir: str | Path | None = None,
+    download: bool = False,
+    split_seed: int = 0,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+    train_limit: int | None = None,
+    img_size: int | None = None,
+) -> DataBundle:
+    """Load a dataset and its seeded, stratified train/val/test split.
+
+    The split seed is separate from the training seed, so runs with different seeds (ensembles)
+    share one test split. `train_limit` keeps a stratified subset of the training split.
+    """
+    for name, f in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0 <= f < 1:
+            raise UserError(f"{name}={f} must be in [0, 1)")
+    test = None
+    if spec == "digits":
+        images, labels, names = _load_digits()
+        flip = False
+    elif spec in TORCHVISION_SETS:
+        root = Path(data_dir) if data_dir else Path("data")
+        images, labels, names = _load_torchvision(spec, root, download, train=True)
+        test = _load_torchvision(spec, root, download, train=False)[:2]
+        flip = spec != "svhn"
+    elif spec.startswith("imagefolder:"):
+        root = Path(spec.split(":", 1)[1]).expanduser()
+        if not root.is_dir():
+            raise UserError(f"imagefolder path {root} does not exist or is not a directory")
+        parts = {p: root / p for p in ("train", "val", "test") if (root / p).is_dir()}
+        images, labels, names = _decode_folder(parts.get("train", root), img_size)
+        if "test" in parts:
+            test = _decode_folder(parts["test"], img_size or images.shape[-1])[:2]
+        if "val" in parts:
+            val = _decode_folder(parts["val"], img_size or images.shape[-1])[:2]
+        flip = True
+    else:
+        raise UserError(f"unknown dataset {spec!r}; expected {SPECS_HELP}")
+
+    if images.shape[-1] != images.shape[-2]:
+        raise UserError(f"{spec}: images must be square, got {tuple(images.shape[-2:])}; pass --img-size")
+    full = ImageSet(images, labels)
+    y = labels.numpy()
+    if test is None:
+        rest, test_idx = _stratified_split(y, test_fraction, split_seed)
+        test_set = full.subset(test_idx)
+    else:
+        rest, test_set = np.arange(len(y)), ImageSet(*test)
+    if spec.startswith("imagefolder:") and "val" in parts:
+        train_idx, val_set = rest, ImageSet(*val)
+    else:
+        keep, held = _stratified_split(y[rest], val_fraction / (1 - test_fraction) if test is None else val_fraction, split_seed)
+        train_idx, val_set = rest[keep], full.subset(rest[held])
+    if train_limit is not None and train_limit < len(train_idx):
+        sub, _ = _stratified_split(y[train_idx], 1 - train_limit / len(train_idx), split_seed)
+        train_idx = train_idx[sub]
+    if len(val_set) == 0 or len(test_set) == 0:
+        raise UserError(f"{spec}: too few images for a validation and a test split")
+    mean, std = _channel_stats(images[torch.as_tensor(train_idx)])
+    size = int(images.shape[-1])
+    return DataBundle(
+        name=spec, train=full.subset(train_idx, augmentation(size, flip)), val=val_set, test=test_set,
+        class_names=names, mean=mean, std=std, flip=flip,
+        split=dict(seed=split_seed, val_fraction=val_fraction, test_fraction=test_fraction, train_limit=train_limit),
+    )

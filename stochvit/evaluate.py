@@ -1,0 +1,41 @@
+"""`stochvit evaluate`: accuracy, NLL, Brier and ECE of a run, single-pass (mean ± std) and K-sample."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .layers import sampling
+from .metrics import mc_metrics
+from .predict import dataset_probs
+from .runs import Run, load_run, write_json
+from .train import check_compatible, data_for
+
+SPLITS = ("test", "val")
+
+
+def evaluate(run: Run, data_spec: str | None = None, data_dir: str | None = None, samples: int = 10, mode: str = "on",
+             split: str = "test", precision: str = "auto") -> dict:
+    data = data_for(run.config, data_spec, data_dir)
+    check_compatible(run.config, data)
+    with sampling(run.model, mode):
+        result = mc_metrics(*dataset_probs(run.model, getattr(data, split), samples, precision=precision))
+    return dict(run=str(run.path), data=data.name, split=split, mode=mode, **result)
+
+
+def format_table(result: dict) -> str:
+    keys = list(result["mc_average"])
+    lines = [f"{'metric':<10} {'single pass (mean ± std)':>26} {'K=' + str(result['samples']) + ' average':>14}"]
+    for k in keys:
+        s = result["single_pass"][k]
+        lines.append(f"{k:<10} {s['mean']:>17.4f} ± {s['std']:.4f} {result['mc_average'][k]:>14.4f}")
+    return "\n".join(lines)
+
+
+def run_evaluate(run_dir: str, data: str | None, data_dir: str | None, samples: int, mode: str, split: str) -> Path:
+    run = load_run(run_dir)
+    result = evaluate(run, data, data_dir, samples, mode, split)
+    tag = (data or run.config["train"]["data"]).replace(":", "_").replace("/", "_")
+    out = run.path / f"eval-{tag}-{split}-{mode}-k{result['samples']}.json"
+    write_json(out, result)
+    print(f"{run.path} on {result['data']} ({split}, mode={mode})\n{format_table(result)}\nwrote {out}")
+    return out

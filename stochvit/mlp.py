@@ -1,0 +1,126 @@
+"""`StochasticMlp`, a drop-in for `timm.layers.Mlp`, and `stochastify`, which converts timm models.
+
+The stochastic layer has no parameters, so conversion never touches weights: state dicts of a
+converted model and of the plain timm model are interchangeable.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Literal
+
+import torch
+from timm.layers import Mlp
+from torch import nn
+
+from .layers import StochasticLinear
+
+Position = Literal["pre_act", "post_act", "output"]
+POSITIONS = ("pre_act", "post_act", "output")
+
+
+class StochasticMlp(Mlp):
+    """timm `Mlp` with a `StochasticLinear` at `position`.
+
+    "pre_act": after fc1, before the activation (the authors' choice); "post_act": after the
+    activation; "output": on the MLP output. Remaining keywords configure the layer.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden_features: int | None = None,
+        out_features: int | None = None,
+        *args: Any,
+        position: Position = "pre_act",
+        kind: str = "diagonal",
+        distribution: str = "uniform",
+        low: float = 0.5,
+        high: float = 1.5,
+        sharing: str = "image",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(in_features, hidden_features, out_features, *args, **kwargs)
+        self._attach(position, dict(kind=kind, distribution=distribution, low=low, high=high, sharing=sharing))
+
+    def _attach(self, position: str, layer_cfg: dict[str, Any]) -> None:
+        if position not in POSITIONS:
+            raise ValueError(f"position={position!r} is not one of {', '.join(map(repr, POSITIONS))}")
+        if not isinstance(self.fc1, nn.Linear):
+            raise ValueError("StochasticMlp needs token-last nn.Linear layers (use_conv=True is not supported)")
+        self.position = position
+        width = self.fc2.out_features if position == "output" else self.fc1.out_features
+        self.stochastic = StochasticLinear(width, **layer_cfg)
+
+    @classmethod
+    def from_mlp(cls, mlp: Mlp, position: Position = "pre_act", **layer_cfg: Any) -> "StochasticMlp":
+        """Wrap an existing `Mlp`, sharing its submodules (and so its weights)."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.__dict__.update({k: v for k, v in vars(mlp).items() if not k.startswith("_")})  # plain attributes
+        for name, child in mlp.named_children():
+            new.add_module(name, child)
+        new._attach(position, layer_cfg)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.fc1(x)
+        if self.position == "pre_act":
+            x = self.stochastic(x)
+        x = self.act(x)
+        if self.position == "post_act":
+            x = self.stochastic(x)
+        x = self.drop1(x)
+        x = self.norm(x)
+        x = self.fc2(x)
+        x = self.drop2(x)
+        if self.position == "output":
+            x = self.stochastic(x)
+        return x
+
+
+def _mlps_in(model: nn.Module, blocks: Iterable[int] | None) -> list[tuple[nn.Module, str, Mlp]]:
+    """(parent, attribute, mlp) for each plain timm Mlp, restricted to `model.blocks[i]` if asked."""
+    roots: list[nn.Module] = [model]
+    if blocks is not None:
+        if not hasattr(model, "blocks"):
+            raise ValueError(f"blocks={list(blocks)} given but {type(model).__name__} has no .blocks")
+        n = len(model.blocks)
+        indices = list(blocks)
+        bad = [i for i in indices if not -n <= i < n]
+        if bad:
+            raise ValueError(f"blocks={indices}: indices {bad} are out of range for a model with {n} blocks")
+        roots = [model.blocks[i] for i in indices]
+    found = []
+    for root in roots:
+        for parent in root.modules():
+            for name, child in parent.named_children():
+                if type(child) is Mlp:
+                    found.append((parent, name, child))
+    return found
+
+
+def stochastify(model: nn.Module, blocks: Iterable[int] | None = None, position: Position = "pre_act", **layer_cfg: Any) -> int:
+    """Convert, in place, every timm `Mlp` of `model` (or of `model.blocks[i]` for i in `blocks`).
+
+    Returns the number of MLPs converted. Weights are untouched.
+    """
+    StochasticLinear(8, **layer_cfg)  # validate settings once, before touching the model
+    converted = _mlps_in(model, blocks)
+    for parent, name, mlp in converted:
+        setattr(parent, name, StochasticMlp.from_mlp(mlp, position, **layer_cfg))
+    return len(converted)
+
+
+def destochastify(model: nn.Module) -> int:
+    """Turn every `StochasticMlp` back into a plain timm `Mlp` (same weights). Returns the count."""
+    count = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, StochasticMlp):
+                plain = Mlp.__new__(Mlp)
+                nn.Module.__init__(plain)
+                for key in ("fc1", "act", "drop1", "norm", "fc2", "drop2"):
+                    plain.add_module(key, getattr(child, key))
+                setattr(parent, name, plain)
+                count += 1
+    return count

@@ -1,0 +1,103 @@
+"""Small-image ViTs registered in timm's registry, `create_model`, and the pixel-space wrapper.
+
+`import stochvit` registers:
+  vit_digits_patch2_8   8x8 single-channel digits: 16 patches, width 64, 4 blocks
+  vit_tiny_patch4_32    CIFAR-size: 64 patches, width 192, 6 blocks, 3 heads (CPU-sized depth)
+  vit_small_patch4_32   CIFAR-size: 64 patches, width 384, 6 blocks, 6 heads
+All accept timm's usual keywords (num_classes, in_chans, img_size, act_layer="relu"/"gelu", ...).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import timm
+import torch
+from timm.models import register_model
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from .errors import UserError
+from .layers import StochasticLinear
+from .mlp import POSITIONS, stochastify
+
+DEFAULT_STOCHASTIC: dict[str, Any] = dict(
+    kind="diagonal", distribution="uniform", low=0.5, high=1.5, sharing="image", position="pre_act", blocks=None
+)
+
+_SMALL_VITS: dict[str, dict[str, Any]] = {
+    "vit_digits_patch2_8": dict(img_size=8, patch_size=2, in_chans=1, embed_dim=64, depth=4, num_heads=4, mlp_ratio=4.0),
+    "vit_tiny_patch4_32": dict(img_size=32, patch_size=4, embed_dim=192, depth=6, num_heads=3, mlp_ratio=4.0),
+    "vit_small_patch4_32": dict(img_size=32, patch_size=4, embed_dim=384, depth=6, num_heads=6, mlp_ratio=4.0),
+}
+
+
+def _register(name: str, arch: dict[str, Any]) -> None:
+    def build(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+        if pretrained:
+            raise UserError(f"{name} has no published weights; load a run or a local file instead")
+        for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):  # timm's factory bookkeeping
+            kwargs.pop(key, None)
+        return VisionTransformer(**{**arch, "num_classes": 10, **kwargs})
+
+    build.__name__ = name
+    build.__doc__ = f"Small-image ViT: {arch}"
+    register_model(build)
+
+
+for _name, _arch in _SMALL_VITS.items():
+    if _name not in timm.list_models(_name):
+        _register(_name, _arch)
+
+
+def stochastic_config(stochastic: bool | dict | None) -> dict[str, Any] | None:
+    """Normalise `stochastic=True | False | dict` into a full layer config, or None for deterministic."""
+    if stochastic is None or stochastic is False:
+        return None
+    if stochastic is True:
+        return dict(DEFAULT_STOCHASTIC)
+    if not isinstance(stochastic, dict):
+        raise ValueError(f"stochastic must be True, False or a dict of layer settings, got {stochastic!r}")
+    unknown = set(stochastic) - set(DEFAULT_STOCHASTIC)
+    if unknown:
+        raise ValueError(f"stochastic: unknown settings {sorted(unknown)}; known: {sorted(DEFAULT_STOCHASTIC)}")
+    cfg = {**DEFAULT_STOCHASTIC, **stochastic}
+    layer = {k: v for k, v in cfg.items() if k not in ("position", "blocks")}
+    StochasticLinear(8, **layer)  # raises ValueError naming a bad setting
+    if cfg["position"] not in POSITIONS:
+        raise ValueError(f"position={cfg['position']!r} is not one of {', '.join(map(repr, POSITIONS))}")
+    return cfg
+
+
+def create_model(name: str, stochastic: bool | dict | None = True, **timm_kwargs: Any) -> nn.Module:
+    """`timm.create_model(name, **timm_kwargs)` with its MLPs made stochastic (unless `stochastic=False`)."""
+    if timm_kwargs.get("pretrained") and not timm_kwargs.get("pretrained_cfg_overlay"):
+        raise UserError(
+            f"pretrained weights for {name} would be downloaded, and nothing is downloaded at run time: "
+            "pass a local file, e.g. pretrained_cfg_overlay=dict(file='weights.safetensors') "
+            "(or `stochvit transfer --weights PATH`)"
+        )
+    if name not in timm.list_models(name) and name not in timm.list_models():
+        raise UserError(f"unknown timm model {name!r}")
+    model = timm.create_model(name, **timm_kwargs)
+    cfg = stochastic_config(stochastic)
+    if cfg is not None:
+        if stochastify(model, **cfg) == 0:
+            raise ValueError(f"{name} has no timm Mlp to make stochastic")
+    return model
+
+
+class Normalized(nn.Module):
+    """Wraps a timm model so it takes images in [0, 1]; normalisation is part of the model.
+
+    Attacks, inversions and corruptions then all work in pixel space. Only `net`'s weights are saved.
+    """
+
+    def __init__(self, net: nn.Module, mean: list[float], std: list[float]) -> None:
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net((x - self.mean) / self.std)

@@ -1,0 +1,327 @@
+"""Training: AdamW, linear warmup then cosine, bf16 autocast with fp32 weights, resumable run directories.
+
+Resuming restores model, optimiser, schedule and every RNG state saved at the last finished epoch,
+so a run killed mid-epoch and resumed ends with the same weights as an uninterrupted one (on CPU).
+DDP is used when launched with `torchrun` (WORLD_SIZE > 1); rank 0 writes the run directory.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import random
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from .data import DataBundle, load_data
+from .errors import UserError
+from .metrics import classification_metrics, mc_metrics
+from .models import stochastic_config
+from .precision import autocast, default_device, resolve_precision
+from .predict import dataset_probs
+from .runs import atomic_write_bytes, build_model, read_json, versions, write_json
+
+KILL_ENV = "STOCHVIT_KILL_AT_STEP"  # fault injection for the resume test: SIGKILL self at this global step
+
+
+@dataclass
+class TrainConfig:
+    data: str = "digits"
+    data_dir: str | None = None
+    download: bool = False
+    split_seed: int = 0
+    train_limit: int | None = None
+    img_size: int | None = None
+    model: str = "vit_digits_patch2_8"
+    act: str = "gelu"
+    drop_rate: float = 0.0
+    mc_dropout: bool = False
+    stochastic: dict | None = field(default_factory=lambda: stochastic_config(True))
+    epochs: int = 60
+    batch_size: int = 64
+    lr: float = 3e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 2.0
+    label_smoothing: float = 0.0
+    clip_grad: float | None = 1.0
+    seed: int = 0
+    precision: str = "auto"
+    workers: int = 0
+    eval_samples: int = 10
+    adv: dict | None = None  # adversarial training settings, filled by the robustness suite
+
+    def validate(self) -> None:
+        checks = [("epochs", self.epochs >= 1), ("batch_size", self.batch_size >= 1), ("lr", self.lr > 0),
+                  ("label_smoothing", 0 <= self.label_smoothing < 1), ("drop_rate", 0 <= self.drop_rate < 1),
+                  ("eval_samples", self.eval_samples >= 1), ("warmup_epochs", self.warmup_epochs >= 0)]
+        for name, ok in checks:
+            if not ok:
+                raise UserError(f"invalid --{name.replace('_', '-')}={getattr(self, name)}")
+        if self.mc_dropout and self.drop_rate <= 0:
+            raise UserError("--mc-dropout needs --drop-rate > 0")
+        try:
+            self.stochastic = stochastic_config(self.stochastic)
+        except ValueError as e:
+            raise UserError(f"stochastic layer: {e}") from None
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate())
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def run_config(cfg: TrainConfig, data: DataBundle) -> dict:
+    """The run's config.json: enough to rebuild the model without the training code."""
+    kwargs = dict(num_classes=data.num_classes, in_chans=data.in_chans, img_size=data.img_size, act_layer=cfg.act)
+    if cfg.drop_rate:
+        kwargs.update(drop_rate=cfg.drop_rate, proj_drop_rate=cfg.drop_rate)
+    return dict(
+        model=dict(name=cfg.model, kwargs=kwargs, mc_dropout=cfg.mc_dropout),
+        stochastic=stochastic_config(cfg.stochastic),
+        data=dict(spec=cfg.data, data_dir=cfg.data_dir, mean=data.mean, std=data.std, class_names=data.class_names,
+                  **data.describe()),
+        train=asdict(cfg),
+        versions=versions(),
+    )
+
+
+def data_for(config: dict, spec: str | None = None, data_dir: str | None = None) -> DataBundle:
+    """Reload the data a run was trained on (same split), or another spec with the run's image size."""
+    t = config["train"]
+    if spec is None or spec == t["data"]:
+        return load_data(t["data"], t.get("data_dir") if data_dir is None else data_dir, False, t["split_seed"],
+                         train_limit=t.get("train_limit"), img_size=t.get("img_size"))
+    return load_data(spec, data_dir, False, t["split_seed"], img_size=config["model"]["kwargs"]["img_size"])
+
+
+def check_compatible(config: dict, data: DataBundle) -> None:
+    """Clear error when images do not fit the model (size, channels, classes)."""
+    k = config["model"]["kwargs"]
+    for what, want, got in (("image size", k["img_size"], data.img_size), ("channels", k["in_chans"], data.in_chans),
+                            ("classes", k["num_classes"], data.num_classes)):
+        if want != got:
+            raise UserError(f"data {data.name!r} has {what} {got} but the model expects {want}")
+
+
+class _Curves:
+    """metrics.jsonl writer and the curves plot."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def rows(self) -> list[dict]:
+        f = self.path / "metrics.jsonl"
+        return [json.loads(line) for line in f.read_text().splitlines() if line.strip()] if f.exists() else []
+
+    def append(self, row: dict) -> None:
+        rows = [r for r in self.rows() if r["epoch"] < row["epoch"]] + [row]  # a resumed epoch replaces its old line
+        atomic_write_bytes(self.path / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
+
+    def plot(self) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rows = self.rows()
+        ep = [r["epoch"] for r in rows]
+        fig, ax = plt.subplots(1, 3, figsize=(13, 3.6))
+        for a, key, title in zip(ax, ("loss", "accuracy", "ece"), ("loss / NLL", "accuracy", "ECE (val)")):
+            if key != "ece":
+                a.plot(ep, [r[f"train_{key}"] for r in rows], label="train")
+            a.plot(ep, [r[f"val_{'nll' if key == 'loss' else key}"] for r in rows], label="val")
+            a.set_title(title)
+            a.set_xlabel("epoch")
+            a.legend()
+        fig.tight_layout()
+        fig.savefig(self.path / "curves.png", dpi=90)
+        plt.close(fig)
+
+
+def _lr_lambda(total_steps: int, warmup_steps: int):
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def _save_checkpoint(path: Path, model: nn.Module, opt, sched, epoch: int) -> None:
+    buf = io.BytesIO()
+    torch.save(dict(model=model.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
+                    epoch=epoch, rng=_rng_state()), buf)
+    atomic_write_bytes(path / "checkpoint.pt", buf.getvalue())
+
+
+def _load_checkpoint(path: Path) -> dict:
+    try:
+        return torch.load(path / "checkpoint.pt", weights_only=True)
+    except FileNotFoundError:
+        return {}
+    except Exception as e:  # unpickling refused or truncated file
+        raise UserError(f"cannot load {path / 'checkpoint.pt'} safely: {e}") from None
+
+
+def _distributed() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+def new_run_dir() -> Path:
+    return Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def train(cfg: TrainConfig | None = None, out: str | Path | None = None, resume: str | Path | None = None,
+          quiet: bool = False, extra_step=None) -> Path:
+    """Train (or resume) a run and return its directory.
+
+    `extra_step(net, x, y, precision) -> x` may replace each batch's inputs (adversarial training); it
+    draws from the global RNGs, which the checkpoint saves, so it stays resumable.
+    """
+    if resume is not None:
+        path = Path(resume)
+        config = read_json(path / "config.json", f"{path} is not a run directory to resume")
+        if (path / "summary.json").exists():
+            raise UserError(f"run {path} already finished")
+        cfg = TrainConfig(**config["train"])
+    else:
+        cfg = cfg or TrainConfig()
+        cfg.validate()
+        path = Path(out) if out else new_run_dir()
+        if path.exists() and any(path.iterdir()):
+            raise UserError(f"output directory {path} is not empty; choose a new --out or continue with --resume {path}")
+    rank, world = _distributed()
+    device = default_device() if world == 1 else torch.device("cuda", rank % max(1, torch.cuda.device_count())) \
+        if torch.cuda.is_available() else torch.device("cpu")
+    precision = resolve_precision(cfg.precision, device)
+    data = load_data(cfg.data, cfg.data_dir, cfg.download, cfg.split_seed, train_limit=cfg.train_limit, img_size=cfg.img_size)
+    config = run_config(cfg, data)
+    _seed_everything(cfg.seed + rank)
+    try:
+        model = build_model(config).to(device)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if resume is None and rank == 0:
+        path.mkdir(parents=True, exist_ok=True)
+        write_json(path / "config.json", config)
+    steps_per_epoch = math.ceil(len(data.train) / (cfg.batch_size * world))
+    total = steps_per_epoch * cfg.epochs
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "pos_embed" not in n and "token" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim > 1 and "pos_embed" not in n and "token" not in n)]
+    opt = torch.optim.AdamW([dict(params=decay, weight_decay=cfg.weight_decay), dict(params=no_decay, weight_decay=0.0)],
+                            lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, int(cfg.warmup_epochs * steps_per_epoch)))
+    start = 0
+    ckpt = _load_checkpoint(path) if resume is not None else {}
+    if ckpt:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        _set_rng_state(ckpt["rng"])
+        start = ckpt["epoch"] + 1
+    net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    sampler = torch.utils.data.DistributedSampler(data.train, seed=cfg.seed) if world > 1 else None
+    loader = torch.utils.data.DataLoader(data.train, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
+                                         num_workers=cfg.workers, drop_last=False, persistent_workers=cfg.workers > 0)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    curves = _Curves(path)
+    kill_at = int(os.environ.get(KILL_ENV, "-1"))
+    step = start * steps_per_epoch
+    for epoch in range(start, cfg.epochs):
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        net.train()
+        t0, seen, loss_sum, correct = time.perf_counter(), 0, 0.0, 0
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=quiet or rank != 0, mininterval=1)
+        for x, y in bar:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if extra_step is not None:
+                x = extra_step(net, x, y, precision)
+            with autocast(precision, device):
+                logits = net(x)
+                loss = loss_fn(logits.float(), y)
+            if not torch.isfinite(loss):
+                raise UserError(f"loss became {loss.item()} at epoch {epoch + 1}, step {step}: lower --lr "
+                                f"(now {cfg.lr}) or keep --clip-grad; the run stays resumable from its last epoch")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.clip_grad:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+            opt.step()
+            sched.step()
+            step += 1
+            if step == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            seen += len(y)
+            loss_sum += loss.item() * len(y)
+            correct += (logits.argmax(1) == y).sum().item()
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+        train_time = time.perf_counter() - t0
+        if rank == 0:
+            val = classification_metrics(*_single(dataset_probs(model, data.val, 1, precision=precision)))
+            row = dict(epoch=epoch, train_loss=loss_sum / seen, train_accuracy=correct / seen, lr=sched.get_last_lr()[0],
+                       epoch_seconds=train_time, train_images_per_s=seen * world / train_time,
+                       **{f"val_{k}": v for k, v in val.items()})
+            curves.append(row)
+            _save_checkpoint(path, model, opt, sched, epoch)
+            if not quiet:
+                tqdm.write(f"epoch {epoch + 1:3d}/{cfg.epochs}  loss {row['train_loss']:.4f}  train acc {row['train_accuracy']:.4f}  "
+                           f"val acc {val['accuracy']:.4f}  val nll {val['nll']:.4f}  {row['train_images_per_s']:.0f} img/s")
+    if rank == 0:
+        _finish(path, model, data, cfg, precision, curves)
+    if world > 1:
+        dist.barrier()
+    return path
+
+
+def _single(result: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    probs, labels = result
+    return probs[0], labels
+
+
+def _finish(path: Path, model: nn.Module, data: DataBundle, cfg: TrainConfig, precision: str, curves: _Curves) -> None:
+    from safetensors.torch import save_file
+
+    model.eval()
+    test = mc_metrics(*dataset_probs(model, data.test, cfg.eval_samples, precision=precision))
+    val = mc_metrics(*dataset_probs(model, data.val, cfg.eval_samples, precision=precision))
+    rows = curves.rows()
+    summary = dict(test_accuracy=test["single_pass"]["accuracy"]["mean"], test=test, val=val, epochs=cfg.epochs,
+                   train_seconds=sum(r["epoch_seconds"] for r in rows), precision=precision)
+    tmp = path / ".model.safetensors.tmp"
+    save_file({k: v.contiguous() for k, v in model.net.state_dict().items()}, str(tmp))
+    os.replace(tmp, path / "model.safetensors")
+    curves.plot()
+    write_json(path / "summary.json", summary)  # last: marks the run finished
