@@ -76,6 +76,10 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--precision", default="auto", choices=PRECISIONS, help="auto: bf16 autocast on CUDA and on CPUs with native bf16")
     g.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
     g.add_argument("--eval-samples", type=int, default=10, help="K stochastic passes for the final evaluation")
+    g = p.add_argument_group("adversarial training")
+    g.add_argument("--adv", default=None, choices=("pgd", "fgsm-rs"), help="train on PGD or fast FGSM-with-random-start examples")
+    g.add_argument("--adv-eps", type=float, default=8 / 255, help="l-inf radius in [0,1] pixel units (default 8/255)")
+    g.add_argument("--adv-steps", type=int, default=7, help="PGD steps (pgd only)")
 
 
 # recipe defaults by dataset: digits is tiny (1,257 training images) and likes a short, hot schedule
@@ -104,13 +108,9 @@ def cmd_train(a: argparse.Namespace) -> None:
         path = train(resume=a.resume)
     else:
         cfg = train_config_from_args(a)
-        extra = None
-        if getattr(a, "adv", None):
-            from .suites.robustness import adversarial_step
-
+        if a.adv:
             cfg.adv = dict(method=a.adv, eps=a.adv_eps, steps=a.adv_steps)
-            extra = adversarial_step(cfg.adv)
-        path = train(cfg, out=a.out, extra_step=extra)
+        path = train(cfg, out=a.out)
     from .runs import read_json
 
     s = read_json(path / "summary.json", "summary")

@@ -204,11 +204,11 @@ def new_run_dir() -> Path:
 
 
 def train(cfg: TrainConfig | None = None, out: str | Path | None = None, resume: str | Path | None = None,
-          quiet: bool = False, extra_step=None) -> Path:
+          quiet: bool = False) -> Path:
     """Train (or resume) a run and return its directory.
 
-    `extra_step(net, x, y, precision) -> x` may replace each batch's inputs (adversarial training); it
-    draws from the global RNGs, which the checkpoint saves, so it stays resumable.
+    With `cfg.adv` set, each batch is replaced by adversarial examples from `stochvit.attacks.adversarial_step`;
+    the attack draws from the global RNGs, which the checkpoint saves, so adversarial runs resume exactly too.
     """
     if resume is not None:
         path = Path(resume)
@@ -258,6 +258,11 @@ def train(cfg: TrainConfig | None = None, out: str | Path | None = None, resume:
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     curves = _Curves(path)
     kill_at = int(os.environ.get(KILL_ENV, "-1"))
+    extra_step = None
+    if cfg.adv:
+        from .attacks import adversarial_step
+
+        extra_step = adversarial_step(cfg.adv)
     step = start * steps_per_epoch
     for epoch in range(start, cfg.epochs):
         if sampler is not None:
@@ -300,7 +305,7 @@ def train(cfg: TrainConfig | None = None, out: str | Path | None = None, resume:
                 tqdm.write(f"epoch {epoch + 1:3d}/{cfg.epochs}  loss {row['train_loss']:.4f}  train acc {row['train_accuracy']:.4f}  "
                            f"val acc {val['accuracy']:.4f}  val nll {val['nll']:.4f}  {row['train_images_per_s']:.0f} img/s")
     if rank == 0:
-        _finish(path, model, data, cfg, precision, curves)
+        finalize_run(path, model, data, cfg.eval_samples, precision)
     if world > 1:
         dist.barrier()
     return path
@@ -311,17 +316,26 @@ def _single(result: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, to
     return probs[0], labels
 
 
-def _finish(path: Path, model: nn.Module, data: DataBundle, cfg: TrainConfig, precision: str, curves: _Curves) -> None:
+def finalize_run(path: Path, model: nn.Module, data: DataBundle, eval_samples: int = 10, precision: str = "auto",
+                 **extra_summary) -> None:
+    """Evaluate on val/test, write model.safetensors, curves.png and (last) summary.json.
+
+    `path/config.json` must already exist; any producer of run directories (trainer, federated,
+    transfer) ends with this call, so every run directory looks the same to `load_run`.
+    """
     from safetensors.torch import save_file
 
     model.eval()
-    test = mc_metrics(*dataset_probs(model, data.test, cfg.eval_samples, precision=precision))
-    val = mc_metrics(*dataset_probs(model, data.val, cfg.eval_samples, precision=precision))
+    test = mc_metrics(*dataset_probs(model, data.test, eval_samples, precision=precision))
+    val = mc_metrics(*dataset_probs(model, data.val, eval_samples, precision=precision))
+    curves = _Curves(path)
     rows = curves.rows()
-    summary = dict(test_accuracy=test["single_pass"]["accuracy"]["mean"], test=test, val=val, epochs=cfg.epochs,
-                   train_seconds=sum(r["epoch_seconds"] for r in rows), precision=precision)
+    summary = dict(test_accuracy=test["single_pass"]["accuracy"]["mean"], test=test, val=val, epochs=len(rows),
+                   train_seconds=sum(r.get("epoch_seconds", 0.0) for r in rows), precision=resolve_precision(precision,
+                   next(model.parameters()).device), **extra_summary)
     tmp = path / ".model.safetensors.tmp"
     save_file({k: v.contiguous() for k, v in model.net.state_dict().items()}, str(tmp))
     os.replace(tmp, path / "model.safetensors")
-    curves.plot()
+    if rows:
+        curves.plot()
     write_json(path / "summary.json", summary)  # last: marks the run finished
