@@ -31,7 +31,7 @@ from .metrics import classification_metrics, mc_metrics
 from .models import stochastic_config
 from .precision import autocast, default_device, resolve_precision
 from .predict import dataset_probs
-from .runs import atomic_write_bytes, build_model, read_json, versions, write_json
+from .runs import atomic_write_bytes, build_model, load_weights, read_json, versions, write_json
 
 KILL_ENV = "STOCHVIT_KILL_AT_STEP"  # fault injection for the resume test: SIGKILL self at this global step
 
@@ -61,11 +61,17 @@ class TrainConfig:
     workers: int = 0
     eval_samples: int = 10
     adv: dict | None = None  # adversarial training settings, filled by the robustness suite
+    # transfer learning, filled by `stochvit transfer` (stochvit.transfer)
+    init_weights: str | None = None  # safetensors to start from (a relative path is inside the run directory)
+    freeze_backbone: bool = False  # linear probe: only the classifier head trains
+    backbone_lr_scale: float = 1.0  # fine-tuning: the backbone's learning rate is lr * this
+    norm: dict | None = None  # {"mean": [...], "std": [...]} input normalisation instead of the data's (the source's)
 
     def validate(self) -> None:
         checks = [("epochs", self.epochs >= 1), ("batch_size", self.batch_size >= 1), ("lr", self.lr > 0),
                   ("label_smoothing", 0 <= self.label_smoothing < 1), ("drop_rate", 0 <= self.drop_rate < 1),
-                  ("eval_samples", self.eval_samples >= 1), ("warmup_epochs", self.warmup_epochs >= 0)]
+                  ("eval_samples", self.eval_samples >= 1), ("warmup_epochs", self.warmup_epochs >= 0),
+                  ("backbone_lr_scale", self.backbone_lr_scale > 0)]
         for name, ok in checks:
             if not ok:
                 raise UserError(f"invalid --{name.replace('_', '-')}={getattr(self, name)}")
@@ -106,7 +112,8 @@ def run_config(cfg: TrainConfig, data: DataBundle) -> dict:
     return dict(
         model=dict(name=cfg.model, kwargs=kwargs, mc_dropout=cfg.mc_dropout),
         stochastic=stochastic_config(cfg.stochastic),
-        data=dict(spec=cfg.data, data_dir=cfg.data_dir, mean=data.mean, std=data.std, class_names=data.class_names,
+        data=dict(spec=cfg.data, data_dir=cfg.data_dir, mean=(cfg.norm or {}).get("mean", data.mean),
+                  std=(cfg.norm or {}).get("std", data.std), class_names=data.class_names,
                   **data.describe()),
         train=asdict(cfg),
         versions=versions(),
@@ -199,6 +206,28 @@ def _distributed() -> tuple[int, int]:
     return (dist.get_rank(), world) if world > 1 else (0, 1)
 
 
+def _param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
+    """AdamW groups: no weight decay on biases, norms, position embeddings and tokens.
+
+    Transfer options split off the classifier head: `freeze_backbone` trains only the head (the backbone keeps
+    requires_grad=False and is not in the optimiser, so it stays bit-identical); `backbone_lr_scale` scales the rest.
+    """
+    split = cfg.freeze_backbone or cfg.backbone_lr_scale != 1
+    head = {id(p) for p in model.net.get_classifier().parameters()} if split else set()
+    if cfg.freeze_backbone:
+        for p in model.parameters():
+            p.requires_grad_(id(p) in head)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    parts = [(named, cfg.lr)] if not head else [([x for x in named if id(x[1]) in head], cfg.lr),
+                                                ([x for x in named if id(x[1]) not in head], cfg.lr * cfg.backbone_lr_scale)]
+    groups = []
+    for params, lr in parts:
+        decay = [p for n, p in params if p.ndim > 1 and "pos_embed" not in n and "token" not in n]
+        no_decay = [p for n, p in params if not (p.ndim > 1 and "pos_embed" not in n and "token" not in n)]
+        groups += [dict(params=ps, weight_decay=wd, lr=lr) for ps, wd in ((decay, cfg.weight_decay), (no_decay, 0.0)) if ps]
+    return groups
+
+
 def new_run_dir() -> Path:
     return Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
 
@@ -238,13 +267,12 @@ def train(cfg: TrainConfig | None = None, out: str | Path | None = None, resume:
         write_json(path / "config.json", config)
     steps_per_epoch = math.ceil(len(data.train) / (cfg.batch_size * world))
     total = steps_per_epoch * cfg.epochs
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "pos_embed" not in n and "token" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim > 1 and "pos_embed" not in n and "token" not in n)]
-    opt = torch.optim.AdamW([dict(params=decay, weight_decay=cfg.weight_decay), dict(params=no_decay, weight_decay=0.0)],
-                            lr=cfg.lr)
+    ckpt = _load_checkpoint(path) if resume is not None else {}
+    if cfg.init_weights and not ckpt:
+        load_weights(model.net, path / cfg.init_weights)
+    opt = torch.optim.AdamW(_param_groups(model, cfg), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, int(cfg.warmup_epochs * steps_per_epoch)))
     start = 0
-    ckpt = _load_checkpoint(path) if resume is not None else {}
     if ckpt:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
