@@ -6,6 +6,8 @@ the model (`stochvit.models.Normalized`) so that attacks and inversions work in 
 
 Specs: "digits" (scikit-learn's bundled 8x8 digits, the embedded default), "cifar10", "cifar100",
 "svhn" (torchvision, from --data-dir, downloaded only with --download) and "imagefolder:PATH".
+Any spec may end in ":classes=SEL" (e.g. "digits:classes=5-9", "imagefolder:PATH:classes=dog,frog"):
+a class subset, relabelled 0..k-1 in the order given, taken from the parent dataset's split.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from torchvision.transforms import v2
 from .errors import UserError
 
 TORCHVISION_SETS = ("cifar10", "cifar100", "svhn")
-SPECS_HELP = "digits | cifar10 | cifar100 | svhn | imagefolder:PATH"
+SPECS_HELP = "digits | cifar10 | cifar100 | svhn | imagefolder:PATH, optionally with :classes=5-9 (indices or names)"
+CLASS_FILTER = ":classes="
 
 
 class ImageSet(Dataset):
@@ -177,6 +180,10 @@ def load_data(
     for name, f in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
         if not 0 <= f < 1:
             raise UserError(f"{name}={f} must be in [0, 1)")
+    parent, sep, selection = spec.rpartition(CLASS_FILTER)
+    if sep:
+        full = load_data(parent, data_dir, download, split_seed, val_fraction, test_fraction, None, img_size)
+        return select_classes(full, selection, spec, train_limit)
     test = None
     if spec == "digits":
         images, labels, names = _load_digits()
@@ -225,4 +232,46 @@ def load_data(
         name=spec, train=full.subset(train_idx, augmentation(size, flip)), val=val_set, test=test_set,
         class_names=names, mean=mean, std=std, flip=flip,
         split=dict(seed=split_seed, val_fraction=val_fraction, test_fraction=test_fraction, train_limit=train_limit),
+    )
+
+
+def parse_classes(selection: str, names: list[str]) -> list[int]:
+    """Class indices from "5-9", "0,2,4" or class names ("dog,frog"), in the order given."""
+    picked: list[int] = []
+    for token in (t.strip() for t in selection.split(",")):
+        lo, dash, hi = token.partition("-")
+        if token in names:
+            picked.append(names.index(token))
+        elif token.isdigit() or (dash and lo.isdigit() and hi.isdigit()):
+            picked.extend(range(int(lo), int(hi) + 1) if dash else [int(token)])
+        else:
+            raise UserError(f"classes={selection!r}: {token!r} is neither a class index, a range a-b, nor one of {names}")
+    bad = [i for i in picked if i >= len(names)]
+    if bad or len(set(picked)) != len(picked) or len(picked) < 2:
+        raise UserError(f"classes={selection!r}: need at least 2 distinct classes among 0-{len(names) - 1}")
+    return picked
+
+
+def select_classes(full: DataBundle, selection: str, name: str, train_limit: int | None = None) -> DataBundle:
+    """Keep a subset of classes, relabelled 0..k-1; its test images are exactly the parent's test images of those classes.
+
+    Used for class-split transfer (pretrain on classes 0-4, transfer to 5-9). `train_limit` applies after the selection.
+    """
+    keep = parse_classes(selection, full.class_names)
+    relabel = torch.full((full.num_classes,), -1, dtype=torch.long)
+    relabel[keep] = torch.arange(len(keep))
+
+    def restrict(part: ImageSet, limit: int | None = None) -> ImageSet:
+        labels = relabel[part.labels]
+        idx = torch.nonzero(labels >= 0).squeeze(1).numpy()
+        if limit is not None and limit < len(idx):
+            sub, _ = _stratified_split(labels[idx].numpy(), 1 - limit / len(idx), full.split.get("seed", 0))
+            idx = idx[sub]
+        return ImageSet(part.images[idx], labels[idx], part.transform)
+
+    train = restrict(full.train, train_limit)
+    mean, std = _channel_stats(train.images)
+    return DataBundle(
+        name=name, train=train, val=restrict(full.val), test=restrict(full.test), class_names=[full.class_names[i] for i in keep],
+        mean=mean, std=std, flip=full.flip, split={**full.split, "train_limit": train_limit, "classes": keep},
     )
