@@ -1,0 +1,495 @@
+"""`stochvit calibration`: calibration of trained runs, their temperature-scaled versions and deep ensembles,
+on the clean test split and (with --shift) on CIFAR-10-C style corruptions at 5 severities.
+
+Every method is reduced to per-pass probabilities (K, N, C) on val, test and each corrupted test copy; the
+metrics of `stochvit.calibration` are then taken per pass (mean ± std) and of the K-sample average through
+`stochvit.metrics.mc_metrics`. Temperatures are fitted on clean validation data and kept under shift.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..calibration import (
+    LOWER_IS_BETTER,
+    METRICS,
+    apply_temperature,
+    binned_ece,
+    calibration_metrics,
+    confidence_correct,
+    fit_temperature,
+    reliability,
+)
+from ..corruptions import CORRUPTIONS, SEVERITIES, check, corrupt_set
+from ..data import DataBundle, ImageSet
+from ..errors import UserError
+from ..layers import MCDropout, is_random, random_modules
+from ..metrics import mc_metrics
+from ..predict import dataset_probs
+from ..runs import Run, load_run, write_json
+from ..train import check_compatible, data_for
+
+SHORT = dict(accuracy="acc", nll="NLL", brier="Brier", ece="ECE", adaptive_ece="aECE", mce="MCE", classwise_ece="cwECE",
+             aurc="AURC", auroc="AUROC")
+
+
+@dataclass
+class Method:
+    """One row group of the table: a run, an ensemble of runs, or a temperature-scaled version of either."""
+
+    name: str
+    runs: list[Run]
+    val: torch.Tensor  # (K, N, C) per-pass probabilities
+    test: torch.Tensor
+    shift: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
+    temperature: dict[str, float] | None = None
+
+    @property
+    def samples(self) -> int:
+        return int(self.test.shape[0])
+
+    @property
+    def kind(self) -> str:
+        if len(self.runs) > 1:
+            return "ensemble"
+        model = self.runs[0].model
+        if not is_random(model):
+            return "deterministic"
+        return "mc_dropout" if all(isinstance(m, MCDropout) for m in random_modules(model)) else "stochastic"
+
+    def scaled(self, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(per-pass probabilities for single-pass metrics, K-sample average), with this method's temperatures."""
+        if self.temperature is None:
+            return probs, probs.mean(0)
+        return (apply_temperature(probs, self.temperature["single_pass"]),
+                apply_temperature(probs, self.temperature["mc_average"]).mean(0))
+
+    def metrics(self, probs: torch.Tensor, labels: torch.Tensor) -> dict:
+        single, average = self.scaled(probs)
+        result = mc_metrics(single, labels, metric_fn=calibration_metrics)
+        result["mc_average"] = calibration_metrics(average, labels)
+        return result
+
+
+# -- data and predictions ---------------------------------------------------------------------------------
+
+def _data_key(config: dict, spec: str | None, data_dir: str | None) -> str:
+    t = config["train"]
+    if spec is None or spec == t["data"]:
+        return json.dumps([t["data"], data_dir or t.get("data_dir"), t["split_seed"], t.get("train_limit"), t.get("img_size")])
+    return json.dumps([spec, data_dir, t["split_seed"], config["model"]["kwargs"]["img_size"]])
+
+
+def shared_data(runs: list[Run], spec: str | None, data_dir: str | None) -> DataBundle:
+    """The one dataset every run is evaluated on; runs trained on different splits cannot share a table."""
+    cache: dict[str, DataBundle] = {}
+    first = None
+    for run in runs:
+        key = _data_key(run.config, spec, data_dir)
+        if key not in cache:
+            cache[key] = data_for(run.config, spec, data_dir)
+        data = cache[key]
+        check_compatible(run.config, data)
+        if first is None:
+            first = data
+        elif not (torch.equal(first.test.labels, data.test.labels) and torch.equal(first.val.labels, data.val.labels)):
+            raise UserError(f"run {run.path} was trained on another split of {data.name} than {runs[0].path}; "
+                            "pass --data to evaluate all runs on the same data")
+    return first
+
+
+def run_probs(runs: list[Run], dataset: ImageSet, samples: int, precision: str) -> torch.Tensor:
+    """Per-pass probabilities (K, N, C); an ensemble averages its members pass by pass (deterministic ones repeat)."""
+    members = [dataset_probs(r.model, dataset, samples, precision=precision)[0] for r in runs]
+    k = max(len(m) for m in members)
+    return torch.stack([m.expand(k, -1, -1) for m in members]).mean(0)
+
+
+def _unique_names(runs: list[Run]) -> list[str]:
+    names = [r.name for r in runs]
+    if len(set(names)) < len(names):
+        names = [f"{r.path.parent.name}/{r.name}" for r in runs]
+    return names
+
+
+# -- the suite --------------------------------------------------------------------------------------------
+
+def _clean(obj):
+    """JSON-safe copy: NaN (undefined AUROC) becomes null."""
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def _regime(run: Run) -> dict:
+    """Last-epoch train loss and val NLL: train loss well below val NLL marks the over-confident regime."""
+    f = run.path / "metrics.jsonl"
+    rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()] if f.exists() else []
+    if not rows:
+        return {}
+    last = rows[-1]
+    return dict(epochs=len(rows), train_loss=last.get("train_loss"), val_nll=last.get("val_nll"), val_ece=last.get("val_ece"))
+
+
+def run_calibration(run_dirs: list[str | Path], ensembles: list[list[str | Path]] | None = None, data: str | None = None,
+                    data_dir: str | None = None, samples: int = 10, shift: bool = False,
+                    corruptions: tuple[str, ...] = CORRUPTIONS, severities: tuple[int, ...] = SEVERITIES,
+                    shift_limit: int | None = None, out: str | Path | None = None, precision: str = "auto",
+                    quiet: bool = False) -> Path:
+    """Evaluate runs (and ensembles of runs) with and without temperature scaling; write the report into `out`."""
+    if samples < 1:
+        raise UserError("--samples must be >= 1")
+    ensembles = [list(e) for e in ensembles or []]
+    for e in ensembles:
+        if len(e) < 2:
+            raise UserError("--ensemble needs at least two run directories")
+    for c in corruptions:
+        for s in severities:
+            check(c, s)
+    if shift and not (corruptions and severities):
+        raise UserError("--shift needs at least one corruption and one severity")
+    loaded: dict[Path, Run] = {}
+    for p in list(run_dirs) + [p for e in ensembles for p in e]:
+        key = Path(p).resolve()
+        if key not in loaded:
+            loaded[key] = load_run(p)
+    runs = [loaded[Path(p).resolve()] for p in run_dirs]
+    groups = [[r] for r in runs] + [[loaded[Path(p).resolve()] for p in e] for e in ensembles]
+    names = _unique_names(runs) + [f"ensemble-{len(e)}" + (f"#{i + 1}" if len(ensembles) > 1 else "")
+                                   for i, e in enumerate(ensembles)]
+    bundle = shared_data(list(loaded.values()), data, data_dir)
+    test = bundle.test
+    shift_idx = None
+    if shift and shift_limit is not None and shift_limit < len(test):
+        from sklearn.model_selection import train_test_split
+
+        keep = train_test_split(range(len(test)), train_size=shift_limit, stratify=test.labels.numpy(), random_state=0)[0]
+        shift_idx = torch.as_tensor(sorted(keep))
+    shift_test = test if shift_idx is None else test.subset(shift_idx)
+    conditions = [(c, s) for c in corruptions for s in severities] if shift else []
+    out = Path(out) if out else Path("runs") / f"calibration-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+    # predictions: each run (and ensemble) once per split and corruption; temperature scaling reuses them
+    methods: list[Method] = []
+    bar = tqdm(total=len(groups) * (2 + len(conditions)), desc="predict", unit="set", disable=quiet, mininterval=1)
+    shifted_sets = {cond: corrupt_set(shift_test, *cond) for cond in conditions}
+    cache: dict[tuple[Path, str], torch.Tensor] = {}
+
+    def probs(group: list[Run], tag: str, dataset: ImageSet) -> torch.Tensor:
+        parts = []
+        for r in group:
+            key = (r.path.resolve(), tag)
+            if key not in cache:
+                cache[key] = run_probs([r], dataset, samples, precision)
+            parts.append(cache[key])
+        k = max(len(p) for p in parts)
+        bar.update(1)
+        return torch.stack([p.expand(k, -1, -1) for p in parts]).mean(0)
+
+    for name, group in zip(names, groups):
+        m = Method(name, group, probs(group, "val", bundle.val), probs(group, "test", test))
+        m.shift = {cond: probs(group, f"{cond[0]}-{cond[1]}", shifted_sets[cond]) for cond in conditions}
+        methods.append(m)
+    bar.close()
+    for m in list(methods):
+        t_single = fit_temperature(m.val, bundle.val.labels, average=False)
+        t_avg = fit_temperature(m.val, bundle.val.labels, average=True) if m.samples > 1 else t_single
+        methods.append(Method(f"{m.name} +TS", m.runs, m.val, m.test, m.shift, dict(single_pass=t_single, mc_average=t_avg)))
+    order = {m.name: i for i, m in enumerate(methods)}
+    methods.sort(key=lambda m: order[m.name.removesuffix(" +TS")] + (0.5 if m.temperature else 0))
+
+    results = {}
+    for m in tqdm(methods, desc="metrics", unit="method", disable=quiet):
+        entry = dict(runs=[str(r.path) for r in m.runs], kind=m.kind, samples=m.samples, temperature=m.temperature,
+                     regime={r.name: _regime(r) for r in m.runs},
+                     val_nll=m.metrics(m.val, bundle.val.labels)["mc_average"]["nll"], test=m.metrics(m.test, test.labels))
+        if conditions:
+            labels = shift_test.labels
+            per = {c: {s: m.metrics(m.shift[(c, s)], labels) for s in severities} for c in corruptions}
+            entry["shift"] = per
+            clean = m.metrics(m.test if shift_idx is None else m.test[:, shift_idx], labels)
+            entry["shift_mean"] = {0: _summary(clean)} | {
+                s: {part: {k: _nanmean([_summary(per[c][s])[part][k] for c in corruptions]) for k in METRICS}
+                    for part in ("single_pass", "mc_average")} for s in severities}
+        results[m.name] = entry
+    report = dict(data=bundle.name, split="test", images=len(test), shift_images=len(shift_test) if conditions else 0,
+                  samples=samples, ece_bins=15, corruptions=list(corruptions) if conditions else [],
+                  severities=list(severities) if conditions else [], methods=results, command=" ".join(sys.argv))
+    _write_outputs(out, report, methods, test.labels)
+    if not quiet:
+        print(format_console(report))
+        print(f"wrote {out}/calibration.json, calibration.md and plots")
+    return out
+
+
+def _nanmean(values: list[float]) -> float:
+    v = torch.tensor(values, dtype=torch.float64)
+    return v.nanmean().item()
+
+
+def _summary(result: dict) -> dict:
+    return dict(single_pass={k: v["mean"] for k, v in result["single_pass"].items()}, mc_average=dict(result["mc_average"]))
+
+
+def _write_outputs(out: Path, report: dict, methods: list[Method], labels: torch.Tensor) -> None:
+    """Everything is written into a hidden sibling folder first, then moved in file by file."""
+    tmp = out.parent / f".{out.name}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write_json(tmp / "calibration.json", _clean(report))
+    (tmp / "calibration.md").write_text(format_markdown(report))
+    plot_reliability(tmp / "reliability.png", methods, labels)
+    plot_confidence_histograms(tmp / "confidence_hist.png", methods, labels)
+    if report["corruptions"]:
+        plot_shift(tmp / "shift.png", tmp / "shift_by_corruption.png", report)
+    out.mkdir(parents=True, exist_ok=True)
+    for f in sorted(tmp.iterdir()):
+        os.replace(f, out / f.name)
+    tmp.rmdir()
+
+
+# -- plots (matplotlib, Agg) -------------------------------------------------------------------------------------
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _grid(n: int, cols: int = 4) -> tuple[int, int]:
+    cols = min(cols, n)
+    return math.ceil(n / cols), cols
+
+
+def plot_reliability(path: Path, methods: list[Method], labels: torch.Tensor) -> None:
+    """Reliability diagram (accuracy per confidence bin, gap to the diagonal) over a confidence histogram, per method."""
+    plt = _pyplot()
+    rows, cols = _grid(len(methods))
+    fig = plt.figure(figsize=(3.3 * cols, 4.4 * rows))
+    outer = fig.add_gridspec(rows, cols, hspace=0.45, wspace=0.3)
+    for i, m in enumerate(methods):
+        inner = outer[i // cols, i % cols].subgridspec(2, 1, height_ratios=(3, 1), hspace=0.08)
+        top, bottom = fig.add_subplot(inner[0]), fig.add_subplot(inner[1])
+        conf, correct = confidence_correct(m.scaled(m.test)[1], labels)
+        r = reliability(conf, correct)
+        edges = r["edges"].double()
+        centers, width = ((edges[1:] + edges[:-1]) / 2).numpy(), (edges[1:] - edges[:-1]).numpy()
+        filled = (r["count"] > 0).numpy()
+        top.bar(centers[filled], r["accuracy"].numpy()[filled], width=width[filled], color="tab:blue", edgecolor="k",
+                linewidth=0.4, label="accuracy")
+        top.bar(centers[filled], (r["confidence"] - r["accuracy"]).numpy()[filled], bottom=r["accuracy"].numpy()[filled],
+                width=width[filled], color="tab:red", alpha=0.35, edgecolor="tab:red", linewidth=0.4, label="gap")
+        top.plot([0, 1], [0, 1], "k--", linewidth=0.8)
+        top.set(xlim=(0, 1), ylim=(0, 1), xticklabels=[], ylabel="accuracy")
+        top.set_title(f"{m.name}\nECE {binned_ece(conf, correct):.3f}", fontsize=9)
+        if i == 0:
+            top.legend(fontsize=7, loc="upper left")
+        bottom.bar(centers, (r["count"] / r["count"].sum()).numpy(), width=width, color="tab:gray", edgecolor="k", linewidth=0.4)
+        bottom.axvline(conf.mean().item(), color="tab:red", linewidth=1, label="mean conf.")
+        bottom.axvline(correct.mean().item(), color="tab:blue", linewidth=1, linestyle=":", label="accuracy")
+        bottom.set(xlim=(0, 1), xlabel="confidence", ylabel="fraction")
+    fig.suptitle("Reliability diagrams (K-sample average, clean test)", fontsize=11)
+    fig.savefig(path, dpi=90, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_confidence_histograms(path: Path, methods: list[Method], labels: torch.Tensor) -> None:
+    """Confidence of correct vs wrong predictions: a good model separates them (the AUROC column)."""
+    plt = _pyplot()
+    rows, cols = _grid(len(methods))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols, 2.6 * rows), squeeze=False)
+    bins = torch.linspace(0, 1, 21).numpy()
+    for ax, m in zip(axes.flat, methods):
+        conf, correct = confidence_correct(m.scaled(m.test)[1], labels)
+        ok = correct.bool()
+        ax.hist(conf[ok].numpy(), bins=bins, density=True, alpha=0.6, color="tab:green", label=f"correct ({int(ok.sum())})")
+        ax.hist(conf[~ok].numpy(), bins=bins, density=True, alpha=0.6, color="tab:red", label=f"wrong ({int((~ok).sum())})")
+        ax.set_title(m.name, fontsize=9)
+        ax.set_xlabel("confidence")
+        ax.legend(fontsize=7, loc="upper left")
+    for ax in list(axes.flat)[len(methods):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_shift(path: Path, by_corruption: Path, report: dict) -> None:
+    """Accuracy and ECE against severity (mean over corruptions), and ECE per corruption."""
+    plt = _pyplot()
+    sev = [0] + report["severities"]
+    names = list(report["methods"])
+    base = [n for n in names if not n.endswith(" +TS")]
+    colors = {n: plt.get_cmap("tab10")(i % 10) for i, n in enumerate(base)}
+
+    def style(name: str) -> dict:
+        return dict(color=colors[name.removesuffix(" +TS")], linestyle="--" if name.endswith(" +TS") else "-", marker="o",
+                    markersize=3, label=name)
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for name in names:
+        sm = report["methods"][name]["shift_mean"]
+        for ax, key in zip(axes, ("accuracy", "ece", "nll")):
+            ax.plot(sev, [sm[s]["mc_average"][key] for s in sev], **style(name))
+    for ax, key in zip(axes, ("accuracy", "ece", "nll")):
+        ax.set(xlabel="severity (0 = clean)", ylabel=SHORT[key], title=f"{SHORT[key]} vs severity (mean over corruptions)")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+    corruptions = report["corruptions"]
+    rows, cols = _grid(len(corruptions))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.9 * rows), squeeze=False)
+    for ax, c in zip(axes.flat, corruptions):
+        for name in names:
+            e = report["methods"][name]
+            ax.plot(sev, [e["shift_mean"][0]["mc_average"]["ece"]] + [e["shift"][c][s]["mc_average"]["ece"] for s in sev[1:]],
+                    **style(name))
+        ax.set(title=c, xlabel="severity", ylabel="ECE")
+    for ax in list(axes.flat)[len(corruptions):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(by_corruption, dpi=90)
+    plt.close(fig)
+
+
+# -- tables ---------------------------------------------------------------------------------------------------
+
+def _rows(report: dict):
+    """(method, prediction label, metrics dict, std dict or None) rows: single pass, then the K-sample average."""
+    for name, e in report["methods"].items():
+        t = e["test"]
+        single = "1 pass per member" if e["kind"] == "ensemble" else "single pass"
+        if e["samples"] > 1:
+            sp = t["single_pass"]
+            yield name, single, {k: v["mean"] for k, v in sp.items()}, {k: v["std"] for k, v in sp.items()}
+            yield name, f"K={e['samples']} average", t["mc_average"], None
+        else:
+            yield name, single, t["mc_average"], None
+
+
+def _fmt(v: float | None, digits: int = 4) -> str:
+    return "n/a" if v is None or not math.isfinite(v) else f"{v:.{digits}f}"
+
+
+def _temperature(e: dict, prediction: str) -> str:
+    t = e["temperature"]
+    if not t:
+        return "1"
+    return f"{t['mc_average' if prediction.endswith('average') else 'single_pass']:.3f}"
+
+
+def format_markdown(report: dict) -> str:
+    lines = [f"# Calibration on {report['data']} ({report['split']} split, {report['images']} images)", "",
+             f"K = {report['samples']} stochastic passes; ECE, MCE, classwise ECE: {report['ece_bins']} equal-width bins; "
+             "adaptive ECE: equal-mass bins. Single-pass values are mean ± std over the K passes. T: temperature fitted on "
+             "clean validation NLL (1 = none). Lower is better for all but acc and AUROC.", "",
+             "| method | prediction | T | " + " | ".join(SHORT[k] for k in METRICS) + " |",
+             "|---|---|---|" + "---|" * len(METRICS)]
+    for name, pred, vals, std in _rows(report):
+        cells = [_fmt(vals[k]) + (f" ± {_fmt(std[k])}" if std else "") for k in METRICS]
+        lines.append(f"| {name} | {pred} | {_temperature(report['methods'][name], pred)} | " + " | ".join(cells) + " |")
+    lines += ["", "## Training regime (last epoch)", "", "| run | epochs | train loss | val NLL | val ECE |",
+              "|---|---|---|---|---|"]
+    seen = set()
+    for e in report["methods"].values():
+        for run, r in e["regime"].items():
+            if run not in seen and r:
+                seen.add(run)
+                lines.append(f"| {run} | {r['epochs']} | {_fmt(r['train_loss'])} | {_fmt(r['val_nll'])} | {_fmt(r['val_ece'])} |")
+    if report["corruptions"]:
+        sev = report["severities"]
+        lines += ["", f"## Under shift: mean over {len(report['corruptions'])} corruptions ({', '.join(report['corruptions'])}), "
+                  f"{report['shift_images']} test images, K-sample average", ""]
+        for key in ("accuracy", "ece", "nll"):
+            lines += [f"**{SHORT[key]}** by severity (0 = clean)", "",
+                      "| method | " + " | ".join(map(str, [0] + sev)) + " | mean 1-5 |", "|---|" + "---|" * (len(sev) + 2)]
+            for name, e in report["methods"].items():
+                vals = [e["shift_mean"][s]["mc_average"][key] for s in [0] + sev]
+                lines.append(f"| {name} | " + " | ".join(_fmt(v) for v in vals) + f" | {_fmt(sum(vals[1:]) / len(sev))} |")
+            lines.append("")
+    lines += ["", f"Command: `{report['command']}`", ""]
+    return "\n".join(lines)
+
+
+def format_console(report: dict) -> str:
+    """The side-by-side table printed at the end: one line per method and prediction, mean values only."""
+    keys = ("accuracy", "nll", "brier", "ece", "adaptive_ece", "mce", "aurc", "auroc")
+    width = max(len(f"{n} ({p})") for n, p, _, _ in _rows(report)) + 2
+    head = f"{'method (prediction)':<{width}}{'T':>6}" + "".join(f"{SHORT[k]:>8}" for k in keys)
+    if report["corruptions"]:
+        head += f"{'shift acc':>11}{'shift ECE':>11}"
+    lines = [f"calibration on {report['data']} test ({report['images']} images), K={report['samples']}", head, "-" * len(head)]
+    for name, pred, vals, _ in _rows(report):
+        e = report["methods"][name]
+        line = f"{f'{name} ({pred})':<{width}}{_temperature(e, pred):>6}" + "".join(f"{_fmt(vals[k]):>8}" for k in keys)
+        if report["corruptions"]:
+            part = "mc_average" if pred.endswith("average") or e["samples"] == 1 else "single_pass"
+            sm = [e["shift_mean"][s][part] for s in report["severities"]]
+            line += f"{_fmt(sum(v['accuracy'] for v in sm) / len(sm)):>11}{_fmt(sum(v['ece'] for v in sm) / len(sm)):>11}"
+        lines.append(line)
+    if report["corruptions"]:
+        lines.append(f"shift: mean over {len(report['corruptions'])} corruptions x severities {report['severities']}")
+    best = {k: min if k in LOWER_IS_BETTER else max for k in keys}
+    picks = []
+    for k in ("ece", "nll"):
+        rows = [(vals[k], f"{n} ({p})") for n, p, vals, _ in _rows(report) if math.isfinite(vals[k])]
+        if rows:
+            picks.append(f"best {SHORT[k]}: {best[k](rows)[1]}")
+    lines.append("; ".join(picks))
+    return "\n".join(lines)
+
+
+# -- CLI ---------------------------------------------------------------------------------------------------------
+
+def add_parser(subparsers) -> None:
+    from ..cli import add_data_args, int_list
+    from ..precision import PRECISIONS
+
+    p = subparsers.add_parser(
+        "calibration", help="calibration of runs vs temperature scaling, MC dropout, ensembles; optionally under shift",
+        description="Evaluate trained runs on the test split: accuracy, NLL, Brier, ECE, adaptive ECE, MCE, classwise ECE, "
+                    "AURC and misclassification AUROC, single-pass (mean ± std over K passes) and K-sample average, each "
+                    "without and with temperature scaling fitted on validation NLL. --ensemble adds a deep ensemble of runs; "
+                    "--shift adds CIFAR-10-C style corruptions at 5 severities. Writes calibration.json, calibration.md and "
+                    "PNG plots into --out.")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="finished run directories, one table row group each")
+    add_data_args(p, default=None)
+    p.add_argument("--samples", type=int, default=10, help="K stochastic passes (deterministic runs use 1)")
+    p.add_argument("--ensemble", nargs="+", action="append", metavar="RUN_DIR", default=None,
+                   help="run directories averaged into one deep-ensemble method (repeat the flag for several ensembles)")
+    p.add_argument("--shift", action="store_true", help="also evaluate on corrupted copies of the test split")
+    p.add_argument("--corruptions", default=",".join(CORRUPTIONS), help="comma-separated subset of: " + ", ".join(CORRUPTIONS))
+    p.add_argument("--severities", type=int_list, default=list(SEVERITIES), help="comma-separated severities in 1..5")
+    p.add_argument("--shift-limit", type=int, default=None, help="evaluate shift on a stratified subset of this many test images")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS)
+    p.add_argument("--out", default=None, help="output directory (default: runs/calibration-<timestamp>)")
+    p.set_defaults(func=cmd_calibration)
+
+
+def cmd_calibration(a: argparse.Namespace) -> None:
+    corruptions = tuple(c.strip() for c in a.corruptions.split(",") if c.strip())
+    if a.shift_limit is not None and a.shift_limit < 10:
+        raise UserError("--shift-limit must be at least 10 images")
+    run_calibration(a.run_dirs, a.ensemble, a.data, a.data_dir, a.samples, a.shift, corruptions, tuple(a.severities),
+                    a.shift_limit, a.out, a.precision)
