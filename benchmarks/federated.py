@@ -1,0 +1,88 @@
+"""Digits federated benchmark: 5 clients, IID vs Dirichlet(0.5) vs Dirichlet(0.1), deterministic vs stochastic ViT,
+same rounds and local epochs, each through `stochvit federated` (a real Flower simulation).
+
+    nice -n 10 python benchmarks/federated.py                       # 20 rounds x 2 local epochs
+    nice -n 10 python benchmarks/federated.py --rounds 5 --only iid # a quick look
+
+Runs go to benchmarks/runs/digits-federated/<partition>-<model> (finished ones are reused); the table (final and
+per-round accuracy / ECE, wall time) goes to benchmarks/runs/digits-federated/results.{json,md}; the reading is
+written up by hand in benchmarks/results/federated.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent / "runs" / "digits-federated"
+PARTITIONS = ("iid", "dirichlet:0.5", "dirichlet:0.1")
+MODELS = {"deterministic": ["--no-stochastic"], "stochastic": ["--stochastic"]}
+
+
+def run(partition: str, model: str, a: argparse.Namespace) -> dict:
+    out = ROOT / f"{partition.replace(':', '')}-{model}"
+    wall = None
+    if not (out / "summary.json").exists():
+        if out.exists():
+            raise SystemExit(f"{out} exists but did not finish; remove it to rerun")
+        cmd = [sys.executable, "-m", "stochvit.cli", "federated", "--clients", str(a.clients), "--rounds", str(a.rounds),
+               "--local-epochs", str(a.local_epochs), "--partition", partition, "--seed", str(a.seed), "--out", str(out),
+               *MODELS[model]]
+        print("$", " ".join(cmd[1:]), flush=True)
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True)
+        wall = time.perf_counter() - t0
+        (out / "wall_seconds.txt").write_text(f"{wall:.1f}\n")
+    elif (out / "wall_seconds.txt").exists():
+        wall = float((out / "wall_seconds.txt").read_text())
+    s = json.loads((out / "summary.json").read_text())
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    skew = json.loads((out / "partition.json").read_text())["label_skew"]
+    return dict(partition=partition, model=model, label_skew=skew, wall_seconds=wall,
+                test_accuracy=s["test"]["single_pass"]["accuracy"]["mean"], test_ece=s["test"]["single_pass"]["ece"]["mean"],
+                test_nll=s["test"]["single_pass"]["nll"]["mean"], test_accuracy_mc=s["test"]["mc_average"]["accuracy"],
+                test_ece_mc=s["test"]["mc_average"]["ece"], samples=s["test"]["samples"],
+                rounds=[dict(round=r["round"], val_accuracy=r["val_accuracy"], val_ece=r["val_ece"], val_nll=r["val_nll"],
+                             seconds=r["epoch_seconds"]) for r in rows])
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| partition | label skew | model | test acc | test ECE | test NLL | K-avg acc | K-avg ECE | wall s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        wall = f"{r['wall_seconds']:.0f}" if r["wall_seconds"] else "?"
+        lines.append(f"| {r['partition']} | {r['label_skew']:.2f} | {r['model']} | {r['test_accuracy']:.4f} | "
+                     f"{r['test_ece']:.4f} | {r['test_nll']:.4f} | {r['test_accuracy_mc']:.4f} | {r['test_ece_mc']:.4f} | "
+                     f"{wall} |")
+    lines += ["", "Per-round global val accuracy / ECE:", ""]
+    n = max(len(r["rounds"]) for r in results)
+    lines.append("| partition | model | " + " | ".join(f"r{i + 1}" for i in range(n)) + " |")
+    lines.append("|---|---|" + "---|" * n)
+    for r in results:
+        cells = [f"{x['val_accuracy']:.2f}/{x['val_ece']:.2f}" for x in r["rounds"]]
+        lines.append(f"| {r['partition']} | {r['model']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--clients", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--local-epochs", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--only", choices=PARTITIONS, default=None)
+    a = p.parse_args()
+    ROOT.mkdir(parents=True, exist_ok=True)
+    results = [run(part, model, a) for part in ([a.only] if a.only else PARTITIONS) for model in MODELS]
+    (ROOT / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    text = table(results)
+    (ROOT / "results.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

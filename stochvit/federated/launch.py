@@ -1,0 +1,171 @@
+"""Start a simulation SuperLink as a separate process, submit the stochvit app with `flwr run`, stop it by PID.
+
+Used by `stochvit federated` (nodes are Ray actors in the simulation); scripts/federated_loopback.sh does the
+same with real `flower-supernode` processes (docs/federated.md). Facts this relies on (flwr 1.42):
+  * one HTTP port per SuperLink serves the Fleet, Control and Runtime APIs; each SuperNode needs its own port;
+  * `flwr run` returns once the run is submitted; its state comes from `flwr ls <conn> --run-id ID --format json`
+    (`flwr run --stream` exits 0 even when the run failed);
+  * without FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 every run tries to `uv sync` (downloads torch).
+The SuperLink starts in its own session (process group), so stopping the group also stops what it spawned
+(the simulation process with the ServerApp, and Ray's processes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from ..errors import UserError
+
+APP_DIR = Path(__file__).resolve().parent / "app"
+CONNECTION = "stochvit"
+FINISHED = "finished:completed"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def flwr_env(home: Path, ray_tmp: Path | None = None) -> dict[str, str]:
+    """Environment for flwr processes: own FLWR_HOME, no telemetry, update checks or `uv sync`, one thread per node."""
+    env = dict(os.environ)
+    env.update(FLWR_HOME=str(home), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", FLWR_TELEMETRY_ENABLED="0",
+               FLWR_DISABLE_UPDATE_CHECK="1", RAY_USAGE_STATS_ENABLED="0", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    if ray_tmp is not None:
+        env["RAY_TMPDIR"] = str(ray_tmp)
+    return env
+
+
+def _binary(name: str) -> str:
+    """flwr's console scripts, preferring the ones next to this interpreter."""
+    local = Path(sys.executable).with_name(name)
+    found = str(local) if local.exists() else shutil.which(name)
+    if not found:
+        raise UserError(f"{name} not found: install the federated extra (pip install -e '.[federated]')")
+    return found
+
+
+class Federation:
+    """A simulation SuperLink on 127.0.0.1 (a process group we started); a context manager that stops it by PID.
+
+    `flwr run` against it starts a simulation (ServerApp plus N ClientApp nodes as Ray actors) in a child process.
+    """
+
+    def __init__(self, workdir: Path, logs: Path | None = None) -> None:
+        self.workdir = Path(workdir)
+        self.home = self.workdir / "flwr-home"
+        self.logs = Path(logs) if logs else self.workdir / "logs"
+        # Ray's socket paths must stay short (AF_UNIX limit): keep its temp dir directly under /tmp
+        self.ray_tmp = Path(tempfile.mkdtemp(prefix="svray"))
+        self.env = flwr_env(self.home, self.ray_tmp)
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> Federation:
+        for d in (self.home, self.logs):
+            d.mkdir(parents=True, exist_ok=True)
+        (self.home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "{self.address}"\ninsecure = true\n')
+        argv = [_binary("flower-superlink"), "--insecure", "--simulation", "--host", "127.0.0.1", "--port", str(self.port),
+                "--disable-runtime-dependency-installation"]
+        with open(self.logs / "superlink.log", "ab") as log:
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.workdir,
+                                         start_new_session=True)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise UserError(f"flower-superlink exited with status {self.proc.returncode}; see {self.logs / 'superlink.log'}")
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return self
+            time.sleep(0.3)
+        self.close()
+        raise UserError(f"flower-superlink did not open port {self.port} within 120 s; see {self.logs / 'superlink.log'}")
+
+    def close(self, grace: float = 15) -> None:
+        """SIGTERM the SuperLink's process group, SIGKILL what is left after `grace` seconds (Ray, ServerApp)."""
+        if self.proc is not None:
+            _signal_group(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                pass
+            time.sleep(1)  # let children of the group finish their own SIGTERM handling
+            _signal_group(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        shutil.rmtree(self.ray_tmp, ignore_errors=True)
+
+    def __enter__(self) -> Federation:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- runs --------------------------------------------------------------------------------
+    def _flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run([_binary("flwr"), *args], env=self.env, cwd=self.workdir, capture_output=True, text=True,
+                              timeout=timeout)
+
+    def submit(self, run_config: Path, federation_config: str | None = None, app: Path = APP_DIR) -> int:
+        """`flwr run APP CONNECTION --run-config FILE`; returns the run id."""
+        args = ["run", str(app), CONNECTION, "--run-config", str(run_config), "--format", "json"]
+        if federation_config:
+            args += ["--federation-config", federation_config]
+        done = self._flwr(*args)
+        (self.logs / "flwr-run.log").write_text(done.stdout + done.stderr)
+        try:
+            reply = json.loads(done.stdout)
+            return int(reply["run-id"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            raise UserError(f"flwr run failed (exit {done.returncode}): {(done.stdout + done.stderr).strip()[-1500:]}") from None
+
+    def status(self, run_id: int) -> str:
+        """The run's status, e.g. "pending", "running", "finished:completed", "finished:failed"."""
+        done = self._flwr("ls", CONNECTION, "--run-id", str(run_id), "--format", "json", timeout=60)
+        try:
+            runs = json.loads(done.stdout)["runs"]
+            return str(runs[0]["status"])
+        except (json.JSONDecodeError, KeyError, IndexError, TypeError):
+            return "unknown"
+
+    def wait(self, run_id: int, timeout: float, done: Callable[[], bool] | None = None, status_every: float = 15) -> str:
+        """Wait until the run finishes; returns its status. `done()` is polled each second (cheap: files), `flwr ls`
+        (a CLI start, seconds of CPU) only every `status_every` seconds or once `done()` says so. Stops the run and
+        raises after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        last = time.monotonic()
+        while time.monotonic() < deadline:
+            if (done is not None and done()) or time.monotonic() - last >= status_every:
+                status = self.status(run_id)
+                last = time.monotonic()
+                if status.startswith("finished"):
+                    return status
+            if self.proc is not None and self.proc.poll() is not None:
+                raise UserError(f"the SuperLink exited (status {self.proc.returncode}); see {self.logs}")
+            time.sleep(1)
+        self._flwr("stop", str(run_id), CONNECTION, timeout=60)
+        raise UserError(f"run {run_id} did not finish within {timeout:.0f} s (stopped); see {self.logs}")
+
+    def logs_of(self, run_id: int) -> str:
+        """The run's ServerApp log as the SuperLink keeps it (`flwr log` without streaming)."""
+        done = self._flwr("log", str(run_id), CONNECTION, "--show", timeout=60)
+        return done.stdout + done.stderr
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass

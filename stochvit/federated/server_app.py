@@ -1,0 +1,162 @@
+"""The Flower `ServerApp`: FedAvg over stochvit models, central evaluation each round, a normal run directory at the end.
+
+The ServerApp owns the output directory (`out-dir` in the run config):
+    config.json              the run's settings (stochvit.train.run_config) plus a "federated" section
+    partition.json / .png    class histogram per client of the nominal partition
+    metrics.jsonl            one line per round: global val accuracy / NLL / ECE, client train metrics,
+                             clients sampled, replied and failed (rounds with fewer clients are visible here)
+    rounds.png               those curves and the participation per round
+    model.safetensors, summary.json, curves.png   via stochvit.train.finalize_run (summary.json last)
+so `stochvit evaluate`, `calibration`, `robustness` and `privacy` load the result like any trained run.
+
+`FedAvg` comes from `flwr.serverapp.strategy`; `TrackedFedAvg` only records who took part in each round.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from logging import INFO
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
+from flwr.common import log
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
+
+from ..data import load_data
+from ..errors import UserError
+from ..metrics import classification_metrics
+from ..precision import default_device
+from ..predict import dataset_probs
+from ..runs import build_model, write_json
+from ..train import _Curves, finalize_run, run_config
+from .client_app import CONFIG_KEY
+from .partition import partition, save_summary
+from .settings import from_run_config
+
+app = ServerApp()
+
+
+class TrackedFedAvg(FedAvg):
+    """FedAvg that records, per round, how many nodes were sampled, replied and failed, and the client metrics."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.rounds: dict[int, dict] = {}
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> list[Message]:
+        start = time.perf_counter()
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        self.rounds[server_round] = dict(start=start, sampled=len(messages))
+        return messages
+
+    def aggregate_train(self, server_round: int, replies) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        ok = [m for m in replies if not m.has_error()]
+        rec = self.rounds[server_round]
+        rec.update(replied=len(ok), failed=rec["sampled"] - len(ok), replied_nodes=[m.metadata.src_node_id for m in ok],
+                   errors=[f"node {m.metadata.src_node_id}: {m.error.reason}" for m in replies if m.has_error()])
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        rec["train"] = dict(metrics) if metrics is not None else {}
+        return arrays, metrics
+
+    def aggregate_evaluate(self, server_round: int, replies) -> MetricRecord | None:
+        metrics = super().aggregate_evaluate(server_round, replies)
+        self.rounds[server_round]["clients_eval"] = dict(metrics) if metrics is not None else {}
+        return metrics
+
+
+def _wait_for_nodes(grid: Grid, expected: int, minimum: int, seconds: float) -> int:
+    """Give the expected SuperNodes time to connect, so round 1 starts with all of them (or at least `minimum`)."""
+    deadline = time.monotonic() + seconds
+    while (n := len(list(grid.get_node_ids()))) < expected and (time.monotonic() < deadline or n < minimum):
+        time.sleep(1)
+    return n
+
+
+def plot_rounds(path: Path, rows: list[dict]) -> None:
+    """rounds.png: global val accuracy, NLL, ECE and clients per round (atomic write)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    r = [row["round"] for row in rows]
+    fig, ax = plt.subplots(1, 4, figsize=(15, 3.4))
+    for a, key in zip(ax, ("accuracy", "nll", "ece")):
+        a.plot(r, [row[f"val_{key}"] for row in rows], marker="o")
+        a.set_title(f"global model: val {key}")
+    ax[3].plot(r, [row["clients_sampled"] for row in rows], marker="o", label="sampled")
+    ax[3].plot(r, [row["clients_replied"] for row in rows], marker="x", label="replied")
+    ax[3].set_title("clients per round")
+    ax[3].legend()
+    for a in ax:
+        a.set_xlabel("round")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run FedAvg for `rounds` rounds, evaluating the global model on the server's validation split after each."""
+    cfg, fed = from_run_config(dict(context.run_config))
+    out = Path(fed["out-dir"]).expanduser().resolve()
+    if (out / "config.json").exists():
+        raise UserError(f"{out} already holds a run; choose a new out-dir")
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    data = load_data(cfg.data, cfg.data_dir, False, cfg.split_seed, train_limit=cfg.train_limit, img_size=cfg.img_size)
+    config = run_config(cfg, data)
+    config["federated"] = {k: v for k, v in fed.items() if k != "out-dir"}
+    write_json(out / "config.json", config)
+    labels = data.train.labels.numpy()
+    save_summary(out, labels, partition(labels, fed["clients"], fed["partition"], cfg.seed), data.class_names,
+                 fed["partition"], cfg.seed)
+    device = default_device()
+    model = build_model(config).to(device)
+    curves = _Curves(out)
+    strategy = TrackedFedAvg(fraction_train=fed["fraction-train"], fraction_evaluate=fed["fraction-evaluate"],
+                             min_train_nodes=fed["min-clients"], min_evaluate_nodes=fed["min-clients"],
+                             min_available_nodes=fed["min-clients"])
+
+    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if server_round == 0:
+            return None
+        model.net.load_state_dict(arrays.to_torch_state_dict())
+        torch.manual_seed(cfg.seed + server_round)
+        probs, y = dataset_probs(model, data.val, 1, precision=cfg.precision)
+        val = classification_metrics(probs[0], y)
+        rec = strategy.rounds[server_round]
+        seconds = time.perf_counter() - rec["start"]
+        train = rec.get("train", {})
+        row = dict(epoch=server_round - 1, round=server_round, train_loss=train.get("train-loss", float("nan")),
+                   train_accuracy=train.get("train-accuracy", float("nan")), epoch_seconds=seconds,
+                   **{f"val_{k}": v for k, v in val.items()},
+                   **{f"clients_eval_{k}": v for k, v in rec.get("clients_eval", {}).items() if k != "num-examples"},
+                   clients_expected=fed["clients"], clients_sampled=rec["sampled"], clients_replied=rec["replied"],
+                   clients_failed=rec["failed"], replied_nodes=rec["replied_nodes"], errors=rec["errors"])
+        curves.append(row)
+        plot_rounds(out / "rounds.png", curves.rows())
+        log(INFO, "stochvit round %d/%d: val accuracy %.4f, NLL %.4f, ECE %.4f; %d/%d clients replied (%.1f s)",
+            server_round, fed["rounds"], val["accuracy"], val["nll"], val["ece"], rec["replied"], rec["sampled"], seconds)
+        return MetricRecord(val)
+
+    nodes = _wait_for_nodes(grid, fed["clients"], fed["min-clients"], fed["wait-for-clients"])
+    log(INFO, "stochvit: %d SuperNodes connected (expected %d, minimum %d)", nodes, fed["clients"], fed["min-clients"])
+    train_config = ConfigRecord({CONFIG_KEY: json.dumps(config)})
+    result = strategy.start(grid=grid, initial_arrays=ArrayRecord(model.net.state_dict()), num_rounds=fed["rounds"],
+                            timeout=fed["round-timeout"], train_config=train_config, evaluate_config=train_config,
+                            evaluate_fn=evaluate)
+    model.net.load_state_dict(result.arrays.to_torch_state_dict())
+    rows = curves.rows()
+    fewer = [r["round"] for r in rows if r["clients_replied"] < fed["clients"]]
+    finalize_run(out, model, data, cfg.eval_samples, cfg.precision,
+                 federated=dict(rounds=fed["rounds"], clients=fed["clients"], partition=fed["partition"],
+                                rounds_with_fewer_clients=fewer,
+                                clients_per_round={r["round"]: r["clients_replied"] for r in rows}))
+    log(INFO, "stochvit: run directory %s (rounds with fewer than %d clients: %s)", out, fed["clients"], fewer or "none")
