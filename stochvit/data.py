@@ -99,7 +99,11 @@ def _stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[n
     idx = np.arange(len(labels))
     if fraction <= 0:
         return idx, idx[:0]
-    keep, held = train_test_split(idx, test_size=fraction, stratify=labels, random_state=seed)
+    try:
+        keep, held = train_test_split(idx, test_size=fraction, stratify=labels, random_state=seed)
+    except ValueError as e:  # sklearn: too few images per class for a stratified split
+        raise UserError(f"cannot split {len(labels)} images of {len(np.unique(labels))} classes, holding out {fraction:.3g} "
+                        f"stratified: {e}; use more images or change --train-limit") from None
     return np.sort(keep), np.sort(held)
 
 

@@ -1,0 +1,274 @@
+"""StochasticMlp, stochastify on timm models, state-dict compatibility, create_model and predict_proba."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import math
+
+import pytest
+import timm
+import torch
+from scipy import stats
+from timm.layers import Mlp
+from torch import nn
+
+from stochvit import (
+    StochasticLinear,
+    StochasticMlp,
+    create_model,
+    destochastify,
+    predict_proba,
+    sample_probs,
+    sampling,
+    stochastify,
+)
+from stochvit.errors import UserError
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@functools.cache
+def _built(name: str) -> nn.Module:
+    return timm.create_model(name, pretrained=False, img_size=32, num_classes=5).eval()
+
+
+def small_timm(name: str) -> nn.Module:
+    """A fresh copy of a timm ImageNet architecture at 32x32 (4 patches): full depth and width, fast forward passes.
+
+    Copies of one built model (timm's weight init costs more than the tests themselves); they share the same weights.
+    """
+    return copy.deepcopy(_built(name))
+
+
+# -- StochasticMlp -------------------------------------------------------------------------------
+
+
+def test_stochastic_mlp_accepts_timm_mlp_keywords():
+    kw = dict(hidden_features=32, out_features=8, act_layer=nn.ReLU, norm_layer=nn.LayerNorm, bias=(True, False), drop=0.1)
+    layer = dict(kind="diagonal", distribution="gaussian", low=0.8, high=1.2, sharing="batch")
+    mlp = StochasticMlp(16, position="post_act", **layer, **kw)
+    plain = Mlp(16, **kw)
+    assert isinstance(mlp, Mlp)
+    assert isinstance(mlp.act, nn.ReLU) and isinstance(mlp.norm, nn.LayerNorm)
+    assert mlp.fc2.bias is None and mlp.fc1.bias is not None
+    assert mlp.drop1.p == 0.1
+    assert {k: v.shape for k, v in mlp.state_dict().items()} == {k: v.shape for k, v in plain.state_dict().items()}
+    s = mlp.stochastic
+    assert (s.features, s.kind, s.distribution, s.low, s.high, s.sharing) == (32, "diagonal", "gaussian", 0.8, 1.2, "batch")
+    assert mlp(torch.randn(2, 3, 16)).shape == (2, 3, 8)
+
+
+def test_stochastic_mlp_refuses_conv_and_unknown_position():
+    with pytest.raises(ValueError, match="use_conv"):
+        StochasticMlp(8, use_conv=True)
+    with pytest.raises(ValueError, match="position"):
+        StochasticMlp(8, position="middle")
+
+
+@pytest.mark.parametrize("position", ["pre_act", "post_act", "output"])
+def test_positions_place_the_layer_where_documented(position):
+    mlp = StochasticMlp(16, hidden_features=32, out_features=8, position=position).eval()
+    seen = {}
+    mlp.stochastic.register_forward_hook(lambda m, inp, out: seen.update(inp=inp[0], out=out))
+    x = torch.randn(2, 5, 16)
+    y = mlp(x)
+    h = mlp.fc1(x)
+    expected_input = {"pre_act": h, "post_act": mlp.act(h), "output": mlp.fc2(mlp.act(h))}[position]
+    assert torch.allclose(seen["inp"], expected_input, atol=1e-6)
+    assert mlp.stochastic.features == (8 if position == "output" else 32)
+    rest = {"pre_act": lambda t: mlp.fc2(mlp.act(t)), "post_act": mlp.fc2, "output": lambda t: t}[position]
+    assert torch.allclose(y, rest(seen["out"]), atol=1e-6)
+    assert not torch.allclose(seen["out"], seen["inp"]), "the layer must act"
+
+
+# -- stochastify ---------------------------------------------------------------------------------
+
+
+def plain_mlps(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if type(m) is Mlp]
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "deit_tiny_patch16_224"])
+def test_stochastify_converts_every_mlp_and_keeps_weights(name):
+    model = small_timm(name)
+    before = {k: v.data_ptr() for k, v in model.state_dict().items()}
+    n = len(plain_mlps(model))
+    assert n == len(model.blocks) == 12
+    assert stochastify(model, distribution="gaussian", sharing="batch") == n
+    assert plain_mlps(model) == []
+    assert all(isinstance(b.mlp, StochasticMlp) and b.mlp.stochastic.distribution == "gaussian" for b in model.blocks)
+    assert {k: v.data_ptr() for k, v in model.state_dict().items()} == before, "conversion must reuse the same tensors"
+    assert stochastify(model) == 0, "already converted"
+    with torch.no_grad():
+        x = torch.randn(2, 3, 32, 32)
+        assert not torch.allclose(model(x), model(x))
+
+
+def test_stochastify_honours_blocks():
+    model = small_timm("vit_tiny_patch16_224")
+    assert stochastify(model, blocks=[0, 2, -1], position="output") == 3
+    converted = [i for i, b in enumerate(model.blocks) if isinstance(b.mlp, StochasticMlp)]
+    assert converted == [0, 2, 11]
+    assert all(model.blocks[i].mlp.position == "output" for i in converted)
+    with pytest.raises(ValueError, match="blocks"):
+        stochastify(small_timm("vit_tiny_patch16_224"), blocks=[12])
+    with pytest.raises(ValueError, match="low"):
+        stochastify(small_timm("vit_tiny_patch16_224"), low=3.0, high=1.0)
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "deit_tiny_patch16_224"])
+def test_state_dicts_load_both_ways_and_off_mode_matches_plain(name):
+    plain = small_timm(name)
+    stoch = small_timm(name)
+    stochastify(stoch, kind="diagonal", distribution="bernoulli")
+    assert plain.state_dict().keys() == stoch.state_dict().keys()
+    with torch.no_grad():
+        for p in plain.parameters():  # copies start equal: make the loaded weights distinguishable
+            p.add_(0.01 * torch.randn_like(p))
+    stoch.load_state_dict(plain.state_dict())  # strict
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), sampling(stoch, "off"):
+        assert torch.equal(stoch(x), plain(x))
+    # and back: weights trained in the stochastic model load into a plain timm model
+    with torch.no_grad():
+        for p in stoch.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    fresh = small_timm(name)
+    assert not torch.equal(fresh.blocks[0].mlp.fc1.weight, stoch.blocks[0].mlp.fc1.weight)
+    fresh.load_state_dict(stoch.state_dict())
+    with torch.no_grad(), sampling(stoch, "off"):
+        assert torch.equal(stoch(x), fresh(x))
+    # destochastify gives the plain architecture back with the same weights
+    assert destochastify(stoch) == 12 and len(plain_mlps(stoch)) == 12
+    with torch.no_grad():
+        assert torch.equal(stoch(x), fresh(x))
+
+
+def test_mean_mode_model_is_deterministic_and_differs_from_off():
+    model = small_timm("vit_tiny_patch16_224")
+    stochastify(model, low=0.2, high=1.0)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        with sampling(model, "mean"):
+            a, b = model(x), model(x)
+        with sampling(model, "off"):
+            c = model(x)
+    assert torch.equal(a, b) and not torch.allclose(a, c)
+
+
+# -- create_model and the registered small ViTs ----------------------------------------------------
+
+
+@pytest.mark.parametrize("name,shape", [("vit_digits_patch2_8", (2, 1, 8, 8)), ("vit_tiny_patch4_32", (2, 3, 32, 32)),
+                                        ("vit_small_patch4_32", (2, 3, 32, 32))])
+def test_registered_small_vits(name, shape):
+    assert name in timm.list_models(name)
+    model = create_model(name, stochastic=True).eval()
+    assert sum(isinstance(m, StochasticMlp) for m in model.modules()) == len(model.blocks)
+    assert model(torch.rand(shape)).shape == (2, 10)
+    plain = create_model(name, stochastic=False, num_classes=3)
+    assert not any(isinstance(m, StochasticLinear) for m in plain.modules())
+    assert plain(torch.rand(shape)).shape == (2, 3)
+
+
+def test_create_model_settings_and_errors():
+    model = create_model("vit_digits_patch2_8", stochastic=dict(kind="full", sharing="batch", blocks=[1]), act_layer="relu")
+    mlps = [b.mlp for b in model.blocks]
+    assert [isinstance(m, StochasticMlp) for m in mlps] == [False, True, False, False]
+    assert mlps[1].stochastic.kind == "full" and mlps[1].stochastic.sharing == "batch"
+    assert isinstance(mlps[1].act, nn.ReLU)
+    with pytest.raises(ValueError, match="colour"):
+        create_model("vit_digits_patch2_8", stochastic=dict(colour="red"))
+    with pytest.raises(ValueError, match="position"):
+        create_model("vit_digits_patch2_8", stochastic=dict(position="nowhere"))
+    with pytest.raises(UserError, match="unknown"):
+        create_model("no_such_model_xyz")
+    with pytest.raises(UserError, match="download"):
+        create_model("vit_tiny_patch16_224", pretrained=True)
+
+
+def test_gradients_reach_every_weight_of_a_stochastic_vit():
+    model = create_model("vit_digits_patch2_8", stochastic=True).train()
+    x = torch.rand(4, 1, 8, 8, requires_grad=True)
+    nn.functional.cross_entropy(model(x), torch.arange(4)).backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert missing == []
+    assert all(b.mlp.fc1.weight.grad.abs().sum() > 0 for b in model.blocks)
+
+
+# -- predict_proba ----------------------------------------------------------------------------------
+
+
+def toy(sharing: str = "image") -> nn.Module:
+    """A small stochastic classifier whose class probabilities vary a lot between passes."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(4, 8), StochasticLinear(8, low=0.0, high=2.0, sharing=sharing), nn.Linear(8, 3))
+    with torch.no_grad():
+        model[2].weight.mul_(4)
+    return model.eval()
+
+
+def test_predict_proba_averages_stochastic_passes():
+    model = toy()
+    x = torch.randn(5, 4)
+    torch.manual_seed(3)
+    passes = sample_probs(model, x, samples=7)
+    assert passes.shape == (7, 5, 3)
+    assert torch.allclose(passes.sum(-1), torch.ones(7, 5))
+    assert (passes[1:] - passes[0]).abs().max() > 0.05, "passes must be independent draws"
+    torch.manual_seed(3)
+    probs = predict_proba(model, x, samples=7)
+    assert torch.allclose(probs, passes.mean(0))
+    # each pass is a genuine forward: the K=1 prediction is the softmax of one forward under the same RNG state
+    torch.manual_seed(4)
+    one = predict_proba(model, x, samples=1)
+    torch.manual_seed(4)
+    with torch.no_grad():
+        assert torch.allclose(one, model(x).softmax(-1))
+
+
+def test_batched_passes_equal_looped_passes_in_distribution():
+    """Passes batched together (images repeated along the batch) vs one pass at a time (max_batch = B).
+
+    With K = 600 passes the standard error of a mean probability is sd/sqrt(K); the difference of two
+    independent means gets 5 * sqrt(2) standard errors, and a two-sample KS test compares whole distributions.
+    """
+    model = toy()
+    x = torch.randn(3, 4)
+    k = 600
+    batched = sample_probs(model, x, samples=k, max_batch=10_000)
+    looped = sample_probs(model, x, samples=k, max_batch=3)
+    assert batched.shape == looped.shape == (k, 3, 3)
+    sd = torch.maximum(batched.std(0), looped.std(0))
+    assert sd.min() > 0.01, "the toy model must be noticeably random"
+    assert ((batched.mean(0) - looped.mean(0)).abs() < 5 * math.sqrt(2) * sd / math.sqrt(k)).all()
+    for i in range(3):
+        assert stats.ks_2samp(batched[:, i, 0].numpy(), looped[:, i, 0].numpy()).pvalue > 1e-3
+
+
+def test_batch_sharing_passes_are_still_independent():
+    """A batch-shared draw would make repeated copies identical, so such passes must not be batched."""
+    passes = sample_probs(toy("batch"), torch.randn(2, 4), samples=6)
+    for i in range(1, 6):
+        assert (passes[i] - passes[0]).abs().max() > 1e-3
+
+
+def test_deterministic_models_get_one_pass():
+    det = nn.Sequential(nn.Linear(4, 3)).eval()
+    x = torch.randn(5, 4)
+    assert sample_probs(det, x, samples=10).shape == (1, 5, 3)
+    with torch.no_grad():
+        assert torch.allclose(predict_proba(det, x, samples=10), det(x).softmax(-1))
+    model = toy()
+    with sampling(model, "off"):
+        assert sample_probs(model, x, samples=10).shape[0] == 1
+    with sampling(model, "mean"):
+        assert sample_probs(model, x, samples=10).shape[0] == 1
+    assert sample_probs(model, x, samples=10).shape[0] == 10
+    with pytest.raises(ValueError, match="samples"):
+        sample_probs(model, x, samples=0)
