@@ -1,0 +1,470 @@
+"""`stochvit robustness`: adaptive adversarial evaluation of a run, with a built-in gradient-obfuscation sanity report.
+
+The protocol follows AutoAttack's "rand" version (APGD-CE + APGD-DLR with EOT 20, worst case per example) and the
+checklists of Athalye et al. 2018 and Carlini et al. 2019: naive and EOT gradients, a score-based black box (Square)
+and a transfer attack are all run, and the report FLAGs any ordering between them that only gradient masking
+(or a broken evaluation) can produce. Outputs: robustness.json, robustness.md, robust_accuracy.png and
+adversarial_examples.png, written into a temporary folder and renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .. import attacks as A
+from ..errors import UserError
+from ..layers import is_random
+from ..precision import default_device
+from ..runs import Run, load_run, write_json
+from ..train import check_compatible, data_for
+
+ATTACKS = ("fgsm", "pgd", "eot-pgd", "apgd-ce", "apgd-dlr", "aa-rand", "square", "transfer")
+WHITE_BOX = ("fgsm", "pgd", "eot-pgd", "apgd-ce", "apgd-dlr", "aa-rand")
+DEFAULT_ATTACKS = ("fgsm", "pgd", "eot-pgd", "apgd-ce", "apgd-dlr", "aa-rand", "square")
+DESCRIPTIONS = {
+    "fgsm": "one signed-gradient step, no EOT",
+    "pgd": "naive PGD: one stochastic pass per gradient",
+    "eot-pgd": "PGD with gradients averaged over --eot passes",
+    "apgd-ce": "APGD, cross-entropy, EOT",
+    "apgd-dlr": "APGD, DLR loss, EOT",
+    "aa-rand": "AutoAttack-rand-style: worst case of APGD-CE and APGD-DLR per example",
+    "square": "Square (score-based black box), margin averaged over --eot passes",
+    "transfer": "EOT-PGD on the --surrogate run, evaluated on this one",
+}
+LARGE_EPS = {"linf": 0.5, "l2": None}  # l2: half the diameter of the [0,1] cube, 0.5 * sqrt(dims)
+
+
+def parse_eps(text: str) -> float:
+    """"8/255" or "0.03" -> float; argparse-friendly."""
+    t = text.strip()
+    try:
+        if "/" in t:
+            num, den = t.split("/", 1)
+            value = float(num) / float(den)
+        else:
+            value = float(t)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"cannot read epsilon {text!r}: write e.g. 8/255 or 0.03") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"epsilon {text!r} must be a finite number >= 0")
+    return value
+
+
+def eps_list(text: str) -> list[float]:
+    values = [parse_eps(t) for t in text.split(",") if t.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError("give at least one epsilon, e.g. 1/255,2/255,4/255,8/255")
+    return sorted(set(values))
+
+
+def attack_list(text: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [n for n in names if n not in ATTACKS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown attacks {bad}; choose from {', '.join(ATTACKS)}")
+    return names
+
+
+def eps_label(eps: float, norm: str) -> str:
+    if norm == "linf" and abs(eps * 255 - round(eps * 255)) < 1e-6:
+        return f"{round(eps * 255)}/255"
+    return f"{eps:.4g}"
+
+
+@dataclass
+class Settings:
+    norm: str = "linf"
+    eps: list[float] = field(default_factory=lambda: [1 / 255, 2 / 255, 4 / 255, 8 / 255])
+    attacks: list[str] = field(default_factory=lambda: list(DEFAULT_ATTACKS))
+    eot: int = 20
+    steps: int = 100
+    restarts: int = 1
+    queries: int = 1000
+    passes: int = 10
+    n_examples: int = 1000
+    batch_size: int = 250
+    seed: int = 0
+    sanity: bool = True
+
+    def validate(self) -> None:
+        if self.norm not in A.NORMS:
+            raise UserError(f"--norm {self.norm!r} is not one of {', '.join(A.NORMS)}")
+        for name in ("eot", "steps", "restarts", "queries", "passes", "n_examples", "batch_size"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')}={getattr(self, name)} must be >= 1")
+        if not self.eps:
+            raise UserError("--eps needs at least one value")
+
+
+def rule_text(passes: int, random: bool) -> str:
+    if not random:
+        return ("Deterministic model: one pass per evaluation. An example is robust at an epsilon if it is classified "
+                "correctly on its clean image and on the attack's adversarial image; 'mean' and 'all-pass' coincide.")
+    return (f"Randomized model: every clean and adversarial image is re-evaluated over {passes} fresh stochastic passes "
+            "(independent of the passes the attack used). 'mean' is the accuracy averaged over passes (per example the "
+            "lower of its clean and adversarial pass-accuracy); 'all-pass' counts an example as robust only if it survives "
+            f"all {passes} passes on both its clean and its adversarial image. 'worst case' takes, per example, the "
+            "weakest result over all attacks run.")
+
+
+# -- running attacks ------------------------------------------------------------------------------
+def _attack(name: str, model, x, y, eps: float, s: Settings, surrogate=None, steps: int | None = None) -> torch.Tensor:
+    steps = steps or s.steps
+    if name == "fgsm":
+        return A.fgsm(model, x, y, eps, s.norm)
+    if name == "pgd":
+        return A.pgd(model, x, y, eps, s.norm, steps=steps, restarts=s.restarts)
+    if name == "eot-pgd":
+        return A.pgd(model, x, y, eps, s.norm, steps=steps, restarts=s.restarts, eot=s.eot)
+    if name in ("apgd-ce", "apgd-dlr"):
+        return A.apgd(model, x, y, eps, s.norm, steps=steps, loss=name.split("-")[1], eot=s.eot, restarts=s.restarts)
+    if name == "square":
+        return A.square(model, x, y, eps, s.norm, queries=s.queries, eot=s.eot)
+    if name == "transfer":
+        return A.transfer(surrogate, x, y, eps, s.norm, steps=steps, eot=s.eot, restarts=s.restarts)
+    raise ValueError(name)
+
+
+def _run(name: str, model, x, y, eps: float, s: Settings, surrogate=None, steps: int | None = None) -> torch.Tensor:
+    """One attack over all examples, `s.batch_size` at a time."""
+    b = s.batch_size
+    return torch.cat([_attack(name, model, x[i:i + b], y[i:i + b], eps, s, surrogate, steps) for i in range(0, len(x), b)])
+
+
+def _correct(model, x: torch.Tensor, y: torch.Tensor, s: Settings) -> torch.Tensor:
+    b = s.batch_size
+    return torch.cat([A.correct_fraction(model, x[i:i + b], y[i:i + b], s.passes) for i in range(0, len(x), b)])
+
+
+def _fractions(model, x_adv: torch.Tensor, y: torch.Tensor, clean: torch.Tensor, s: Settings) -> torch.Tensor:
+    """Per example: min(clean pass-accuracy, adversarial pass-accuracy) over fresh passes."""
+    return torch.minimum(clean, _correct(model, x_adv, y, s))
+
+
+def _summary(frac: torch.Tensor) -> dict:
+    return dict(mean=frac.mean().item(), all_pass=(frac == 1).float().mean().item())
+
+
+def _pick_examples(n_total: int, n: int, seed: int) -> torch.Tensor:
+    """A seeded random subset (test splits may be sorted by class), kept in index order."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randperm(n_total, generator=g)[: min(n, n_total)].sort().values
+
+
+def evaluate_robustness(run: Run, s: Settings, data_spec: str | None = None, data_dir: str | None = None,
+                        surrogate: Run | None = None, quiet: bool = False) -> tuple[dict, dict]:
+    """Run every attack at every epsilon; returns (result for robustness.json, adversarial images for the grid)."""
+    s.validate()
+    if "transfer" in s.attacks and surrogate is None:
+        raise UserError("the transfer attack needs --surrogate RUN_DIR (a run trained on the same data)")
+    data = data_for(run.config, data_spec, data_dir)
+    check_compatible(run.config, data)
+    if surrogate is not None:
+        check_compatible(surrogate.config, data)
+    device = default_device()
+    model = run.model.to(device).eval()
+    sur = surrogate.model.to(device).eval() if surrogate is not None else None
+    random = is_random(model)
+    torch.manual_seed(s.seed)
+    x_all, y_all = data.test.tensors()
+    idx = _pick_examples(len(y_all), s.n_examples, s.seed)
+    x, y = x_all[idx].to(device), y_all[idx].to(device)
+    n = len(y)
+    dims = x[0].numel()
+    attacks = [a for a in ATTACKS if a in s.attacks]  # canonical order; aa-rand reuses the APGD runs
+    t0 = time.perf_counter()
+    clean = _correct(model, x, y, s)
+    result: dict = dict(
+        run=str(run.path), data=data.name, split="test", n_examples=n, norm=s.norm, randomized=random,
+        settings=asdict(s), rule=rule_text(s.passes, random), clean=_summary(clean),
+        clean_seconds=time.perf_counter() - t0, attacks={}, worst_case={}, descriptions={a: DESCRIPTIONS[a] for a in attacks},
+    )
+    if not random:
+        result["note"] = "deterministic model: EOT averages one pass, so eot-pgd equals pgd up to its random start"
+    fractions: dict[str, dict[float, torch.Tensor]] = {a: {} for a in attacks}
+    apgd_runs: dict[tuple[str, float], tuple[torch.Tensor, float]] = {}  # aa-rand reuses the APGD-CE/DLR runs
+    shown: dict[float, torch.Tensor] = {}
+    grid_ids = torch.arange(min(n, 6))
+    bar = tqdm(total=len(attacks) * len(s.eps), desc="attacks", disable=quiet, mininterval=1)
+    for name in attacks:
+        result["attacks"][name] = {}
+        for eps in s.eps:
+            bar.set_postfix(attack=name, eps=eps_label(eps, s.norm))
+            start = time.perf_counter()
+            if name == "aa-rand":
+                parts, seconds = [], 0.0
+                for part in ("apgd-ce", "apgd-dlr"):
+                    if (part, eps) not in apgd_runs:
+                        t = time.perf_counter()
+                        adv = _run(part, model, x, y, eps, s)
+                        apgd_runs[part, eps] = adv, time.perf_counter() - t
+                    parts.append(apgd_runs[part, eps][0])
+                    seconds += apgd_runs[part, eps][1]
+                t = time.perf_counter()
+                x_adv = torch.cat([A.worst_case(model, [p[i:i + s.batch_size] for p in parts], y[i:i + s.batch_size], s.eot)
+                                   for i in range(0, n, s.batch_size)])
+                seconds += time.perf_counter() - t
+            else:
+                x_adv = _run(name, model, x, y, eps, s, sur)
+                seconds = time.perf_counter() - start
+                if name in ("apgd-ce", "apgd-dlr"):
+                    apgd_runs[name, eps] = x_adv, seconds
+            _check_ball(x_adv, x, eps, s.norm, name)
+            frac = _fractions(model, x_adv, y, clean, s)
+            fractions[name][eps] = frac
+            result["attacks"][name][eps_label(eps, s.norm)] = dict(eps=eps, **_summary(frac), seconds=seconds)
+            if name in WHITE_BOX and (eps not in shown or name == "aa-rand"):
+                shown[eps] = x_adv[grid_ids].cpu()
+            bar.update()
+    bar.close()
+    for eps in s.eps:
+        worst = torch.stack([fractions[a][eps] for a in attacks]).amin(0) if attacks else clean
+        result["worst_case"][eps_label(eps, s.norm)] = dict(eps=eps, **_summary(worst))
+    if s.sanity:
+        large = LARGE_EPS[s.norm] or 0.5 * math.sqrt(dims)
+        result["sanity"] = sanity_checks(result, model, x, y, clean, s, large, fractions, quiet)
+    result["seconds"] = time.perf_counter() - t0
+    grid = dict(x=x[grid_ids].cpu(), y=y[grid_ids].cpu(), adv=shown, model=model)
+    return result, grid
+
+
+def _check_ball(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str, name: str) -> None:
+    """Guard against a broken attack: it must stay inside the eps-ball and the [0, 1] box."""
+    d = (x_adv - x).flatten(1)
+    size = d.abs().amax(1) if norm == "linf" else d.norm(dim=1)
+    if (size > eps * (1 + 1e-4) + 1e-6).any() or x_adv.min() < 0 or x_adv.max() > 1:
+        raise RuntimeError(f"{name} left the {norm} ball of radius {eps} or the [0,1] box (max size {size.max().item():.6f})")
+
+
+# -- sanity report --------------------------------------------------------------------------------
+def _tol(p: float, n: int) -> float:
+    """Two binomial standard errors (at least 2 examples): the slack allowed between two attacks' accuracies."""
+    return max(2.0 / n, 2.0 * math.sqrt(max(p * (1 - p), 0.0) / n))
+
+
+def _check(name: str, ok: bool | None, detail: str) -> dict:
+    return dict(check=name, status="SKIP" if ok is None else ("PASS" if ok else "FLAG"), detail=detail)
+
+
+def sanity_checks(result: dict, model, x, y, clean, s: Settings, large_eps: float, fractions: dict, quiet: bool) -> list[dict]:
+    """PASS/FLAG per check of the gradient-obfuscation checklist; SKIP when the attacks it compares were not run."""
+    n = len(y)
+    labels = [eps_label(e, s.norm) for e in s.eps]
+    att = result["attacks"]
+    checks = []
+    # 1. accuracy falls with eps and reaches ~0 at a large eps
+    worst = [result["worst_case"][lab]["mean"] for lab in labels]
+    rises = [(labels[i], labels[i + 1]) for i in range(len(worst) - 1) if worst[i + 1] > worst[i] + _tol(worst[i], n)]
+    main = next((a for a in ("eot-pgd", "apgd-ce", "pgd") if a in s.attacks), "eot-pgd")
+    start = time.perf_counter()
+    big = _run(main, model, x, y, large_eps, s)
+    big_acc = _summary(_fractions(model, big, y, clean, s))
+    result["large_eps"] = dict(attack=main, eps=large_eps, **big_acc, seconds=time.perf_counter() - start)
+    checks.append(_check(
+        "accuracy falls as epsilon grows and reaches ~0 at a large epsilon", not rises and big_acc["mean"] <= 0.05,
+        f"worst-case mean accuracy {', '.join(f'{w:.3f}' for w in worst)} at eps {', '.join(labels)}"
+        + (f"; rises between {rises}" if rises else "")
+        + f"; {main} at eps={large_eps:.3g}: {big_acc['mean']:.3f} (want <= 0.05)"))
+    # 2. more iterations are not weaker
+    mid = s.eps[len(s.eps) // 2]
+    lab = eps_label(mid, s.norm)
+    it_attack = next((a for a in ("eot-pgd", "pgd", "apgd-ce") if a in s.attacks), None)
+    if it_attack is None:
+        checks.append(_check("more iterations are not weaker", None, "no iterative attack was run"))
+    else:
+        start = time.perf_counter()
+        longer = _run(it_attack, model, x, y, mid, s, steps=4 * s.steps)
+        more = _summary(_fractions(model, longer, y, clean, s))
+        base = att[it_attack][lab]["mean"]
+        result["more_iterations"] = dict(attack=it_attack, eps=mid, steps=4 * s.steps, **more,
+                                         seconds=time.perf_counter() - start)
+        checks.append(_check("more iterations are not weaker", more["mean"] <= base + _tol(base, n),
+                             f"{it_attack} at eps {lab}: {s.steps} steps {base:.3f}, {4 * s.steps} steps {more['mean']:.3f}"))
+    # 3. EOT is not weaker than no EOT
+    if "pgd" in att and "eot-pgd" in att:
+        bad = [lb for lb in labels if att["eot-pgd"][lb]["mean"] > att["pgd"][lb]["mean"] + _tol(att["pgd"][lb]["mean"], n)]
+        checks.append(_check("EOT is not weaker than no EOT", not bad, "eot-pgd vs pgd mean accuracy: " + ", ".join(
+            f"{lb}: {att['eot-pgd'][lb]['mean']:.3f} vs {att['pgd'][lb]['mean']:.3f}" for lb in labels)))
+    else:
+        checks.append(_check("EOT is not weaker than no EOT", None, "needs both pgd and eot-pgd"))
+    # 4. white-box is not weaker than Square; 5. transfer is not stronger than white-box
+    white = [a for a in WHITE_BOX if a in att]
+
+    def best_white(lb: str) -> tuple[str, float]:
+        name = min(white, key=lambda a: att[a][lb]["mean"])
+        return name, att[name][lb]["mean"]
+
+    for other, title, weaker_is_bad in (("square", "white-box is not weaker than the black-box Square attack", True),
+                                        ("transfer", "the transfer attack is not stronger than white-box", False)):
+        if other not in att or not white:
+            checks.append(_check(title, None, f"needs {other} and a white-box attack"))
+            continue
+        rows, bad = [], []
+        for lb in labels:
+            wname, w = best_white(lb)
+            o = att[other][lb]["mean"]
+            rows.append(f"{lb}: {wname} {w:.3f} vs {other} {o:.3f}")
+            if (w > o + _tol(o, n)) if weaker_is_bad else (o < w - _tol(w, n)):
+                bad.append(lb)
+        checks.append(_check(title, not bad, "; ".join(rows)))
+    return checks
+
+
+# -- outputs --------------------------------------------------------------------------------------
+def markdown(result: dict) -> str:
+    s = result["settings"]
+    labels = list(result["worst_case"])
+    lines = [f"# Robustness of `{result['run']}`", "",
+             f"{result['data']} test split, {result['n_examples']} examples, {result['norm']} threat model; "
+             f"EOT {s['eot']}, {s['steps']} steps, {s['restarts']} restart(s), Square {s['queries']} queries, "
+             f"{s['passes']} evaluation passes; total {result['seconds']:.0f} s.", "",
+             f"**Rule.** {result['rule']}", "",
+             "Robust accuracy, mean / all-pass:", "",
+             "| attack | " + " | ".join(f"eps {lb}" for lb in labels) + " | seconds |",
+             "|---|" + "---|" * (len(labels) + 1)]
+    c = result["clean"]
+    lines.append("| clean | " + " | ".join(f"{c['mean']:.3f} / {c['all_pass']:.3f}" for _ in labels) +
+                 f" | {result['clean_seconds']:.1f} |")
+    for name, per in result["attacks"].items():
+        cells = [f"{per[lb]['mean']:.3f} / {per[lb]['all_pass']:.3f}" for lb in labels]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {sum(v['seconds'] for v in per.values()):.1f} |")
+    w = result["worst_case"]
+    cells = [f"**{w[lb]['mean']:.3f} / {w[lb]['all_pass']:.3f}**" for lb in labels]
+    lines.append("| **worst case** | " + " | ".join(cells) + " | |")
+    lines += ["", "Attacks: " + "; ".join(f"`{k}` {v}" for k, v in result["descriptions"].items()) + "."]
+    if "note" in result:
+        lines += ["", f"Note: {result['note']}."]
+    if "sanity" in result:
+        lines += ["", "## Sanity report", ""]
+        for ch in result["sanity"]:
+            lines.append(f"- **{ch['status']}** {ch['check']}: {ch['detail']}")
+        flags = [ch for ch in result["sanity"] if ch["status"] == "FLAG"]
+        lines += ["", (f"**{len(flags)} check(s) FLAGGED: the numbers above are not trustworthy** (gradient masking or a "
+                       "too-weak attack budget); raise --steps/--eot/--queries or --restarts before drawing conclusions.")
+                  if flags else "All checks that ran PASS: no sign of gradient masking at this budget."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(result["worst_case"])
+    eps = [result["worst_case"][lb]["eps"] for lb in labels]
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for name, per in result["attacks"].items():
+        ax.plot(eps, [per[lb]["mean"] for lb in labels], marker="o", label=name)
+    ax.plot(eps, [result["worst_case"][lb]["mean"] for lb in labels], "k--", lw=2, label="worst case (mean)")
+    ax.plot(eps, [result["worst_case"][lb]["all_pass"] for lb in labels], "k:", lw=2, label="worst case (all-pass)")
+    ax.axhline(result["clean"]["mean"], color="grey", lw=1, label="clean")
+    ax.set_xticks(eps, labels, rotation=45 if len(eps) > 5 else 0)
+    ax.set_xlabel(f"epsilon ({result['norm']})")
+    ax.set_ylabel("robust accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(Path(result["run"]).name)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_grid(grid: dict, result: dict, path: Path, passes: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..predict import predict_proba
+
+    model, x, y, adv = grid["model"], grid["x"], grid["y"], grid["adv"]
+    device = next(model.parameters()).device
+    columns = [("clean", x)] + [(f"eps {eps_label(e, result['norm'])}", adv[e]) for e in sorted(adv)]
+    fig, axes = plt.subplots(len(x), len(columns), figsize=(1.5 * len(columns), 1.6 * len(x)), squeeze=False)
+    for j, (title, imgs) in enumerate(columns):
+        pred = predict_proba(model, imgs.to(device), passes).argmax(1).cpu()
+        for i in range(len(x)):
+            img = imgs[i].permute(1, 2, 0).numpy()
+            ax = axes[i, j]
+            ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None, vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            caption = f"pred {pred[i].item()} (y={y[i].item()})"
+            ax.set_title(f"{title}\n{caption}" if i == 0 else caption, fontsize=7, color="black" if pred[i] == y[i] else "red")
+    fig.suptitle("strongest white-box attack per epsilon (red: misclassified)", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_outputs(result: dict, grid: dict, out: Path, passes: int) -> Path:
+    """Write all four files into a temporary folder, then move it into place (replacing an older report)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        write_json(tmp / "robustness.json", result)
+        (tmp / "robustness.md").write_text(markdown(result))
+        plot(result, tmp / "robust_accuracy.png")
+        plot_grid(grid, result, tmp / "adversarial_examples.png", passes)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def cmd_robustness(a: argparse.Namespace) -> None:
+    run = load_run(a.run_dir)
+    surrogate = load_run(a.surrogate) if a.surrogate else None
+    attacks = a.attacks or list(DEFAULT_ATTACKS) + (["transfer"] if surrogate is not None else [])
+    s = Settings(norm=a.norm, eps=a.eps or ([1 / 255, 2 / 255, 4 / 255, 8 / 255] if a.norm == "linf" else [0.1, 0.25, 0.5, 1.0]),
+                 attacks=attacks, eot=a.eot, steps=a.steps, restarts=a.restarts, queries=a.square_queries, passes=a.passes,
+                 n_examples=a.n_examples, batch_size=a.batch_size, seed=a.seed, sanity=not a.no_sanity)
+    result, grid = evaluate_robustness(run, s, a.data, a.data_dir, surrogate)
+    out = write_outputs(result, grid, Path(a.out) if a.out else run.path / f"robustness-{a.norm}", s.passes)
+    print(markdown(result))
+    print(f"wrote {out}/robustness.json, robustness.md, robust_accuracy.png, adversarial_examples.png")
+
+
+def add_parser(subparsers) -> None:
+    from ..cli import add_data_args
+
+    p = subparsers.add_parser(
+        "robustness", help="adaptive adversarial evaluation (EOT, APGD, AutoAttack-rand, Square, transfer) with sanity checks",
+        description="Attack a run in [0,1] pixel space with naive and adaptive attacks (EOT over the stochastic layers), "
+                    "re-evaluate randomized models over several passes, and print a PASS/FLAG gradient-masking report.")
+    p.add_argument("run_dir")
+    add_data_args(p, default=None)
+    g = p.add_argument_group("threat model and attacks")
+    g.add_argument("--norm", default="linf", choices=A.NORMS)
+    g.add_argument("--eps", type=eps_list, default=None,
+                   help="comma-separated radii in [0,1] pixel units, e.g. 1/255,2/255,4/255,8/255 (default; l2: 0.1,0.25,0.5,1)")
+    g.add_argument("--attacks", type=attack_list, default=None,
+                   help=f"comma-separated subset of {','.join(ATTACKS)} (default: all but transfer; with --surrogate, all)")
+    g.add_argument("--eot", type=int, default=20, help="passes averaged per gradient or Square query (AutoAttack-rand: 20)")
+    g.add_argument("--steps", type=int, default=100, help="iterations of PGD/APGD (AutoAttack: 100)")
+    g.add_argument("--restarts", type=int, default=1, help="random restarts of PGD/APGD")
+    g.add_argument("--square-queries", type=int, default=1000, help="Square attack queries per example")
+    g.add_argument("--surrogate", default=None, metavar="RUN_DIR", help="run directory of the transfer attack's surrogate model")
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--n-examples", type=int, default=1000, help="test examples attacked (a seeded random subset)")
+    g.add_argument("--passes", type=int, default=10, help="fresh stochastic passes for the final robust accuracy")
+    g.add_argument("--batch-size", type=int, default=250, help="images attacked together")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--no-sanity", action="store_true", help="skip the sanity report (saves the long-run and large-eps attacks)")
+    g.add_argument("--out", default=None, help="output folder (default: RUN_DIR/robustness-NORM)")
+    p.set_defaults(func=cmd_robustness)
