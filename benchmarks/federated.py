@@ -1,7 +1,7 @@
 """Digits federated benchmark: 5 clients, IID vs Dirichlet(0.5) vs Dirichlet(0.1), deterministic vs stochastic ViT,
 same rounds and local epochs, each through `stochvit federated` (a real Flower simulation).
 
-    nice -n 10 python benchmarks/federated.py                       # 20 rounds x 2 local epochs
+    nice -n 10 python benchmarks/federated.py                       # 20 rounds x 3 local epochs, batch 32
     nice -n 10 python benchmarks/federated.py --rounds 5 --only iid # a quick look
 
 Runs go to benchmarks/runs/digits-federated/<partition>-<model> (finished ones are reused); the table (final and
@@ -30,7 +30,8 @@ def run(partition: str, model: str, a: argparse.Namespace) -> dict:
         if out.exists():
             raise SystemExit(f"{out} exists but did not finish; remove it to rerun")
         cmd = [sys.executable, "-m", "stochvit.cli", "federated", "--clients", str(a.clients), "--rounds", str(a.rounds),
-               "--local-epochs", str(a.local_epochs), "--partition", partition, "--seed", str(a.seed), "--out", str(out),
+               "--local-epochs", str(a.local_epochs), "--batch-size", str(a.batch_size), "--partition", partition,
+               "--seed", str(a.seed), "--out", str(out),
                *MODELS[model]]
         print("$", " ".join(cmd[1:]), flush=True)
         t0 = time.perf_counter()
@@ -72,7 +73,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--clients", type=int, default=5)
     p.add_argument("--rounds", type=int, default=20)
-    p.add_argument("--local-epochs", type=int, default=2)
+    p.add_argument("--local-epochs", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", choices=PARTITIONS, default=None)
     a = p.parse_args()

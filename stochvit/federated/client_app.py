@@ -124,21 +124,23 @@ def _setup(msg: Message) -> tuple[dict, ArrayRecord, ConfigRecord]:
     return json.loads(str(cfg_record[CONFIG_KEY])), msg.content["arrays"], cfg_record
 
 
+def local_update(config: dict, arrays: ArrayRecord, node_config: dict[str, Any], server_round: int) -> tuple[ArrayRecord, dict]:
+    """One client's round: the global weights trained on local data; (new weights, metrics with num-examples)."""
+    t = config["train"]
+    data, _ = local_data(config, node_config)
+    model = model_from(config, arrays)
+    seed = t["seed"] * 1_000_003 + server_round * 1_009 + int(node_config.get("partition-id", 0))
+    metrics = fit(model, data, t["epochs"], t["batch_size"], round_lr(t["lr"], server_round, config["federated"]["rounds"]),
+                  t["weight_decay"], t["clip_grad"], t["precision"], seed)
+    return ArrayRecord(model.net.state_dict()), {**metrics, "num-examples": len(data)}
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the global model on local data; reply with the new weights and `num-examples` for FedAvg."""
     config, arrays, cfg_record = _setup(msg)
-    t = config["train"]
-    server_round = int(cfg_record["server-round"])
-    data, _ = local_data(config, context.node_config)
-    model = model_from(config, arrays)
-    pid = int(context.node_config.get("partition-id", 0))
-    seed = t["seed"] * 1_000_003 + server_round * 1_009 + pid
-    metrics = fit(model, data, t["epochs"], t["batch_size"], round_lr(t["lr"], server_round, config["federated"]["rounds"]),
-                  t["weight_decay"], t["clip_grad"], t["precision"], seed)
-    reply = RecordDict({"arrays": ArrayRecord(model.net.state_dict()),
-                        "metrics": MetricRecord({**metrics, "num-examples": len(data)})})
-    return Message(content=reply, reply_to=msg)
+    new, metrics = local_update(config, arrays, context.node_config, int(cfg_record["server-round"]))
+    return Message(content=RecordDict({"arrays": new, "metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
 @app.evaluate()

@@ -95,16 +95,16 @@ class Federation:
         raise UserError(f"flower-superlink did not open port {self.port} within 120 s; see {self.logs / 'superlink.log'}")
 
     def close(self, grace: float = 15) -> None:
-        """SIGTERM the SuperLink's process group, SIGKILL what is left after `grace` seconds (Ray, ServerApp)."""
+        """Stop the SuperLink's process group, then every process that inherited our FLWR_HOME (the simulation
+        process and Ray's daemons and actors start sessions of their own), by PID: SIGTERM, SIGKILL after `grace` s."""
         if self.proc is not None:
             _signal_group(self.proc.pid, signal.SIGTERM)
             try:
                 self.proc.wait(timeout=grace)
             except subprocess.TimeoutExpired:
-                pass
-            time.sleep(1)  # let children of the group finish their own SIGTERM handling
-            _signal_group(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+                _signal_group(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        stop_processes_with(f"FLWR_HOME={self.home}", grace)
         shutil.rmtree(self.ray_tmp, ignore_errors=True)
 
     def __enter__(self) -> Federation:
@@ -123,7 +123,10 @@ class Federation:
         args = ["run", str(app), CONNECTION, "--run-config", str(run_config), "--format", "json"]
         if federation_config:
             args += ["--federation-config", federation_config]
-        done = self._flwr(*args)
+        try:
+            done = self._flwr(*args, timeout=600)
+        except subprocess.TimeoutExpired:
+            raise UserError("flwr run did not answer within 600 s") from None
         (self.logs / "flwr-run.log").write_text(done.stdout + done.stderr)
         try:
             reply = json.loads(done.stdout)
@@ -133,7 +136,10 @@ class Federation:
 
     def status(self, run_id: int) -> str:
         """The run's status, e.g. "pending", "running", "finished:completed", "finished:failed"."""
-        done = self._flwr("ls", CONNECTION, "--run-id", str(run_id), "--format", "json", timeout=60)
+        try:
+            done = self._flwr("ls", CONNECTION, "--run-id", str(run_id), "--format", "json", timeout=180)
+        except subprocess.TimeoutExpired:  # a loaded machine: ask again later
+            return "unknown"
         try:
             runs = json.loads(done.stdout)["runs"]
             return str(runs[0]["status"])
@@ -155,13 +161,50 @@ class Federation:
             if self.proc is not None and self.proc.poll() is not None:
                 raise UserError(f"the SuperLink exited (status {self.proc.returncode}); see {self.logs}")
             time.sleep(1)
-        self._flwr("stop", str(run_id), CONNECTION, timeout=60)
+        try:
+            self._flwr("stop", str(run_id), CONNECTION, timeout=180)
+        except subprocess.TimeoutExpired:
+            pass
         raise UserError(f"run {run_id} did not finish within {timeout:.0f} s (stopped); see {self.logs}")
 
     def logs_of(self, run_id: int) -> str:
         """The run's ServerApp log as the SuperLink keeps it (`flwr log` without streaming)."""
-        done = self._flwr("log", str(run_id), CONNECTION, "--show", timeout=60)
+        try:
+            done = self._flwr("log", str(run_id), CONNECTION, "--show", timeout=180)
+        except subprocess.TimeoutExpired:
+            return "(flwr log timed out)"
         return done.stdout + done.stderr
+
+
+def processes_with(entry: str) -> list[int]:
+    """PIDs (not ours) whose environment holds `entry` ("KEY=value"); Linux /proc, empty elsewhere."""
+    needle = b"\0" + entry.encode() + b"\0"
+    found = []
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            if int(d.name) != os.getpid() and needle in b"\0" + (d / "environ").read_bytes() + b"\0":
+                found.append(int(d.name))
+        except (OSError, ValueError):
+            pass
+    return found
+
+
+def stop_processes_with(entry: str, grace: float = 15) -> None:
+    """SIGTERM the processes whose environment holds `entry`, SIGKILL those left after `grace` seconds."""
+    for pid in processes_with(entry):
+        _signal(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while (left := processes_with(entry)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    for pid in left:
+        _signal(pid, signal.SIGKILL)
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _signal_group(pgid: int, sig: int) -> None:

@@ -28,6 +28,7 @@ from flwr.serverapp.strategy import FedAvg
 from ..data import load_data
 from ..errors import UserError
 from ..metrics import classification_metrics
+from ..models import Normalized
 from ..precision import default_device
 from ..predict import dataset_probs
 from ..runs import build_model, write_json
@@ -101,6 +102,12 @@ def plot_rounds(path: Path, rows: list[dict]) -> None:
     tmp.replace(path)
 
 
+def initial_model(config: dict) -> Normalized:
+    """The global model before round 1: the run's architecture, initialised from the run's seed."""
+    torch.manual_seed(config["train"]["seed"])
+    return build_model(config)
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run FedAvg for `rounds` rounds, evaluating the global model on the server's validation split after each."""
@@ -109,7 +116,6 @@ def main(grid: Grid, context: Context) -> None:
     if (out / "config.json").exists():
         raise UserError(f"{out} already holds a run; choose a new out-dir")
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
     data = load_data(cfg.data, cfg.data_dir, False, cfg.split_seed, train_limit=cfg.train_limit, img_size=cfg.img_size)
     config = run_config(cfg, data)
     config["federated"] = {k: v for k, v in fed.items() if k != "out-dir"}
@@ -117,8 +123,7 @@ def main(grid: Grid, context: Context) -> None:
     labels = data.train.labels.numpy()
     save_summary(out, labels, partition(labels, fed["clients"], fed["partition"], cfg.seed), data.class_names,
                  fed["partition"], cfg.seed)
-    device = default_device()
-    model = build_model(config).to(device)
+    model = initial_model(config).to(default_device())
     curves = _Curves(out)
     strategy = TrackedFedAvg(fraction_train=fed["fraction-train"], fraction_evaluate=fed["fraction-evaluate"],
                              min_train_nodes=fed["min-clients"], min_evaluate_nodes=fed["min-clients"],

@@ -1,0 +1,211 @@
+"""Federated learning on Flower: partitions, the app manifest, what travels, FedAvg arithmetic, and real runs
+(a Ray simulation through `stochvit federated`, a loopback deployment with a SuperNode killed mid-run).
+
+The real runs start Flower processes; each test gives them a unique environment marker and checks afterwards
+that no process carrying it is left (Flower children and Ray workers inherit the environment).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("flwr")
+
+from flwr.app import ArrayRecord  # noqa: E402
+
+from stochvit.cli import main as cli_main  # noqa: E402
+from stochvit.data import load_data  # noqa: E402
+from stochvit.errors import UserError  # noqa: E402
+from stochvit.federated import client_app  # noqa: E402
+from stochvit.federated.launch import APP_DIR, processes_with  # noqa: E402
+from stochvit.federated.partition import dirichlet, histogram, iid, label_skew, parse_partition, partition, save_summary  # noqa: E402
+from stochvit.federated.server_app import initial_model  # noqa: E402
+from stochvit.federated.settings import from_run_config, to_run_config  # noqa: E402
+from stochvit.runs import load_run  # noqa: E402
+from stochvit.train import TrainConfig, run_config  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+MARKER = "STOCHVIT_FED_TEST"
+
+
+@pytest.fixture
+def marker(monkeypatch) -> str:
+    """A unique value in this test's environment, inherited by every process it starts."""
+    value = uuid.uuid4().hex
+    monkeypatch.setenv(MARKER, value)
+    return value
+
+
+def leftovers(value: str) -> list[int]:
+    """PIDs (other than ours) whose environment carries MARKER=value."""
+    return processes_with(f"{MARKER}={value}")
+
+
+@pytest.fixture(scope="module")
+def digits_labels() -> np.ndarray:
+    return load_data("digits").train.labels.numpy()
+
+
+# -- partitions ---------------------------------------------------------------------------------
+def test_dirichlet_smaller_alpha_more_skew_every_sample_once(digits_labels):
+    n = len(digits_labels)
+    skews = {}
+    for alpha in (0.1, 0.5, 5.0, 100.0):
+        per_seed = []
+        for seed in range(3):
+            shards = dirichlet(digits_labels, 5, alpha, seed)
+            joined = np.concatenate(shards)
+            assert len(joined) == n and np.array_equal(np.sort(joined), np.arange(n))  # every sample exactly once
+            assert min(len(s) for s in shards) >= 2
+            per_seed.append(label_skew(histogram(digits_labels, shards, 10)))
+        skews[alpha] = float(np.mean(per_seed))
+    assert skews[0.1] > skews[0.5] > skews[5.0] > skews[100.0]
+    assert skews[0.1] > 0.4 and skews[100.0] < 0.1
+    iid_skew = label_skew(histogram(digits_labels, iid(n, 5, 0), 10))
+    assert iid_skew < 0.1
+
+
+def test_partitions_are_seeded_and_reject_bad_specs(digits_labels):
+    a = partition(digits_labels, 4, "dirichlet:0.5", seed=1)
+    b = partition(digits_labels, 4, "dirichlet:0.5", seed=1)
+    c = partition(digits_labels, 4, "dirichlet:0.5", seed=2)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert not all(len(x) == len(y) and np.array_equal(x, y) for x, y in zip(a, c))
+    sizes = [len(s) for s in iid(len(digits_labels), 4, 0)]
+    assert max(sizes) - min(sizes) <= 1 and sum(sizes) == len(digits_labels)
+    assert parse_partition("dirichlet:0.1") == ("dirichlet", 0.1)
+    for bad in ("dirichlet:0", "dirichlet:-1", "dirichlet:x", "skewed", "dirichlet"):
+        with pytest.raises(UserError):
+            parse_partition(bad)
+    with pytest.raises(UserError):
+        iid(3, 5, 0)
+
+
+def test_partition_summary_json_and_png(tmp_path, digits_labels):
+    shards = partition(digits_labels, 3, "dirichlet:0.5", seed=0)
+    s = save_summary(tmp_path, digits_labels, shards, [str(i) for i in range(10)], "dirichlet:0.5", 0)
+    on_disk = json.loads((tmp_path / "partition.json").read_text())
+    assert on_disk == json.loads(json.dumps(s))
+    assert np.array(on_disk["counts"]).sum() == len(digits_labels) and on_disk["sizes"] == [len(x) for x in shards]
+    assert (tmp_path / "partition.png").stat().st_size > 1000
+
+
+# -- app manifest, run config, what travels ---------------------------------------------------------
+def test_app_manifest_defaults_match_settings():
+    import tomli
+
+    manifest = tomli.loads((APP_DIR / "pyproject.toml").read_text())
+    app = manifest["tool"]["flwr"]["app"]
+    assert app["components"] == {"serverapp": "stochvit.federated.server_app:app",
+                                 "clientapp": "stochvit.federated.client_app:app"}
+    assert app["config"] == to_run_config(TrainConfig(epochs=1, batch_size=64, lr=3e-3), {})
+    assert "federations" not in manifest["tool"]["flwr"]  # legacy section: flwr run would rewrite the file
+
+
+def test_run_config_round_trip_and_errors():
+    cfg = TrainConfig(epochs=2, batch_size=32, lr=1e-3, stochastic=dict(distribution="gaussian", blocks=[0, 2]), train_limit=500)
+    cfg.validate()
+    rc = to_run_config(cfg, {"clients": 4, "partition": "dirichlet:0.1"})
+    back, fed = from_run_config(rc)
+    assert back == cfg and fed["clients"] == 4 and fed["partition"] == "dirichlet:0.1"
+    det, _ = from_run_config({**rc, "stochastic": False})
+    assert det.stochastic is None
+    for bad in ({"partition": "dirichlet:0"}, {"min-clients": 5, "clients": 3}, {"kind": "sparse"}, {"no-such-key": 1}):
+        with pytest.raises(UserError):
+            from_run_config({**rc, **bad})
+
+
+@pytest.mark.parametrize("stochastic", [True, False])
+def test_only_learned_weights_travel(stochastic):
+    cfg, fed = from_run_config({"stochastic": stochastic})
+    config = run_config(cfg, load_data("digits"))
+    net = initial_model(config).net
+    record = ArrayRecord(net.state_dict())
+    learned = {n for n, _ in net.named_parameters()} | {n for n, _ in net.named_buffers()}
+    assert set(record.keys()) == learned
+    assert not any("stochastic" in k for k in record.keys())  # the layers hold no state: draws never leave a client
+    other, _ = from_run_config({"stochastic": not stochastic})
+    assert set(ArrayRecord(initial_model(run_config(other, load_data("digits"))).net.state_dict()).keys()) == learned
+
+
+# -- real runs ------------------------------------------------------------------------------------
+def _federated(out: Path, *args: str) -> int:
+    return cli_main(["federated", "--out", str(out), "--eval-samples", "2", *args])
+
+
+@pytest.mark.slow
+def test_simulation_end_to_end(tmp_path, marker):
+    out = tmp_path / "fed"
+    assert _federated(out, "--clients", "2", "--rounds", "2", "--partition", "dirichlet:0.5", "--cpus-per-client", "1") == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["clients_replied"] == 2 and r["clients_failed"] == 0
+        assert 0 <= r["val_accuracy"] <= 1 and r["val_nll"] > 0 and 0 <= r["val_ece"] <= 1
+        assert 0 <= r["clients_eval_accuracy"] <= 1
+    for name in ("config.json", "model.safetensors", "summary.json", "rounds.png", "curves.png", "partition.json",
+                 "partition.png"):
+        assert (out / name).exists(), name
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["federated"]["rounds_with_fewer_clients"] == []
+    run = load_run(out)  # a normal run directory: the other suites accept it
+    assert run.config["stochastic"] is not None and run.config["federated"]["partition"] == "dirichlet:0.5"
+    assert cli_main(["evaluate", str(out), "--samples", "2"]) == 0
+    assert leftovers(marker) == []
+
+
+@pytest.mark.slow
+def test_one_round_fedavg_is_weighted_average_of_client_updates(tmp_path, marker):
+    """Server: 1 round, 2 clients in Ray actors. Here: the same two local updates in-process, averaged by num-examples."""
+    out = tmp_path / "fed1"
+    assert _federated(out, "--clients", "2", "--rounds", "1", "--fraction-evaluate", "0", "--seed", "3") == 0
+    assert leftovers(marker) == []
+    run = load_run(out)
+    config = run.config
+    start = ArrayRecord(initial_model(config).net.state_dict())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the ClientApp
+    try:
+        updates = [client_app.local_update(config, start, {"partition-id": i, "num-partitions": 2}, 1) for i in range(2)]
+    finally:
+        torch.set_num_threads(threads)
+    weights = torch.tensor([float(m["num-examples"]) for _, m in updates])
+    weights /= weights.sum()
+    final = run.model.net.state_dict()
+    first = updates[0][0].to_torch_state_dict()
+    for key, value in final.items():
+        expected = sum(w * u.to_torch_state_dict()[key] for w, (u, _) in zip(weights, updates))
+        torch.testing.assert_close(value, expected, atol=2e-5, rtol=1e-4)
+    assert any(not torch.equal(final[k], first[k]) for k in final)  # the average is not one client's model
+
+
+@pytest.mark.slow
+def test_loopback_deployment_survives_a_killed_supernode(tmp_path, marker):
+    """3 SuperNodes, minimum 2; SuperNode 2 gets SIGKILL while training in round 1 (its ClientApp is running).
+
+    The SuperLink declares it unavailable once its heartbeats stop (~60 s in flwr 1.42, not configurable), round 1
+    aggregates the two replies, round 2 samples the two live nodes, and the run reports both rounds as reduced."""
+    out = tmp_path / "loop"
+    cmd = ["bash", str(ROOT / "scripts" / "federated_loopback.sh"), "--out", str(out), "--workdir", str(tmp_path / "work"),
+           "--nodes", "3", "--min-clients", "2", "--rounds", "2", "--kill-node", "2", "--kill-after-round", "0",
+           "--timeout", "400", "--run-config", "fraction-evaluate=0.0 eval-samples=2 batch-size=128"]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr + (out / "logs" / "serverapp.log").read_text()[-3000:]
+    assert "SIGKILL SuperNode 2" in done.stdout
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert (rows[0]["clients_sampled"], rows[0]["clients_replied"], rows[0]["clients_failed"]) == (3, 2, 1)
+    assert (rows[1]["clients_sampled"], rows[1]["clients_replied"], rows[1]["clients_failed"]) == (2, 2, 0)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["federated"]["rounds_with_fewer_clients"] == [1, 2]
+    assert load_run(out).config["federated"]["min-clients"] == 2
+    assert leftovers(marker) == []
