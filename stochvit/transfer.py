@@ -70,12 +70,11 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
         raise UserError(f"weights file {p} does not exist")
     try:
         state = load_state_dict(str(p), use_ema=True, weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0][:200]
-        raise UserError(f"refusing to load {p}: it holds Python objects beyond tensors, and unpickling them could run "
-                        f"code ({first}); save a plain state dict (torch.save(model.state_dict(), ...) or safetensors)") from None
-    except Exception as e:  # truncated zip, corrupt safetensors header, not a checkpoint at all
+    except Exception as e:  # refused pickle, truncated zip, corrupt safetensors header, not a checkpoint at all
         first = (str(e).strip().splitlines() or [""])[0][:200]
+        if isinstance(e, pickle.UnpicklingError) or "weights_only" in first or "Weights only" in first:
+            raise UserError(f"refusing to load {p}: it holds Python objects beyond tensors, and unpickling them could run "
+                            f"code ({first}); save a plain state dict (torch.save(model.state_dict()) or safetensors)") from None
         raise UserError(f"cannot read weights {p}: not a readable .safetensors or .pth state dict "
                         f"({type(e).__name__}: {first})") from None
     tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)} if isinstance(state, dict) else {}

@@ -1,0 +1,154 @@
+"""Digits class-split transfer benchmark (issue 7, the CPU-sized stand-in for the CIFAR-10 5+5 protocol).
+
+Pretrain a deterministic and a stochastic ViT on digits classes 0-4, then transfer each to classes 5-9 with
+10% and 100% of their training labels: every meaningful stochastic mode (keep/off/add) x (finetune/linear-probe),
+plus from-scratch training on the same labels (deterministic and stochastic) as the floor.
+
+    nice -n 10 python benchmarks/transfer.py            # runs what is missing, then writes the tables
+
+Runs go to benchmarks/runs/transfer-digits/ (finished ones are reused, interrupted ones resumed). Tables go to
+benchmarks/results/transfer.json and transfer.md (text after the "<!-- reading -->" marker is kept).
+Deterministic source: keep == off (there is nothing to turn off), so only `keep` is run and reported for both;
+stochastic source: `add` is refused (already stochastic), so keep and off are run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from stochvit.data import load_data
+from stochvit.runs import read_json, write_json
+from stochvit.train import TrainConfig, train
+from stochvit.transfer import transfer
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE / "runs" / "transfer-digits"
+RESULTS = HERE / "results"
+PRETRAIN, TASK = "digits:classes=0-4", "digits:classes=5-9"
+MARKER = "<!-- reading -->"
+
+# (source, --stochastic, --mode)
+COMBOS = [(src, stoch, mode) for src, stochs in (("det", ("keep", "add")), ("stoch", ("keep", "off")))
+          for stoch in stochs for mode in ("finetune", "linear-probe")]
+
+
+def _finish(path: Path, start, *args, **kwargs) -> float:
+    """Run `start(*args, **kwargs)` unless `path` already finished; resume it if interrupted. Returns seconds spent."""
+    t0 = time.perf_counter()
+    if (path / "summary.json").exists():
+        return 0.0
+    if (path / "config.json").exists():
+        train(resume=path, quiet=True)
+    else:
+        start(*args, **kwargs)
+    print(f"{path.relative_to(ROOT)}: {time.perf_counter() - t0:.0f} s", flush=True)
+    return time.perf_counter() - t0
+
+
+def _row(path: Path, **labels) -> dict:
+    s = read_json(path / "summary.json", "summary")
+    t = s["test"]
+    target = "stoch" if read_json(path / "config.json", "config")["stochastic"] else "det"
+    return dict(**labels, target=target,
+                accuracy=t["single_pass"]["accuracy"]["mean"], accuracy_std=t["single_pass"]["accuracy"]["std"],
+                accuracy_k=t["mc_average"]["accuracy"], ece=t["single_pass"]["ece"]["mean"], ece_k=t["mc_average"]["ece"],
+                nll_k=t["mc_average"]["nll"], samples=t["samples"], epochs=s["epochs"], seconds=s["train_seconds"], run=str(path))
+
+
+def run_all(a: argparse.Namespace) -> list[dict]:
+    sources = {}
+    for name, stochastic in (("det", None), ("stoch", True)):
+        path = sources[name] = ROOT / f"pretrain-{name}"
+        cfg = TrainConfig(data=PRETRAIN, stochastic=stochastic, epochs=a.pretrain_epochs, seed=a.seed)
+        _finish(path, train, cfg, out=path, quiet=True)
+    n_train = len(load_data(TASK).train)
+    rows = [_row(p, kind="pretrain", source=n, stochastic="-", mode="-", labels=len(load_data(PRETRAIN).train))
+            for n, p in sources.items()]
+    for fraction in a.fractions:
+        limit = None if fraction >= 1 else round(fraction * n_train)
+        labels = limit or n_train
+        epochs = a.epochs if fraction >= 1 else round(a.epochs / fraction / 2)  # similar step counts (see docstring)
+        for name, stochastic in (("det", None), ("stoch", True)):
+            path = ROOT / f"labels{labels}" / f"scratch-{name}"
+            cfg = TrainConfig(data=TASK, train_limit=limit, stochastic=stochastic, epochs=epochs, seed=a.seed)
+            _finish(path, train, cfg, out=path, quiet=True)
+            rows.append(_row(path, kind="scratch", source=name, stochastic="-", mode="scratch", labels=labels))
+        for src, stoch, mode in COMBOS:
+            path = ROOT / f"labels{labels}" / f"{src}-{stoch}-{mode}"
+            _finish(path, transfer, str(sources[src]), path, quiet=True, data=TASK, mode=mode, stochastic=stoch,
+                    train_limit=limit, epochs=epochs, seed=a.seed)
+            rows.append(_row(path, kind="transfer", source=src, stochastic=stoch, mode=mode, labels=labels))
+    return rows
+
+
+def _table(rows: list[dict]) -> str:
+    lines = ["| labels | pretraining | --stochastic | trained model | mode | test acc (1 pass) | acc (K avg) | ECE (1 pass) "
+             "| ECE (K avg) | NLL (K avg) | train s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        source = "none" if r["kind"] == "scratch" else r["source"]
+        lines.append(f"| {r['labels']} | {source} | {r['stochastic']} | {r['target']} | {r['mode']} "
+                     f"| {r['accuracy']:.3f} ± {r['accuracy_std']:.3f} | {r['accuracy_k']:.3f} | {r['ece']:.3f} "
+                     f"| {r['ece_k']:.3f} | {r['nll_k']:.3f} | {r['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fractions = sorted({r["labels"] for r in rows if r["kind"] != "pretrain"})
+    fig, axes = plt.subplots(1, len(fractions), figsize=(6 * len(fractions), 4), squeeze=False)
+    for ax, labels in zip(axes[0], fractions):
+        sel = [r for r in rows if r["labels"] == labels and r["kind"] != "pretrain"]
+        names = [f"{r['source']}/{r['stochastic']}/{r['mode']}" if r["kind"] == "transfer" else f"scratch {r['target']}"
+                 for r in sel]
+        ax.barh(names, [r["accuracy_k"] for r in sel], color=["gray" if r["kind"] == "scratch" else
+                                                               "tab:blue" if r["source"] == "det" else "tab:orange" for r in sel])
+        ax.set_xlim(0, 1)
+        ax.set_title(f"digits 5-9, {labels} training labels")
+        ax.set_xlabel("test accuracy (K-sample average)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--pretrain-epochs", type=int, default=60, help="digits recipe (60 epochs, lr 3e-3)")
+    p.add_argument("--epochs", type=int, default=20, help="transfer epochs at 100%% labels; at fraction f: epochs/f/2")
+    p.add_argument("--fractions", type=float, nargs="+", default=[0.1, 1.0])
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args()
+    torch.set_num_threads(1)  # the machine is shared: one thread avoids OpenMP thrashing
+    t0 = time.perf_counter()
+    rows = run_all(a)
+    wall = time.perf_counter() - t0
+    RESULTS.mkdir(exist_ok=True)
+    write_json(RESULTS / "transfer.json", dict(settings=vars(a), wall_seconds=wall, rows=rows))
+    _plot(rows, RESULTS / "transfer.png")
+    md = RESULTS / "transfer.md"
+    kept = md.read_text().split(MARKER, 1)[1] if md.exists() and MARKER in md.read_text() else "\n\n(reading to be written)\n"
+    total = sum(r["seconds"] for r in rows)
+    md.write_text(
+        "# Transfer benchmark: digits classes 0-4 -> 5-9\n\n"
+        f"Command: `nice -n 10 python benchmarks/transfer.py {' '.join(sys.argv[1:])}`\n\n"
+        f"Machine: 2-core AMD EPYC, no GPU (shared with other jobs). Wall time of this invocation {wall:.0f} s "
+        f"(runs reused from earlier invocations cost 0); summed training time of all runs {total:.0f} s.\n\n"
+        "Test set: the 90 digits test images of classes 5-9 (the parent split's), so one image is 1.1 points of accuracy. "
+        "ECE: 15 bins. K = 10 passes for stochastic models. Single seed.\n\n"
+        + _table(rows) + "\n\n![accuracy](transfer.png)\n\n" + MARKER + kept
+    )
+    print(json.dumps(dict(wall_seconds=round(wall)), indent=None))
+    print(_table(rows))
+
+
+if __name__ == "__main__":
+    main()
