@@ -137,6 +137,14 @@ def test_only_learned_weights_travel(stochastic):
     assert set(ArrayRecord(initial_model(run_config(other, load_data("digits"))).net.state_dict()).keys()) == learned
 
 
+def test_cli_rejects_bad_settings_before_starting_anything(tmp_path, capsys):
+    for args in (["--partition", "dirichlet:0"], ["--clients", "2", "--min-clients", "3"], ["--fraction-train", "0"]):
+        out = tmp_path / "never"
+        assert cli_main(["federated", "--out", str(out), *args]) == 2
+        assert not out.exists()
+    assert "federated: error:" in capsys.readouterr().err
+
+
 # -- real runs ------------------------------------------------------------------------------------
 def _federated(out: Path, *args: str) -> int:
     return cli_main(["federated", "--out", str(out), "--eval-samples", "2", *args])

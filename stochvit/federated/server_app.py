@@ -50,15 +50,18 @@ class TrackedFedAvg(FedAvg):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> list[Message]:
         start = time.perf_counter()
         messages = list(super().configure_train(server_round, arrays, config, grid))
-        self.rounds[server_round] = dict(start=start, sampled=len(messages))
+        nodes = [m.metadata.dst_node_id for m in messages]
+        self.rounds[server_round] = dict(start=start, sampled=len(messages), sampled_nodes=nodes)
         return messages
 
     def aggregate_train(self, server_round: int, replies) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         ok = [m for m in replies if not m.has_error()]
         rec = self.rounds[server_round]
-        rec.update(replied=len(ok), failed=rec["sampled"] - len(ok), replied_nodes=[m.metadata.src_node_id for m in ok],
-                   errors=[f"node {m.metadata.src_node_id}: {m.error.reason}" for m in replies if m.has_error()])
+        replied = {m.metadata.src_node_id for m in ok}
+        rec.update(replied=len(ok), failed=rec["sampled"] - len(ok),
+                   missing_nodes=[n for n in rec["sampled_nodes"] if n not in replied],
+                   errors=[m.error.reason for m in replies if m.has_error()])
         arrays, metrics = super().aggregate_train(server_round, replies)
         rec["train"] = dict(metrics) if metrics is not None else {}
         return arrays, metrics
@@ -83,6 +86,7 @@ def plot_rounds(path: Path, rows: list[dict]) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     r = [row["round"] for row in rows]
     fig, ax = plt.subplots(1, 4, figsize=(15, 3.4))
@@ -95,6 +99,7 @@ def plot_rounds(path: Path, rows: list[dict]) -> None:
     ax[3].legend()
     for a in ax:
         a.set_xlabel("round")
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     tmp = path.with_name(f".{path.stem}.tmp.png")
     fig.savefig(tmp, dpi=90)
@@ -144,7 +149,7 @@ def main(grid: Grid, context: Context) -> None:
                    **{f"val_{k}": v for k, v in val.items()},
                    **{f"clients_eval_{k}": v for k, v in rec.get("clients_eval", {}).items() if k != "num-examples"},
                    clients_expected=fed["clients"], clients_sampled=rec["sampled"], clients_replied=rec["replied"],
-                   clients_failed=rec["failed"], replied_nodes=rec["replied_nodes"], errors=rec["errors"])
+                   clients_failed=rec["failed"], missing_nodes=rec["missing_nodes"], errors=rec["errors"])
         curves.append(row)
         plot_rounds(out / "rounds.png", curves.rows())
         log(INFO, "stochvit round %d/%d: val accuracy %.4f, NLL %.4f, ECE %.4f; %d/%d clients replied (%.1f s)",
