@@ -89,8 +89,9 @@ def test_apgd_at_least_as_strong_as_pgd_with_equal_budget(digits_runs, test_imag
         accuracy[name] = A.correct_fraction(model, attack(), y, 1).mean().item()
     clean = A.correct_fraction(model, x, y, 1).mean().item()
     assert accuracy["pgd"] < clean - 0.1, (clean, accuracy)  # the budget is one where attacks matter
-    assert accuracy["apgd-ce"] <= accuracy["pgd"] + 1 / len(y), accuracy
-    assert min(accuracy["apgd-ce"], accuracy["apgd-dlr"]) <= accuracy["pgd"], accuracy
+    slack = 2 / len(y)  # one seed each: allow two examples of random-start noise
+    assert accuracy["apgd-ce"] <= accuracy["pgd"] + slack, accuracy
+    assert min(accuracy["apgd-ce"], accuracy["apgd-dlr"]) <= accuracy["pgd"] + slack / 2, accuracy
 
 
 def test_eot_reduces_gradient_variance_on_stochastic_model(digits_runs, test_images):

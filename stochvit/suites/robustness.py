@@ -193,6 +193,7 @@ def evaluate_robustness(run: Run, s: Settings, data_spec: str | None = None, dat
     fractions: dict[str, dict[float, torch.Tensor]] = {a: {} for a in attacks}
     apgd_runs: dict[tuple[str, float], tuple[torch.Tensor, float]] = {}  # aa-rand reuses the APGD-CE/DLR runs
     shown: dict[float, torch.Tensor] = {}
+    shown_by = "none"
     grid_ids = torch.arange(min(n, 6))
     bar = tqdm(total=len(attacks) * len(s.eps), desc="attacks", disable=quiet, mininterval=1)
     for name in attacks:
@@ -223,7 +224,7 @@ def evaluate_robustness(run: Run, s: Settings, data_spec: str | None = None, dat
             fractions[name][eps] = frac
             result["attacks"][name][eps_label(eps, s.norm)] = dict(eps=eps, **_summary(frac), seconds=seconds)
             if name in WHITE_BOX and (eps not in shown or name == "aa-rand"):
-                shown[eps] = x_adv[grid_ids].cpu()
+                shown[eps], shown_by = x_adv[grid_ids].cpu(), name
             bar.update()
     bar.close()
     for eps in s.eps:
@@ -233,7 +234,7 @@ def evaluate_robustness(run: Run, s: Settings, data_spec: str | None = None, dat
         large = LARGE_EPS[s.norm] or 0.5 * math.sqrt(dims)
         result["sanity"] = sanity_checks(result, model, x, y, clean, s, large, fractions, quiet)
     result["seconds"] = time.perf_counter() - t0
-    grid = dict(x=x[grid_ids].cpu(), y=y[grid_ids].cpu(), adv=shown, model=model)
+    grid = dict(x=x[grid_ids].cpu(), y=y[grid_ids].cpu(), adv=shown, attack=shown_by, model=model)
     return result, grid
 
 
@@ -401,7 +402,7 @@ def plot_grid(grid: dict, result: dict, path: Path, passes: int) -> None:
             ax.set_yticks([])
             caption = f"pred {pred[i].item()} (y={y[i].item()})"
             ax.set_title(f"{title}\n{caption}" if i == 0 else caption, fontsize=7, color="black" if pred[i] == y[i] else "red")
-    fig.suptitle("strongest white-box attack per epsilon (red: misclassified)", fontsize=8)
+    fig.suptitle(f"{grid['attack']} adversarial examples; prediction averaged over {passes} passes (red: wrong)", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
