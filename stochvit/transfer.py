@@ -122,7 +122,8 @@ def load_source(source: str, weights: str | None = None) -> Source:
         )
     state = read_weights(weights)
     try:
-        probe = timm.create_model(source, pretrained=False)
+        with torch.device("meta"):  # only its config and activation are read: no memory, no init cost
+            probe = timm.create_model(source, pretrained=False)
     except Exception as e:
         raise UserError(f"cannot build timm model {source}: {e}") from None
     cfg = getattr(probe, "pretrained_cfg", None) or {}
