@@ -1,0 +1,311 @@
+"""`stochvit privacy`: how much of the input can a split-inference server reconstruct from block-k features?
+
+For every run, split point k and defence (none, or Gaussian noise on the transmitted features of a
+deterministic run at relative levels sigma x RMS of the clean features), the suite measures the
+model's accuracy with that defence and the PSNR/SSIM of the decoder and optimisation inversions of
+victim test images (threat model and attacks: `stochvit.privacy`). The auxiliary images of the
+attacker are the training split; the victims are drawn from the test split, so the two are disjoint.
+
+Outputs (in --out, each written to a temporary name then renamed): privacy.json, privacy.md,
+reconstructions.png (originals against reconstructions per run, block, defence and attack) and
+privacy_utility.png (attack PSNR/SSIM against accuracy, per block; lower-right is better).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..errors import UserError
+from ..layers import is_random
+from ..precision import default_device
+from ..privacy import (
+    AttackConfig,
+    Device,
+    attacker_modes,
+    attacker_view,
+    decoder_inversion,
+    depth,
+    feature_rms,
+    optimization_inversion,
+    parse_blocks,
+    reconstruction_metrics,
+    split_accuracy,
+)
+from ..runs import Run, atomic_write_bytes, load_run, write_json
+from ..train import check_compatible, data_for
+
+ATTACKS = ("decoder", "optimization")
+SHOW = 8  # victims shown in the reconstruction grid
+
+
+def float_list(text: str) -> list[float]:
+    try:
+        values = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"noise levels must be > 0, got {text!r}")
+    return values
+
+
+def attack_list(text: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [n for n in names if n not in ATTACKS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"--attacks: expected a comma-separated subset of {', '.join(ATTACKS)}, got {text!r}")
+    return names
+
+
+def _run_kind(run: Run) -> str:
+    return "stochastic" if is_random(run.model) else "deterministic"
+
+
+def evaluate_privacy(runs: list[Run], aux: torch.Tensor, victims: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+                     blocks: str, attacks: list[str], sigmas: list[float], cfg: AttackConfig, passes: int = 5,
+                     seed: int = 0) -> tuple[list[dict], dict[str, torch.Tensor]]:
+    """One entry per (run, k, defence): accuracy and attack metrics. Also returns the shown reconstructions by label."""
+    where = default_device()
+    victims_dev = victims.to(where)
+    entries, shown = [], {}
+    plan = []
+    for i, run in enumerate(runs):
+        model = run.model.to(where).eval()
+        deterministic = not is_random(model)
+        for k in parse_blocks(blocks, depth(model)):
+            for sigma in [0.0] + (sigmas if deterministic else []):
+                plan.append((i, run, model, k, sigma))
+    clean_accuracy: dict[int, dict] = {}
+    for i, run, model, k, sigma in tqdm(plan, desc="privacy", unit="config"):
+        noise_std = sigma * feature_rms(model, aux[:1024].to(where), k) if sigma else 0.0
+        if sigma == 0 and i in clean_accuracy:  # without noise the split does not change the model's predictions
+            accuracy = clean_accuracy[i]
+        else:
+            accuracy = split_accuracy(model, test_x.to(where), test_y, k, noise_std, passes, seed=seed + 17)
+            if sigma == 0:
+                clean_accuracy[i] = accuracy
+        observed = Device(model, k, noise_std, seed=seed + 1).transmit(victims_dev)  # the victim's device
+        view = attacker_view(model, k, aux.to(where), noise_std, white_box=True, seed=seed + 2)  # the attacker's share
+        entry = dict(run=str(run.path), name=run.name, kind=_run_kind(run), block=k, defence="noise" if sigma else "none",
+                     sigma=sigma, noise_std=noise_std, accuracy=accuracy, attacks={})
+        label = f"{run.name} k={k}" + (f" noise {sigma:g}" if sigma else "")
+        for attack in attacks:
+            torch.manual_seed(seed)
+            t0 = time.perf_counter()
+            if attack == "decoder":
+                recon = decoder_inversion(view, observed, cfg)
+                result = reconstruction_metrics(recon.cpu(), victims)
+            else:
+                per_mode, recons = {}, {}
+                for mode in attacker_modes(view):
+                    torch.manual_seed(seed)
+                    recons[mode] = optimization_inversion(view, observed, mode, cfg).cpu()
+                    per_mode[mode] = reconstruction_metrics(recons[mode], victims)
+                best = max(per_mode, key=lambda m: per_mode[m]["psnr"]["mean"])
+                recon = recons[best]
+                result = dict(per_mode[best], mode=best, per_mode=per_mode)
+            result["seconds"] = time.perf_counter() - t0
+            entry["attacks"][attack] = result
+            shown[f"{label} {attack}"] = recon[:SHOW].cpu()
+        entries.append(entry)
+        tqdm.write(f"{label}: accuracy {accuracy['mean']:.3f}  " + "  ".join(
+            f"{a} PSNR {r['psnr']['mean']:.1f} SSIM {r['ssim']['mean']:.3f}" for a, r in entry["attacks"].items()))
+    return entries, shown
+
+
+def matched_utility(entries: list[dict], attacks: list[str]) -> list[dict]:
+    """Leakage of each stochastic run against the noise curve of each deterministic run, interpolated at equal accuracy.
+
+    The noise curve is (accuracy, PSNR/SSIM) over sigma = 0 and the noise levels; outside its accuracy range
+    there is no matched point, and the entry says on which side it fell.
+    """
+    out = []
+    for s in (e for e in entries if e["kind"] == "stochastic"):
+        dets = {e["run"] for e in entries if e["kind"] == "deterministic" and e["block"] == s["block"]}
+        for det in sorted(dets):
+            same = (e for e in entries if e["run"] == det and e["block"] == s["block"])
+            curve = sorted(same, key=lambda e: e["accuracy"]["mean"])
+            acc = np.array([e["accuracy"]["mean"] for e in curve])
+            for attack in attacks:
+                row = dict(block=s["block"], attack=attack, stochastic=s["name"], deterministic=curve[0]["name"],
+                           stochastic_accuracy=s["accuracy"]["mean"], noise_accuracy_range=[float(acc.min()), float(acc.max())])
+                for metric in ("psnr", "ssim"):
+                    row[f"stochastic_{metric}"] = s["attacks"][attack][metric]["mean"]
+                    values = np.array([e["attacks"][attack][metric]["mean"] for e in curve])
+                    inside = acc.min() <= row["stochastic_accuracy"] <= acc.max()
+                    matched = float(np.interp(row["stochastic_accuracy"], acc, values)) if inside else None
+                    row[f"noise_{metric}_at_matched_accuracy"] = matched
+                if row["noise_psnr_at_matched_accuracy"] is None:
+                    side = "above" if row["stochastic_accuracy"] > acc.max() else "below"
+                    row["verdict"] = f"no match: stochastic accuracy is {side} the noise curve's range"
+                else:
+                    gap = row["stochastic_psnr"] - row["noise_psnr_at_matched_accuracy"]
+                    row["psnr_gap_db"] = gap
+                    row["verdict"] = "stochastic leaks less" if gap < 0 else "stochastic leaks more"
+                out.append(row)
+    return out
+
+
+def _fmt(m: dict) -> str:
+    return f"{m['mean']:.3f} ± {m['std']:.3f}" if abs(m["mean"]) < 2 else f"{m['mean']:.2f} ± {m['std']:.2f}"
+
+
+def markdown(result: dict) -> str:
+    attacks = result["settings"]["attacks"]
+    head = ["run", "kind", "block k", "defence", "accuracy"] + [f"{a} {m}" for a in attacks for m in ("PSNR (dB)", "SSIM")]
+    lines = [f"# Feature privacy: {', '.join(r['name'] for r in result['runs'])} on {result['data']}", "",
+             f"{result['settings']['n_victims']} victim test images, {result['settings']['n_aux']} auxiliary training images; "
+             "PSNR/SSIM mean ± std over victims (higher = more leakage); accuracy = single pass on the test split, "
+             "mean ± std over passes.", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for e in result["entries"]:
+        defence = "none" if e["defence"] == "none" else f"noise σ={e['sigma']:g}×RMS"
+        cells = [e["name"], e["kind"], str(e["block"]), defence, _fmt(e["accuracy"])]
+        for a in attacks:
+            r = e["attacks"][a]
+            mode = f" ({r['mode']})" if "mode" in r else ""
+            cells += [_fmt(r["psnr"]) + mode, _fmt(r["ssim"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    if result["matched_utility"]:
+        lines += ["", "## At matched accuracy: stochastic run vs deterministic run + feature noise", "",
+                  "| block k | attack | stochastic acc | stochastic PSNR | noise PSNR at same acc | stochastic SSIM | "
+                  "noise SSIM at same acc | verdict |", "|---|---|---|---|---|---|---|---|"]
+        for r in result["matched_utility"]:
+            def num(v, f): return "—" if v is None else format(v, f)
+            lines.append(f"| {r['block']} | {r['attack']} | {r['stochastic_accuracy']:.3f} | {r['stochastic_psnr']:.2f} | "
+                         f"{num(r['noise_psnr_at_matched_accuracy'], '.2f')} | {r['stochastic_ssim']:.3f} | "
+                         f"{num(r['noise_ssim_at_matched_accuracy'], '.3f')} | {r['verdict']} |")
+    return "\n".join(lines) + "\n"
+
+
+def _save_figure(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def plot_grid(originals: torch.Tensor, shown: dict[str, torch.Tensor], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from torchvision.utils import make_grid
+
+    rows = {"original": originals[:SHOW], **shown}
+    fig, axes = plt.subplots(len(rows), 1, figsize=(0.9 * SHOW + 2.5, 0.95 * len(rows) + 0.3), squeeze=False)
+    for ax, (label, images) in zip(axes[:, 0], rows.items()):
+        grid = make_grid(images.float().clamp(0, 1), nrow=len(images), padding=1, pad_value=1.0)
+        ax.imshow(grid.permute(1, 2, 0).squeeze(-1).numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
+    fig.tight_layout()
+    _save_figure(fig, path)
+
+
+def plot_privacy_utility(entries: list[dict], attacks: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    blocks = sorted({e["block"] for e in entries})
+    names = list(dict.fromkeys(e["name"] for e in entries))
+    colours = {n: f"C{i}" for i, n in enumerate(names)}
+    styles = {"decoder": ("-", "o"), "optimization": ("--", "s")}
+    fig, axes = plt.subplots(2, len(blocks), figsize=(4.2 * len(blocks), 7), squeeze=False)
+    for col, k in enumerate(blocks):
+        for row, metric in enumerate(("psnr", "ssim")):
+            ax = axes[row, col]
+            for name in names:
+                points = sorted((e for e in entries if e["name"] == name and e["block"] == k), key=lambda e: e["sigma"])
+                for attack in attacks:
+                    ls, marker = styles[attack]
+                    x = [e["accuracy"]["mean"] for e in points]
+                    y = [e["attacks"][attack][metric]["mean"] for e in points]
+                    kind = points[0]["kind"]
+                    ax.plot(x, y, ls, marker="*" if kind == "stochastic" else marker, ms=12 if kind == "stochastic" else 5,
+                            color=colours[name], label=f"{name} ({kind}) {attack}")
+                    for e, xi, yi in zip(points, x, y):
+                        if e["sigma"]:
+                            ax.annotate(f"σ={e['sigma']:g}", (xi, yi), fontsize=7, textcoords="offset points", xytext=(3, 3))
+            ax.set_xlabel("accuracy (single pass)")
+            ax.set_ylabel(f"attack {metric.upper()}" + (" (dB)" if metric == "psnr" else ""))
+            ax.set_title(f"split after block {k}")
+            ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle("privacy vs utility (lower leakage and higher accuracy = better: bottom right)")
+    fig.tight_layout()
+    _save_figure(fig, path)
+
+
+def run_privacy(a: argparse.Namespace) -> Path:
+    if a.n_victims < 1 or a.passes < 1:
+        raise UserError("--n-victims and --passes must be >= 1")
+    runs = [load_run(p) for p in a.run_dirs]
+    data = data_for(runs[0].config, a.data, a.data_dir)
+    for run in runs:
+        check_compatible(run.config, data)
+    gen = torch.Generator().manual_seed(a.seed)
+    aux, _ = data.train.tensors()
+    if a.aux_limit is not None and a.aux_limit < len(aux):
+        aux = aux[torch.randperm(len(aux), generator=gen)[: a.aux_limit]]
+    test_x, test_y = data.test.tensors()
+    victims = test_x[torch.randperm(len(test_x), generator=gen)[: a.n_victims]]
+    if not any(not is_random(r.model) for r in runs) and a.noise_baseline:
+        print("note: the noise baseline is applied to deterministic runs only; pass the deterministic run as well to get it")
+    cfg = AttackConfig(decoder_steps=a.decoder_steps, decoder_width=a.decoder_width, opt_steps=a.opt_steps, tv_weight=a.tv_weight)
+    t0 = time.perf_counter()
+    entries, shown = evaluate_privacy(runs, aux, victims, test_x, test_y, a.blocks, a.attacks, a.noise_baseline, cfg,
+                                      a.passes, a.seed)
+    result = dict(
+        data=data.name, runs=[dict(run=str(r.path), name=r.name, kind=_run_kind(r)) for r in runs],
+        settings=dict(blocks=a.blocks, attacks=a.attacks, noise_baseline=a.noise_baseline, n_victims=len(victims), n_aux=len(aux),
+                      passes=a.passes, seed=a.seed, victims="test split", aux="train split", attack_config=vars(cfg)),
+        entries=entries, matched_utility=matched_utility(entries, a.attacks), seconds=time.perf_counter() - t0,
+    )
+    out = Path(a.out) if a.out else runs[0].path / "privacy"
+    out.mkdir(parents=True, exist_ok=True)
+    plot_grid(victims, shown, out / "reconstructions.png")
+    plot_privacy_utility(entries, a.attacks, out / "privacy_utility.png")
+    table = markdown(result)
+    atomic_write_bytes(out / "privacy.md", table.encode())
+    write_json(out / "privacy.json", result)
+    print(table + f"\nwrote {out}/privacy.json, privacy.md, reconstructions.png, privacy_utility.png")
+    return out
+
+
+def add_parser(subparsers) -> None:
+    from ..cli import add_data_args
+
+    p = subparsers.add_parser(
+        "privacy", help="split-inference feature inversion: decoder and white-box attacks vs a noise baseline",
+        description=__doc__.split("\n\n")[0] + " Pass the deterministic baseline run next to the stochastic one: "
+        "the noise baseline is built from deterministic runs, and the matched-accuracy comparison needs both.")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                   help="finished run directories (e.g. a stochastic and a deterministic run)")
+    add_data_args(p, default=None)
+    p.add_argument("--blocks", default="1,mid,last",
+                   help="split points: block counts (0..depth) or first/mid/last (default 1,mid,last)")
+    p.add_argument("--attacks", type=attack_list, default=list(ATTACKS),
+                   help="comma-separated: decoder,optimization (default both)")
+    p.add_argument("--noise-baseline", type=float_list, default=[0.1, 0.3, 1.0],
+                   help="Gaussian noise levels on deterministic runs' features, in units of the clean RMS ('' for none)")
+    p.add_argument("--n-victims", type=int, default=32, help="victim images from the test split (default 32)")
+    p.add_argument("--aux-limit", type=int, default=None, help="attacker's auxiliary images: at most this many training images")
+    p.add_argument("--passes", type=int, default=5, help="single passes averaged for the accuracy of random models (default 5)")
+    p.add_argument("--decoder-steps", type=int, default=AttackConfig.decoder_steps, help="decoder training steps")
+    p.add_argument("--decoder-width", type=int, default=AttackConfig.decoder_width, help="decoder channels")
+    p.add_argument("--opt-steps", type=int, default=AttackConfig.opt_steps, help="optimisation-inversion steps")
+    p.add_argument("--tv-weight", type=float, default=AttackConfig.tv_weight, help="total-variation prior weight")
+    p.add_argument("--seed", type=int, default=0, help="seeds victims, the devices' draws and the attacks (reproducible runs)")
+    p.add_argument("--out", default=None, help="output folder (default: FIRST_RUN_DIR/privacy)")
+    p.set_defaults(func=run_privacy)

@@ -1,0 +1,201 @@
+"""Feature-privacy suite: the attacks work, the attacker cannot see the victim's draws, metrics, utility, CLI."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+
+import pytest
+import torch
+from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+
+from stochvit.cli import main
+from stochvit.data import load_data
+from stochvit.errors import UserError
+from stochvit.layers import StochasticLinear, is_random
+from stochvit.models import Normalized, create_model
+from stochvit.privacy import (
+    AttackConfig,
+    AttackerView,
+    Device,
+    attacker_modes,
+    attacker_view,
+    block_features,
+    decoder_inversion,
+    optimization_inversion,
+    parse_blocks,
+    reconstruction_metrics,
+    server_logits,
+    split_accuracy,
+)
+from stochvit.runs import load_run
+
+FAST = AttackConfig(decoder_steps=150, decoder_batch=64, decoder_lr=2e-2, decoder_width=16, opt_steps=80, opt_lr=0.05,
+                    tv_weight=0.0)
+
+
+def identity_like() -> Normalized:
+    """A stochastic 1-block ViT whose block-1 tokens are an invertible linear function of the pixel patches.
+
+    The patch embedding copies each 2x2 patch (and its negative) into the token, positions are zero and the
+    residual branches are scaled down to 1 %, so the block is close to the identity but still draws at random.
+    """
+    torch.manual_seed(0)
+    net = create_model("vit_digits_patch2_8", stochastic=True, embed_dim=16, depth=1, num_heads=2)
+    with torch.no_grad():
+        w = torch.zeros(16, 4)
+        w[:4], w[4:8] = torch.eye(4), -torch.eye(4)
+        net.patch_embed.proj.weight.copy_(w.view(16, 1, 2, 2))
+        net.patch_embed.proj.bias.zero_()
+        net.pos_embed.zero_()
+        for block in net.blocks:
+            block.attn.proj.weight.mul_(0.01)
+            block.mlp.fc2.weight.mul_(0.01)
+    return Normalized(net, [0.0], [1.0]).eval()
+
+
+@pytest.fixture(scope="module")
+def digits_images() -> tuple[torch.Tensor, torch.Tensor]:
+    data = load_data("digits")
+    return data.train.tensors()[0], data.test.tensors()[0][:8]
+
+
+def test_parse_blocks():
+    assert parse_blocks("1,mid,last", 4) == [1, 2, 4]
+    assert parse_blocks("first,0,last,4", 6) == [0, 1, 4, 6]
+    for bad in ("7", "middle", ""):
+        with pytest.raises(UserError):
+            parse_blocks(bad, 6)
+
+
+def test_decoder_inversion_inverts_an_identity_like_extractor(digits_images):
+    aux, victims = digits_images
+    model = identity_like()
+    assert is_random(model)
+    observed = Device(model, 1, seed=1).transmit(victims)
+    torch.manual_seed(0)
+    recon = decoder_inversion(attacker_view(model, 1, aux, seed=2), observed, FAST)
+    m = reconstruction_metrics(recon, victims)
+    assert m["psnr"]["mean"] > 30 and m["ssim"]["mean"] > 0.98, m
+
+
+def test_optimization_inversion_inverts_an_identity_like_extractor(digits_images):
+    aux, victims = digits_images
+    model = identity_like()
+    observed = Device(model, 1, seed=1).transmit(victims)
+    view = attacker_view(model, 1, aux, seed=2)
+    assert attacker_modes(view) == ["on", "mean"]
+    for mode in attacker_modes(view):
+        torch.manual_seed(0)
+        m = reconstruction_metrics(optimization_inversion(view, observed, mode, FAST), victims)
+        assert m["psnr"]["mean"] > 30 and m["ssim"]["mean"] > 0.98, (mode, m)
+
+
+def test_attacker_path_has_no_access_to_the_victims_draws(digits_images):
+    aux, victims = digits_images
+    model = identity_like()
+    victim = Device(model, 1, seed=1)
+    view = attacker_view(model, 1, aux, seed=2)
+    # the attacks' inputs are an AttackerView and the observed features, nothing that reaches a Device
+    for attack in (decoder_inversion, optimization_inversion):
+        params = inspect.signature(attack).parameters
+        assert list(params)[:2] == ["view", "observed"] and "Device" not in str(params)
+    assert {f for f in AttackerView.__dataclass_fields__} == {"net", "k", "patch", "prefix", "aux", "query"}
+    # the query oracle is another device: the deployed software, not the victim's
+    deployed = view.query.__self__
+    assert isinstance(deployed, Device) and deployed is not victim
+    # no module or parameter storage is shared between the victim, the deployed oracle and the attacker's copy
+    owners = [victim._model, deployed._model, view.net]
+    for i, a in enumerate(owners):
+        for b in owners[i + 1:]:
+            assert not {id(m) for m in a.modules()} & {id(m) for m in b.modules()}
+            assert not {p.data_ptr() for p in a.parameters()} & {p.data_ptr() for p in b.parameters()}
+    # transmitted features carry no autograd graph (whose saved tensors would hold the draws) and own their storage
+    observed = victim.transmit(victims)
+    assert observed.grad_fn is None and not observed.requires_grad and observed._base is None
+    # the victim draws from a private stream: the global RNG is untouched and does not influence the draws
+    state = torch.get_rng_state()
+    torch.manual_seed(123)
+    a = Device(model, 1, seed=7).transmit(victims)
+    torch.manual_seed(456)
+    b = Device(model, 1, seed=7).transmit(victims)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    Device(model, 1, seed=7).transmit(victims)
+    assert torch.equal(a, b) and torch.equal(torch.get_rng_state(), before)
+    torch.set_rng_state(state)
+    # ... and the oracle's draws on the same images are other draws than the victim's
+    assert not torch.allclose(view.query(victims), observed)
+    # hooks on the victim's stochastic layers never fire while the attacks run, and vice versa
+    fired = []
+    hooks = [m.register_forward_hook(lambda *_: fired.append("victim")) for m in victim._model.modules()
+             if isinstance(m, StochasticLinear)]
+    tiny = AttackConfig(decoder_steps=3, opt_steps=3, decoder_width=4)
+    decoder_inversion(view, observed, tiny)
+    optimization_inversion(view, observed, "on", tiny)
+    for h in hooks:
+        h.remove()
+    spy = [m.register_forward_hook(lambda *_: fired.append("attacker")) for m in view.net.modules()]
+    victim.transmit(victims)
+    for h in spy:
+        h.remove()
+    assert fired == []
+
+
+def test_metrics_agree_with_torchmetrics():
+    gen = torch.Generator().manual_seed(0)
+    original = torch.rand(6, 1, 16, 16, generator=gen)
+    recon = (original + 0.1 * torch.randn(6, 1, 16, 16, generator=gen)).clamp(0, 1)
+    m = reconstruction_metrics(recon, original)
+    psnr = torch.tensor([PeakSignalNoiseRatio(data_range=1.0)(r[None], o[None]).item() for r, o in zip(recon, original)])
+    ssim = torch.tensor([StructuralSimilarityIndexMeasure(data_range=1.0)(r[None], o[None]).item()
+                         for r, o in zip(recon, original)])
+    closed = 10 * torch.log10(1 / (recon - original).pow(2).flatten(1).mean(1))
+    assert torch.allclose(psnr, closed, atol=1e-4)
+    for key, ref in (("psnr", psnr), ("ssim", ssim)):
+        assert math.isclose(m[key]["mean"], ref.mean().item(), rel_tol=1e-5)
+        assert math.isclose(m[key]["std"], ref.std().item(), rel_tol=1e-4)
+    assert reconstruction_metrics(original, original)["ssim"]["mean"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_split_model_and_noise_baseline(digits_runs):
+    run = load_run(digits_runs["deterministic"])
+    data = load_data("digits")
+    x, y = data.test.tensors()
+    with torch.no_grad():
+        full = run.model(x)
+        for k in range(len(run.model.net.blocks) + 1):
+            assert torch.allclose(server_logits(run.model, block_features(run.model, x, k), k), full, atol=1e-4)
+    clean = split_accuracy(run.model, x, y, 2, passes=3)
+    assert clean["passes"] == 1 and clean["mean"] == pytest.approx((full.argmax(1) == y).float().mean().item())
+    rms = block_features(run.model, x, 2).pow(2).mean().sqrt().item()
+    noisy = split_accuracy(run.model, x, y, 2, noise_std=30 * rms, passes=3, seed=0)
+    assert noisy["passes"] == 3 and noisy["mean"] < clean["mean"] - 0.3
+
+
+@pytest.mark.slow
+def test_cli_end_to_end(digits_runs, tmp_path, capsys):
+    out = tmp_path / "privacy"
+    args = ["privacy", str(digits_runs["deterministic"]), str(digits_runs["stochastic"]), "--blocks", "1,last",
+            "--noise-baseline", "0.5", "--n-victims", "4", "--aux-limit", "256", "--passes", "2", "--decoder-steps", "30",
+            "--decoder-width", "8", "--opt-steps", "10", "--out", str(out)]
+    assert main(args) == 0
+    result = json.loads((out / "privacy.json").read_text())
+    kinds = [(e["kind"], e["block"], e["defence"]) for e in result["entries"]]
+    assert kinds == [("deterministic", 1, "none"), ("deterministic", 1, "noise"), ("deterministic", 4, "none"),
+                     ("deterministic", 4, "noise"), ("stochastic", 1, "none"), ("stochastic", 4, "none")]
+    for e in result["entries"]:
+        assert 0 <= e["accuracy"]["mean"] <= 1
+        for r in e["attacks"].values():
+            assert math.isfinite(r["psnr"]["mean"]) and -1 <= r["ssim"]["mean"] <= 1
+        assert e["attacks"]["optimization"]["mode"] == ("mean" if e["kind"] == "deterministic" else
+                                                        max(("on", "mean"), key=lambda m: e["attacks"]["optimization"]
+                                                            ["per_mode"][m]["psnr"]["mean"]))
+    assert len(result["matched_utility"]) == 4
+    assert "| block k |" in (out / "privacy.md").read_text()
+    for png in ("reconstructions.png", "privacy_utility.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    assert not list(out.glob(".*tmp"))
+    assert main(["privacy", str(digits_runs["stochastic"]), "--blocks", "9", "--out", str(tmp_path / "x")]) == 2
+    assert "out of range" in capsys.readouterr().err
