@@ -5,9 +5,13 @@ Pretrain a deterministic and a stochastic ViT on digits classes 0-4, then transf
 plus from-scratch training on the same labels (deterministic and stochastic) as the floor.
 
     nice -n 10 python benchmarks/transfer.py            # runs what is missing, then writes the tables
+    # the CIFAR-10 protocol (shared JPEG set; hours on a CPU):
+    nice -n 10 python benchmarks/transfer.py --parent imagefolder:/work/shared/data/cifar10-jpeg --name cifar10 \
+        --model vit_tiny_patch4_32 --lr 1e-3 --batch-size 128 --pretrain-epochs 10 --epochs 10
 
-Runs go to benchmarks/runs/transfer-digits/ (finished ones are reused, interrupted ones resumed). Tables go to
-benchmarks/results/transfer.json and transfer.md (text after the "<!-- reading -->" marker is kept).
+Runs go to benchmarks/runs/transfer-NAME/ (finished ones are reused, interrupted ones resumed). Tables go to
+benchmarks/results/transfer[-NAME].json/.md/.png (text after the "<!-- reading -->" marker is kept); NAME=digits
+writes transfer.md.
 Deterministic source: keep == off (there is nothing to turn off), so only `keep` is run and reported for both;
 stochastic source: `add` is refused (already stochastic), so keep and off are run.
 """
@@ -28,9 +32,7 @@ from stochvit.train import TrainConfig, train
 from stochvit.transfer import transfer
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE / "runs" / "transfer-digits"
 RESULTS = HERE / "results"
-PRETRAIN, TASK = "digits:classes=0-4", "digits:classes=5-9"
 MARKER = "<!-- reading -->"
 
 # (source, --stochastic, --mode)
@@ -47,7 +49,7 @@ def _finish(path: Path, start, *args, **kwargs) -> float:
         train(resume=path, quiet=True)
     else:
         start(*args, **kwargs)
-    print(f"{path.relative_to(ROOT)}: {time.perf_counter() - t0:.0f} s", flush=True)
+    print(f"{path.parent.name}/{path.name}: {time.perf_counter() - t0:.0f} s", flush=True)
     return time.perf_counter() - t0
 
 
@@ -62,27 +64,29 @@ def _row(path: Path, **labels) -> dict:
 
 
 def run_all(a: argparse.Namespace) -> list[dict]:
+    root, pretrain, task = HERE / "runs" / f"transfer-{a.name}", f"{a.parent}:classes=0-4", f"{a.parent}:classes=5-9"
+    recipe = dict(model=a.model, lr=a.lr, batch_size=a.batch_size, seed=a.seed)
     sources = {}
     for name, stochastic in (("det", None), ("stoch", True)):
-        path = sources[name] = ROOT / f"pretrain-{name}"
-        cfg = TrainConfig(data=PRETRAIN, stochastic=stochastic, epochs=a.pretrain_epochs, seed=a.seed)
+        path = sources[name] = root / f"pretrain-{name}"
+        cfg = TrainConfig(data=pretrain, stochastic=stochastic, epochs=a.pretrain_epochs, **recipe)
         _finish(path, train, cfg, out=path, quiet=True)
-    n_train = len(load_data(TASK).train)
-    rows = [_row(p, kind="pretrain", source=n, stochastic="-", mode="-", labels=len(load_data(PRETRAIN).train))
-            for n, p in sources.items()]
+    n_train = len(load_data(task).train)
+    rows = [_row(p, kind="pretrain", source=n, stochastic="-", mode="-", labels=read_json(p / "config.json", "c")["data"]
+                 ["sizes"]["train"]) for n, p in sources.items()]
     for fraction in a.fractions:
         limit = None if fraction >= 1 else round(fraction * n_train)
         labels = limit or n_train
         epochs = a.epochs if fraction >= 1 else round(a.epochs / fraction / 2)  # similar step counts (see docstring)
         for name, stochastic in (("det", None), ("stoch", True)):
-            path = ROOT / f"labels{labels}" / f"scratch-{name}"
-            cfg = TrainConfig(data=TASK, train_limit=limit, stochastic=stochastic, epochs=epochs, seed=a.seed)
+            path = root / f"labels{labels}" / f"scratch-{name}"
+            cfg = TrainConfig(data=task, train_limit=limit, stochastic=stochastic, epochs=epochs, **recipe)
             _finish(path, train, cfg, out=path, quiet=True)
             rows.append(_row(path, kind="scratch", source=name, stochastic="-", mode="scratch", labels=labels))
         for src, stoch, mode in COMBOS:
-            path = ROOT / f"labels{labels}" / f"{src}-{stoch}-{mode}"
-            _finish(path, transfer, str(sources[src]), path, quiet=True, data=TASK, mode=mode, stochastic=stoch,
-                    train_limit=limit, epochs=epochs, seed=a.seed)
+            path = root / f"labels{labels}" / f"{src}-{stoch}-{mode}"
+            _finish(path, transfer, str(sources[src]), path, quiet=True, data=task, mode=mode, stochastic=stoch,
+                    train_limit=limit, epochs=epochs, batch_size=a.batch_size, seed=a.seed)
             rows.append(_row(path, kind="transfer", source=src, stochastic=stoch, mode=mode, labels=labels))
     return rows
 
@@ -98,7 +102,7 @@ def _table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _plot(rows: list[dict], path: Path) -> None:
+def _plot(rows: list[dict], path: Path, name: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -113,7 +117,7 @@ def _plot(rows: list[dict], path: Path) -> None:
         ax.barh(names, [r["accuracy_k"] for r in sel], color=["gray" if r["kind"] == "scratch" else
                                                                "tab:blue" if r["source"] == "det" else "tab:orange" for r in sel])
         ax.set_xlim(0, 1)
-        ax.set_title(f"digits 5-9, {labels} training labels")
+        ax.set_title(f"{name} classes 5-9, {labels} training labels")
         ax.set_xlabel("test accuracy (K-sample average)")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
@@ -122,6 +126,11 @@ def _plot(rows: list[dict], path: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--parent", default="digits", help="dataset spec split by class: 0-4 pretraining, 5-9 transfer")
+    p.add_argument("--name", default="digits", help="names the run folder and the results files")
+    p.add_argument("--model", default="vit_digits_patch2_8")
+    p.add_argument("--lr", type=float, default=3e-3, help="pretraining and from-scratch lr (transfer: stochvit transfer's)")
+    p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--pretrain-epochs", type=int, default=60, help="digits recipe (60 epochs, lr 3e-3)")
     p.add_argument("--epochs", type=int, default=20, help="transfer epochs at 100%% labels; at fraction f: epochs/f/2")
     p.add_argument("--fractions", type=float, nargs="+", default=[0.1, 1.0])
@@ -132,19 +141,22 @@ def main() -> None:
     rows = run_all(a)
     wall = time.perf_counter() - t0
     RESULTS.mkdir(exist_ok=True)
-    write_json(RESULTS / "transfer.json", dict(settings=vars(a), wall_seconds=wall, rows=rows))
-    _plot(rows, RESULTS / "transfer.png")
-    md = RESULTS / "transfer.md"
+    stem = "transfer" if a.name == "digits" else f"transfer-{a.name}"
+    write_json(RESULTS / f"{stem}.json", dict(settings=vars(a), wall_seconds=wall, rows=rows))
+    _plot(rows, RESULTS / f"{stem}.png", a.name)
+    md = RESULTS / f"{stem}.md"
     kept = md.read_text().split(MARKER, 1)[1] if md.exists() and MARKER in md.read_text() else "\n\n(reading to be written)\n"
     total = sum(r["seconds"] for r in rows)
+    n_test = read_json(Path(rows[-1]["run"]) / "config.json", "config")["data"]["sizes"]["test"]
     md.write_text(
-        "# Transfer benchmark: digits classes 0-4 -> 5-9\n\n"
+        f"# Transfer benchmark: {a.name} classes 0-4 -> 5-9\n\n"
         f"Command: `nice -n 10 python benchmarks/transfer.py {' '.join(sys.argv[1:])}`\n\n"
         f"Machine: 2-core AMD EPYC, no GPU (shared with other jobs). Wall time of this invocation {wall:.0f} s "
         f"(runs reused from earlier invocations cost 0); summed training time of all runs {total:.0f} s.\n\n"
-        "Test set: the 90 digits test images of classes 5-9 (the parent split's), so one image is 1.1 points of accuracy. "
+        f"Test set: the {n_test} test images of classes 5-9 (the parent split's), so one image is {100 / n_test:.2f} points "
+        "of accuracy. "
         "ECE: 15 bins. K = 10 passes for stochastic models. Single seed.\n\n"
-        + _table(rows) + "\n\n![accuracy](transfer.png)\n\n" + MARKER + kept
+        + _table(rows) + f"\n\n![accuracy]({stem}.png)\n\n" + MARKER + kept
     )
     print(json.dumps(dict(wall_seconds=round(wall)), indent=None))
     print(_table(rows))
