@@ -39,7 +39,7 @@ def reliability(conf: torch.Tensor, correct: torch.Tensor, edges: torch.Tensor |
     if isinstance(edges, int):
         edges = torch.linspace(0, 1, edges + 1, dtype=conf.dtype)
     n_bins = len(edges) - 1
-    idx = (torch.bucketize(conf, edges, right=True) - 1).clamp(0, n_bins - 1)
+    idx = (torch.bucketize(conf.contiguous(), edges, right=True) - 1).clamp(0, n_bins - 1)
     count = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, idx, torch.ones_like(conf, dtype=torch.float64))
     acc = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, idx, correct.double())
     cf = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, idx, conf.double())
