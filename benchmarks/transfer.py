@@ -53,52 +53,69 @@ def _finish(path: Path, start, *args, **kwargs) -> float:
     return time.perf_counter() - t0
 
 
-def _row(path: Path, **labels) -> dict:
-    s = read_json(path / "summary.json", "summary")
-    t = s["test"]
-    target = "stoch" if read_json(path / "config.json", "config")["stochastic"] else "det"
-    return dict(**labels, target=target,
+def _row(path: Path) -> dict:
+    """One finished run as a table row; what it is comes from its own config.json."""
+    config, s = read_json(path / "config.json", "config"), read_json(path / "summary.json", "summary")
+    t, info = s["test"], config.get("transfer")
+    if path.name.startswith("pretrain-"):
+        kind, source, stoch, mode = "pretrain", path.name.removeprefix("pretrain-"), "-", "-"
+    elif info:
+        kind, source = "transfer", Path(info["source"]["path"]).name.removeprefix("pretrain-")
+        stoch, mode = info["stochastic"]["mode"], info["mode"]
+    else:
+        kind, source, stoch, mode = "scratch", "none", "-", "scratch"
+    return dict(kind=kind, source=source, stochastic=stoch, mode=mode, target="stoch" if config["stochastic"] else "det",
+                labels=config["data"]["sizes"]["train"], seed=config["train"]["seed"],
                 accuracy=t["single_pass"]["accuracy"]["mean"], accuracy_std=t["single_pass"]["accuracy"]["std"],
                 accuracy_k=t["mc_average"]["accuracy"], ece=t["single_pass"]["ece"]["mean"], ece_k=t["mc_average"]["ece"],
                 nll_k=t["mc_average"]["nll"], samples=t["samples"], epochs=s["epochs"], seconds=s["train_seconds"], run=str(path))
 
 
-def run_all(a: argparse.Namespace) -> list[dict]:
-    root, pretrain, task = HERE / "runs" / f"transfer-{a.name}", f"{a.parent}:classes=0-4", f"{a.parent}:classes=5-9"
-    recipe = dict(model=a.model, lr=a.lr, batch_size=a.batch_size, seed=a.seed)
+def collect(root: Path) -> list[dict]:
+    """Every finished run under `root`, whichever invocation made it."""
+    order = {"pretrain": 0, "scratch": 1, "transfer": 2}
+    rows = [_row(p) for p in [*root.glob("pretrain-*"), *root.glob("labels*/*")] if (p / "summary.json").exists()]
+    return sorted(rows, key=lambda r: (order[r["kind"]] > 0, r["labels"], order[r["kind"]], r["source"], r["stochastic"],
+                                       r["mode"], r["seed"]))
+
+
+def run_all(a: argparse.Namespace, root: Path) -> None:
+    pretrain, task = f"{a.parent}:classes=0-4", f"{a.parent}:classes=5-9"
+    recipe = dict(model=a.model, lr=a.lr, batch_size=a.batch_size)
     sources = {}
-    for name, stochastic in (("det", None), ("stoch", True)):
+    for name, stochastic in (("det", None), ("stoch", True)):  # one pretraining (seed 0) per source kind
         path = sources[name] = root / f"pretrain-{name}"
-        cfg = TrainConfig(data=pretrain, stochastic=stochastic, epochs=a.pretrain_epochs, **recipe)
-        _finish(path, train, cfg, out=path, quiet=True)
+        _finish(path, train, TrainConfig(data=pretrain, stochastic=stochastic, epochs=a.pretrain_epochs, **recipe), out=path,
+                quiet=True)
     n_train = len(load_data(task).train)
-    rows = [_row(p, kind="pretrain", source=n, stochastic="-", mode="-", labels=read_json(p / "config.json", "c")["data"]
-                 ["sizes"]["train"]) for n, p in sources.items()]
-    for fraction in a.fractions:
-        limit = None if fraction >= 1 else round(fraction * n_train)
-        labels = limit or n_train
-        epochs = a.epochs if fraction >= 1 else round(a.epochs / fraction / 2)  # similar step counts (see docstring)
-        for name, stochastic in (("det", None), ("stoch", True)):
-            path = root / f"labels{labels}" / f"scratch-{name}"
-            cfg = TrainConfig(data=task, train_limit=limit, stochastic=stochastic, epochs=epochs, **recipe)
-            _finish(path, train, cfg, out=path, quiet=True)
-            rows.append(_row(path, kind="scratch", source=name, stochastic="-", mode="scratch", labels=labels))
-        for src, stoch, mode in COMBOS:
-            path = root / f"labels{labels}" / f"{src}-{stoch}-{mode}"
-            _finish(path, transfer, str(sources[src]), path, quiet=True, data=task, mode=mode, stochastic=stoch,
-                    train_limit=limit, epochs=epochs, batch_size=a.batch_size, seed=a.seed)
-            rows.append(_row(path, kind="transfer", source=src, stochastic=stoch, mode=mode, labels=labels))
-    return rows
+    for seed in a.seeds:
+        for fraction in a.fractions:
+            limit = None if fraction >= 1 else round(fraction * n_train)
+            folder = root / (f"labels{limit or n_train}" + (f"-seed{seed}" if seed else ""))
+            epochs = a.epochs if fraction >= 1 else round(a.epochs / fraction / 2)  # similar step counts (see docstring)
+            for name, stochastic in (("det", None), ("stoch", True)):
+                cfg = TrainConfig(data=task, train_limit=limit, stochastic=stochastic, epochs=epochs, seed=seed, **recipe)
+                _finish(folder / f"scratch-{name}", train, cfg, out=folder / f"scratch-{name}", quiet=True)
+            for src, stoch, mode in COMBOS:
+                path = folder / f"{src}-{stoch}-{mode}"
+                _finish(path, transfer, str(sources[src]), path, quiet=True, data=task, mode=mode, stochastic=stoch,
+                        train_limit=limit, epochs=epochs, batch_size=a.batch_size, seed=seed)
 
 
 def _table(rows: list[dict]) -> str:
-    lines = ["| labels | pretraining | --stochastic | trained model | mode | test acc (1 pass) | acc (K avg) | ECE (1 pass) "
-             "| ECE (K avg) | NLL (K avg) | train s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    """Mean over seeds (min-max of the K-sample accuracy when there are several)."""
+    groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        source = "none" if r["kind"] == "scratch" else r["source"]
-        lines.append(f"| {r['labels']} | {source} | {r['stochastic']} | {r['target']} | {r['mode']} "
-                     f"| {r['accuracy']:.3f} ± {r['accuracy_std']:.3f} | {r['accuracy_k']:.3f} | {r['ece']:.3f} "
-                     f"| {r['ece_k']:.3f} | {r['nll_k']:.3f} | {r['seconds']:.0f} |")
+        groups.setdefault((r["labels"], r["kind"], r["source"], r["stochastic"], r["target"], r["mode"]), []).append(r)
+    lines = ["| labels | pretraining | --stochastic | trained model | mode | seeds | test acc (1 pass) | acc (K avg) [min-max] "
+             "| ECE (1 pass) | ECE (K avg) | NLL (K avg) | train s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (labels, kind, source, stoch, target, mode), rs in groups.items():
+        def mean(key: str, rs: list[dict] = rs) -> float:
+            return sum(r[key] for r in rs) / len(rs)
+        spread = f" [{min(r['accuracy_k'] for r in rs):.3f}-{max(r['accuracy_k'] for r in rs):.3f}]" if len(rs) > 1 else ""
+        lines.append(f"| {labels} | {'(pretraining run)' if kind == 'pretrain' else source} | {stoch} | {target} | {mode} "
+                     f"| {len(rs)} | {mean('accuracy'):.3f} | {mean('accuracy_k'):.3f}{spread} | {mean('ece'):.3f} "
+                     f"| {mean('ece_k'):.3f} | {mean('nll_k'):.3f} | {mean('seconds'):.0f} |")
     return "\n".join(lines)
 
 
@@ -111,11 +128,14 @@ def _plot(rows: list[dict], path: Path, name: str) -> None:
     fractions = sorted({r["labels"] for r in rows if r["kind"] != "pretrain"})
     fig, axes = plt.subplots(1, len(fractions), figsize=(6 * len(fractions), 4), squeeze=False)
     for ax, labels in zip(axes[0], fractions):
-        sel = [r for r in rows if r["labels"] == labels and r["kind"] != "pretrain"]
-        names = [f"{r['source']}/{r['stochastic']}/{r['mode']}" if r["kind"] == "transfer" else f"scratch {r['target']}"
-                 for r in sel]
-        ax.barh(names, [r["accuracy_k"] for r in sel], color=["gray" if r["kind"] == "scratch" else
-                                                               "tab:blue" if r["source"] == "det" else "tab:orange" for r in sel])
+        bars: dict[str, list[dict]] = {}  # mean over seeds
+        for r in rows:
+            if r["labels"] == labels and r["kind"] != "pretrain":
+                key = f"{r['source']}/{r['stochastic']}/{r['mode']}" if r["kind"] == "transfer" else f"scratch {r['target']}"
+                bars.setdefault(key, []).append(r)
+        ax.barh(list(bars), [sum(r["accuracy_k"] for r in rs) / len(rs) for rs in bars.values()],
+                color=["gray" if rs[0]["kind"] == "scratch" else "tab:blue" if rs[0]["source"] == "det" else "tab:orange"
+                       for rs in bars.values()])
         ax.set_xlim(0, 1)
         ax.set_title(f"{name} classes 5-9, {labels} training labels")
         ax.set_xlabel("test accuracy (K-sample average)")
@@ -134,11 +154,13 @@ def main() -> None:
     p.add_argument("--pretrain-epochs", type=int, default=60, help="digits recipe (60 epochs, lr 3e-3)")
     p.add_argument("--epochs", type=int, default=20, help="transfer epochs at 100%% labels; at fraction f: epochs/f/2")
     p.add_argument("--fractions", type=float, nargs="+", default=[0.1, 1.0])
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="transfer / from-scratch seeds (pretraining: seed 0)")
     a = p.parse_args()
     torch.set_num_threads(1)  # the machine is shared: one thread avoids OpenMP thrashing
     t0 = time.perf_counter()
-    rows = run_all(a)
+    root = HERE / "runs" / f"transfer-{a.name}"
+    run_all(a, root)
+    rows = collect(root)
     wall = time.perf_counter() - t0
     RESULTS.mkdir(exist_ok=True)
     stem = "transfer" if a.name == "digits" else f"transfer-{a.name}"
@@ -155,7 +177,8 @@ def main() -> None:
         f"(runs reused from earlier invocations cost 0); summed training time of all runs {total:.0f} s.\n\n"
         f"Test set: the {n_test} test images of classes 5-9 (the parent split's), so one image is {100 / n_test:.2f} points "
         "of accuracy. "
-        "ECE: 15 bins. K = 10 passes for stochastic models. Single seed.\n\n"
+        "ECE: 15 bins. K = 10 passes for stochastic models. One pretraining per kind (seed 0); rows average the "
+        "transfer / from-scratch seeds listed.\n\n"
         + _table(rows) + f"\n\n![accuracy]({stem}.png)\n\n" + MARKER + kept
     )
     print(json.dumps(dict(wall_seconds=round(wall)), indent=None))
