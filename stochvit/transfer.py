@@ -226,6 +226,8 @@ def prepare(source: str, out: str | Path, data: str = "digits", weights: str | N
     fields = {**dict(epochs=20, batch_size=64, lr=default_lr(mode), eval_samples=10),
               **{k: v for k, v in train_fields.items() if v is not None}}
     probe = mode == "linear-probe"
+    if probe and backbone_lr_scale != 1.0:
+        raise UserError("--backbone-lr-scale is for --mode finetune; a linear probe does not train the backbone at all")
     cfg = TrainConfig(data=data, model=src.model, act=src.act, stochastic=target, init_weights=INIT_FILE,
                       freeze_backbone=probe, backbone_lr_scale=1.0 if probe else backbone_lr_scale, **fields)
     cfg.validate()
