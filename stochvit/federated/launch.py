@@ -153,7 +153,8 @@ class Federation:
         deadline = time.monotonic() + timeout
         last = time.monotonic()
         while time.monotonic() < deadline:
-            if (done is not None and done()) or time.monotonic() - last >= status_every:
+            since = time.monotonic() - last
+            if (done is not None and done() and since >= 3) or since >= status_every:
                 status = self.status(run_id)
                 last = time.monotonic()
                 if status.startswith("finished"):
