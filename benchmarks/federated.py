@@ -3,9 +3,11 @@ same rounds and local epochs, each through `stochvit federated` (a real Flower s
 
     nice -n 10 python benchmarks/federated.py                       # 20 rounds x 3 local epochs, batch 32
     nice -n 10 python benchmarks/federated.py --rounds 5 --only iid # a quick look
+    nice -n 10 python benchmarks/federated.py --data imagefolder:/work/shared/data/cifar10-jpeg --rounds 30 \
+        --local-epochs 1 --batch-size 128                           # CIFAR-10 (runs/cifar10-federated)
 
-Runs go to benchmarks/runs/digits-federated/<partition>-<model> (finished ones are reused); the table (final and
-per-round accuracy / ECE, wall time) goes to benchmarks/runs/digits-federated/results.{json,md}; the reading is
+Runs go to benchmarks/runs/{digits,cifar10}-federated/<partition>-<model> (finished ones are reused); the table
+(final and per-round accuracy / ECE, wall time) goes to results.{json,md} there; the reading is
 written up by hand in benchmarks/results/federated.md.
 """
 
@@ -18,20 +20,20 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent / "runs" / "digits-federated"
+RUNS = Path(__file__).resolve().parent / "runs"
 PARTITIONS = ("iid", "dirichlet:0.5", "dirichlet:0.1")
 MODELS = {"deterministic": ["--no-stochastic"], "stochastic": ["--stochastic"]}
 
 
 def run(partition: str, model: str, a: argparse.Namespace) -> dict:
-    out = ROOT / f"{partition.replace(':', '')}-{model}"
+    out = a.root / f"{partition.replace(':', '')}-{model}"
     wall = None
     if not (out / "summary.json").exists():
         if out.exists():
             raise SystemExit(f"{out} exists but did not finish; remove it to rerun")
         cmd = [sys.executable, "-m", "stochvit.cli", "federated", "--clients", str(a.clients), "--rounds", str(a.rounds),
                "--local-epochs", str(a.local_epochs), "--batch-size", str(a.batch_size), "--partition", partition,
-               "--seed", str(a.seed), "--out", str(out),
+               "--seed", str(a.seed), "--data", a.data, "--out", str(out),
                *MODELS[model]]
         print("$", " ".join(cmd[1:]), flush=True)
         t0 = time.perf_counter()
@@ -77,12 +79,14 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", choices=PARTITIONS, default=None)
+    p.add_argument("--data", default="digits", help="e.g. imagefolder:/work/shared/data/cifar10-jpeg")
     a = p.parse_args()
-    ROOT.mkdir(parents=True, exist_ok=True)
+    a.root = RUNS / ("digits-federated" if a.data == "digits" else "cifar10-federated")
+    a.root.mkdir(parents=True, exist_ok=True)
     results = [run(part, model, a) for part in ([a.only] if a.only else PARTITIONS) for model in MODELS]
-    (ROOT / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (a.root / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     text = table(results)
-    (ROOT / "results.md").write_text(text)
+    (a.root / "results.md").write_text(text)
     print(text)
 
 
