@@ -43,7 +43,7 @@ PARTNER = {"deterministic": "stochastic", "stochastic": "deterministic",
            "adv-deterministic": "adv-stochastic", "adv-stochastic": "adv-deterministic"}
 SETTINGS = dict(norm="linf", eps=[4 / 255, 8 / 255, 16 / 255, 32 / 255],
                 attacks=["pgd", "eot-pgd", "aa-rand", "square", "transfer"], eot=8, steps=10, restarts=1,
-                queries=100, passes=10, n_examples=120, batch_size=120, seed=0)
+                queries=100, passes=10, n_examples=100, batch_size=100, seed=0)
 
 
 def run_path(name: str) -> Path:

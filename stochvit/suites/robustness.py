@@ -448,10 +448,10 @@ def add_parser(subparsers) -> None:
         "robustness", help="adaptive adversarial evaluation (EOT, APGD, AutoAttack-rand, Square, transfer) with sanity checks",
         description="Attack a run in [0,1] pixel space with naive and adaptive attacks (EOT over the stochastic layers), "
                     "re-evaluate randomized models over several passes, and print a PASS/FLAG gradient-masking report.")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="finished run directory (stochvit train) to attack")
     add_data_args(p, default=None)
     g = p.add_argument_group("threat model and attacks")
-    g.add_argument("--norm", default="linf", choices=A.NORMS)
+    g.add_argument("--norm", default="linf", choices=A.NORMS, help="threat model: l-inf or l2 ball around each image")
     g.add_argument("--eps", type=eps_list, default=None,
                    help="comma-separated radii in [0,1] pixel units, e.g. 1/255,2/255,4/255,8/255 (default; l2: 0.1,0.25,0.5,1)")
     g.add_argument("--attacks", type=attack_list, default=None,
