@@ -94,7 +94,7 @@ def train_config_from_args(a: argparse.Namespace):
         data=a.data, data_dir=a.data_dir, download=a.download, split_seed=a.split_seed, train_limit=a.train_limit,
         img_size=a.img_size, model=a.model or ("vit_digits_patch2_8" if a.data == "digits" else "vit_tiny_patch4_32"),
         act=a.act, drop_rate=a.drop_rate, mc_dropout=a.mc_dropout, stochastic=stochastic_from_args(a),
-        epochs=a.epochs or recipe["epochs"], batch_size=a.batch_size or recipe["batch_size"], lr=a.lr or recipe["lr"],
+        **{k: recipe[k] if getattr(a, k) is None else getattr(a, k) for k in ("epochs", "batch_size", "lr")},  # 0 is an error
         weight_decay=a.weight_decay, warmup_epochs=a.warmup_epochs, label_smoothing=a.label_smoothing,
         clip_grad=a.clip_grad or None, seed=a.seed, precision=a.precision, workers=a.workers,
         eval_samples=a.eval_samples,

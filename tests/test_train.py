@@ -1,0 +1,179 @@
+"""Training: resume after SIGKILL is bit-identical, NaN loss stops cleanly, run directories are complete and safe."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from stochvit.cli import main
+from stochvit.errors import UserError
+from stochvit.evaluate import evaluate
+from stochvit.runs import load_run
+from stochvit.train import KILL_ENV, TrainConfig, _lr_lambda, train
+
+RUN_FILES = ("config.json", "model.safetensors", "checkpoint.pt", "metrics.jsonl", "summary.json", "curves.png")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one intra-op thread is as fast, burns no CPU spin-waiting on a shared machine, and matches the subprocess."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def cli_subprocess(args: list[str], cwd: Path, kill_at: int) -> subprocess.CompletedProcess:
+    env = {**os.environ, KILL_ENV: str(kill_at), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "stochvit.cli", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def error_line(err: str, command: str = "train") -> str:
+    """The CLI's message: exactly one line `stochvit <command>: error: ...`, last on stderr, and no traceback."""
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip()]
+    assert "Traceback" not in err
+    errors = [line for line in lines if "error:" in line]
+    assert len(errors) == 1 and lines[-1] == errors[0] and errors[0].startswith(f"stochvit {command}: error: "), err
+    return errors[0]
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_mid_epoch_ends_with_identical_weights(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv(KILL_ENV, raising=False)
+    # 200 training images at batch 50: 4 steps per epoch; global step 7 is inside the second epoch
+    args = ["train", "--epochs", "3", "--train-limit", "200", "--batch-size", "50", "--eval-samples", "1", "--seed", "7"]
+    assert main([*args, "--out", str(tmp_path / "full")]) == 0
+
+    run = tmp_path / "killed"
+    killed = cli_subprocess([*args, "--out", str(run)], tmp_path, kill_at=7)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert not (run / "summary.json").exists() and not (run / "model.safetensors").exists()
+    assert [json.loads(r)["epoch"] for r in (run / "metrics.jsonl").read_text().splitlines()] == [0]
+    epoch0 = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert epoch0["epoch"] == 0
+
+    assert main(["train", "--resume", str(run)]) == 0
+    full = tmp_path / "full"
+    assert (full / "model.safetensors").read_bytes() == (run / "model.safetensors").read_bytes(), "resumed weights differ"
+    rows = [[json.loads(r) for r in (d / "metrics.jsonl").read_text().splitlines()] for d in (full, run)]
+    assert [r["epoch"] for r in rows[1]] == [0, 1, 2]
+    for key in ("train_loss", "train_accuracy", "val_nll", "lr"):
+        assert [r[key] for r in rows[0]] == [r[key] for r in rows[1]], key
+    summaries = [json.loads((d / "summary.json").read_text()) for d in (full, run)]
+    assert summaries[0]["test"] == summaries[1]["test"]
+    # the resumed run really trained on: its final weights moved away from the epoch-0 checkpoint it started from
+    final = load_file(str(run / "model.safetensors"))
+    assert not torch.equal(final["blocks.0.mlp.fc1.weight"], epoch0["model"]["net.blocks.0.mlp.fc1.weight"])
+
+
+def test_nan_loss_exits_2_and_leaves_no_finished_run(tmp_path, capsys):
+    out = tmp_path / "nan"
+    code = main(["train", "--lr", "1e30", "--epochs", "2", "--train-limit", "100", "--eval-samples", "1", "--out", str(out)])
+    line = error_line(capsys.readouterr().err)
+    assert code == 2
+    assert "loss became nan" in line and "--lr" in line, line
+    assert not (out / "model.safetensors").exists() and not (out / "summary.json").exists()
+    with pytest.raises(UserError, match="summary.json"):
+        load_run(out)
+
+
+@pytest.mark.parametrize("kind", ["deterministic", "stochastic"])
+def test_run_directory_is_complete_and_rebuilds_the_model(digits_runs, kind):
+    run = digits_runs[kind]
+    for name in RUN_FILES:
+        assert (run / name).is_file() and (run / name).stat().st_size > 0, name
+    assert not list(run.glob(".*.tmp")), "no temporary files left behind"
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    config = json.loads((run / "config.json").read_text())
+    assert {"model", "stochastic", "data", "train", "versions"} <= set(config)
+    assert (config["stochastic"] is None) == (kind == "deterministic")
+    assert config["versions"]["torch"] == torch.__version__
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == list(range(15))
+    assert all(math.isfinite(r["train_loss"]) for r in rows) and rows[-1]["train_loss"] < rows[0]["train_loss"]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["test_accuracy"] > 0.2  # chance is 0.1 (sd 0.02 on 180 images); the 15-epoch fixture is short
+    assert summary["test"]["samples"] == (1 if kind == "deterministic" else 4)
+
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)  # no code can run
+    assert ckpt["epoch"] == 14
+    weights = load_file(str(run / "model.safetensors"))
+    assert weights.keys() == {k.removeprefix("net.") for k in ckpt["model"]}
+    assert all(torch.equal(weights[k], ckpt["model"][f"net.{k}"]) for k in weights), "final weights = last checkpoint"
+
+    loaded = load_run(run)
+    assert not loaded.model.training
+    assert all(torch.equal(v, weights[k]) for k, v in loaded.model.net.state_dict().items())
+
+
+def test_deterministic_run_reevaluates_to_its_summary(digits_runs):
+    run = load_run(digits_runs["deterministic"])
+    result = evaluate(run, samples=3)
+    assert result["samples"] == 1
+    assert result["single_pass"]["accuracy"]["mean"] == run.summary["test_accuracy"]
+
+
+def test_checkpoints_load_without_executing_code(digits_runs, tmp_path):
+    marker = tmp_path / "code-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(digits_runs["deterministic"] / "config.json", run)
+    torch.save(dict(model=Payload()), run / "checkpoint.pt")
+    with pytest.raises(UserError, match="checkpoint.pt"):
+        train(resume=run, quiet=True)
+    assert not marker.exists()
+    good = (digits_runs["deterministic"] / "checkpoint.pt").read_bytes()
+    (run / "checkpoint.pt").write_bytes(good[: len(good) // 3])
+    with pytest.raises(UserError, match="checkpoint.pt"):
+        train(resume=run, quiet=True)
+
+
+def test_resume_refuses_finished_and_missing_runs(digits_runs, tmp_path):
+    with pytest.raises(UserError, match="already finished"):
+        train(resume=digits_runs["stochastic"])
+    with pytest.raises(UserError, match="not a run directory"):
+        train(resume=tmp_path / "nothing-here")
+
+
+@pytest.mark.parametrize("overrides,flag", [
+    (dict(epochs=0), "--epochs"), (dict(lr=-1.0), "--lr"), (dict(batch_size=0), "--batch-size"),
+    (dict(stochastic=dict(low=2.0, high=1.0)), "low"), (dict(stochastic=dict(kind="full", sharing="token")), "sharing"),
+    (dict(mc_dropout=True), "--drop-rate"),
+])
+def test_invalid_training_settings_are_user_errors(tmp_path, overrides, flag):
+    with pytest.raises(UserError, match=flag):
+        train(TrainConfig(**overrides), out=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_non_empty_out_is_refused(tmp_path):
+    (tmp_path / "keep.txt").write_text("precious")
+    with pytest.raises(UserError, match="not empty"):
+        train(TrainConfig(epochs=1), out=tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
+
+
+def test_schedule_warms_up_linearly_then_follows_a_cosine():
+    f = _lr_lambda(total_steps=100, warmup_steps=10)
+    assert [f(s) for s in range(10)] == pytest.approx([(s + 1) / 10 for s in range(10)])
+    assert f(10) == pytest.approx(1.0)
+    assert f(55) == pytest.approx(0.5)
+    assert f(100) == pytest.approx(0.0, abs=1e-12)
+    assert all(f(s) >= f(s + 1) for s in range(10, 100))
+    assert _lr_lambda(50, 0)(0) == pytest.approx(1.0)
