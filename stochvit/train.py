@@ -268,8 +268,8 @@ def train(cfg: TrainConfig | None = None, out: str | Path | None = None, resume:
         raise UserError(str(e)) from None
     patch = getattr(getattr(model.net, "patch_embed", None), "patch_size", None)
     if patch is not None and data.img_size < max(patch):
-        raise UserError(f"{cfg.data}: images of {data.img_size}x{data.img_size} are smaller than {cfg.model}'s {max(patch)}-pixel "
-                        "patches; pass a larger --img-size or choose another --model")
+        raise UserError(f"{cfg.data}: images of {data.img_size}x{data.img_size} are smaller than {cfg.model}'s "
+                        f"{max(patch)}-pixel patches; pass a larger --img-size or choose another --model")
     if resume is None and rank == 0:
         path.mkdir(parents=True, exist_ok=True)
         write_json(path / "config.json", config)
