@@ -242,6 +242,10 @@ def prepare(source: str, out: str | Path, data: str = "digits", weights: str | N
         except (TypeError, ValueError, RuntimeError, AssertionError) as e:
             raise UserError(f"cannot build {src.model} for {bundle.name} ({bundle.img_size}px, {bundle.in_chans} channels, "
                             f"{bundle.num_classes} classes): {e}") from None
+    patch = getattr(getattr(net, "patch_embed", None), "patch_size", None)
+    if patch is not None and bundle.img_size < max(patch):
+        raise UserError(f"{bundle.name}: {bundle.img_size}px images are smaller than {src.model}'s {max(patch)}-pixel patches; "
+                        "resize them (imagefolder: --img-size) or transfer from a model with smaller patches")
     state, notes = adapt_state_dict(src.state, net, f"weights from {source}")
     net.load_state_dict(state)
     config["transfer"] = dict(source=src.origin, mode=mode,

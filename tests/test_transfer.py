@@ -141,6 +141,8 @@ def test_bad_weights_give_clear_errors(tmp_path: Path) -> None:
     fails(tmp_path / "other.safetensors", "do not fit")  # a wider ViT
     torch.save({"conv1.weight": torch.zeros(8, 3, 3, 3), "fc.weight": torch.zeros(10, 8)}, tmp_path / "cnn.pth")
     fails(tmp_path / "cnn.pth", "do not fit.*missing")  # not a ViT at all
+    save_file(timm.create_model("vit_tiny_patch16_224").state_dict(), str(tmp_path / "p16.safetensors"))
+    fails(tmp_path / "p16.safetensors", "smaller than .* 16-pixel patches", source="vit_tiny_patch16_224")  # 8px digits
     (tmp_path / "junk.safetensors").write_bytes(b"\x00\x01not a safetensors file" * 10)
     fails(tmp_path / "junk.safetensors", "cannot read weights")
     good = tmp_path / "good.pth"
