@@ -89,10 +89,11 @@ RECIPES = {"digits": dict(epochs=60, batch_size=64, lr=3e-3), None: dict(epochs=
 def train_config_from_args(a: argparse.Namespace):
     from .train import TrainConfig
 
-    recipe = RECIPES.get(a.data, RECIPES[None])
+    base = a.data.split(":classes=")[0]  # a class subset keeps its parent dataset's recipe
+    recipe = RECIPES.get(base, RECIPES[None])
     return TrainConfig(
         data=a.data, data_dir=a.data_dir, download=a.download, split_seed=a.split_seed, train_limit=a.train_limit,
-        img_size=a.img_size, model=a.model or ("vit_digits_patch2_8" if a.data == "digits" else "vit_tiny_patch4_32"),
+        img_size=a.img_size, model=a.model or ("vit_digits_patch2_8" if base == "digits" else "vit_tiny_patch4_32"),
         act=a.act, drop_rate=a.drop_rate, mc_dropout=a.mc_dropout, stochastic=stochastic_from_args(a),
         **{k: recipe[k] if getattr(a, k) is None else getattr(a, k) for k in ("epochs", "batch_size", "lr")},  # 0 is an error
         weight_decay=a.weight_decay, warmup_epochs=a.warmup_epochs, label_smoothing=a.label_smoothing,
