@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import sys
 
 from .data import SPECS_HELP
@@ -24,6 +25,22 @@ def int_list(text: str) -> list[int]:
         return [int(t) for t in text.split(",") if t.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def parse_eps(text: str) -> float:
+    """"8/255" or "0.03" -> float; argparse-friendly."""
+    t = text.strip()
+    try:
+        if "/" in t:
+            num, den = t.split("/", 1)
+            value = float(num) / float(den)
+        else:
+            value = float(t)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"cannot read epsilon {text!r}: write e.g. 8/255 or 0.03") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"epsilon {text!r} must be a finite number >= 0")
+    return value
 
 
 def add_data_args(p: argparse.ArgumentParser, default: str | None = "digits") -> None:
@@ -78,7 +95,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-samples", type=int, default=10, help="K stochastic passes for the final evaluation")
     g = p.add_argument_group("adversarial training")
     g.add_argument("--adv", default=None, choices=("pgd", "fgsm-rs"), help="train on PGD or fast FGSM-with-random-start examples")
-    g.add_argument("--adv-eps", type=float, default=8 / 255, help="l-inf radius in [0,1] pixel units (default 8/255)")
+    g.add_argument("--adv-eps", type=parse_eps, default=8 / 255, help="l-inf radius in [0,1] pixel units (default 8/255)")
     g.add_argument("--adv-steps", type=int, default=7, help="PGD steps (pgd only)")
 
 

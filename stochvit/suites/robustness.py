@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from .. import attacks as A
+from ..cli import parse_eps
 from ..errors import UserError
 from ..layers import is_random
 from ..precision import default_device
@@ -41,22 +42,6 @@ DESCRIPTIONS = {
     "transfer": "EOT-PGD on the --surrogate run, evaluated on this one",
 }
 LARGE_EPS = {"linf": 0.5, "l2": None}  # l2: half the diameter of the [0,1] cube, 0.5 * sqrt(dims)
-
-
-def parse_eps(text: str) -> float:
-    """"8/255" or "0.03" -> float; argparse-friendly."""
-    t = text.strip()
-    try:
-        if "/" in t:
-            num, den = t.split("/", 1)
-            value = float(num) / float(den)
-        else:
-            value = float(t)
-    except (ValueError, ZeroDivisionError):
-        raise argparse.ArgumentTypeError(f"cannot read epsilon {text!r}: write e.g. 8/255 or 0.03") from None
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"epsilon {text!r} must be a finite number >= 0")
-    return value
 
 
 def eps_list(text: str) -> list[float]:
