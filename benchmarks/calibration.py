@@ -21,15 +21,15 @@ from stochvit.train import TrainConfig, train
 ROOT = Path(__file__).resolve().parent / "runs" / "digits-calibration"
 
 # name -> TrainConfig overrides on the default digits recipe (60 epochs, batch 64, lr 3e-3, seed 0)
-RUNS: dict[str, dict] = {
+RUNS: dict[str, dict] = {  # in order of training
     "deterministic": dict(stochastic=None),
     "stoch-u0.5-1.5": dict(stochastic=dict(distribution="uniform", low=0.5, high=1.5)),
-    "stoch-u0-2": dict(stochastic=dict(distribution="uniform", low=0.0, high=2.0)),
-    "stoch-bernoulli": dict(stochastic=dict(distribution="bernoulli", low=0.5, high=1.5)),
     "mc-dropout-0.1": dict(stochastic=None, drop_rate=0.1, mc_dropout=True),
     "label-smoothing-0.1": dict(stochastic=None, label_smoothing=0.1),
     "deterministic-seed1": dict(stochastic=None, seed=1),
     "deterministic-seed2": dict(stochastic=None, seed=2),
+    "stoch-u0-2": dict(stochastic=dict(distribution="uniform", low=0.0, high=2.0)),
+    "stoch-bernoulli": dict(stochastic=dict(distribution="bernoulli", low=0.5, high=1.5)),
 }
 ENSEMBLE = ("deterministic", "deterministic-seed1", "deterministic-seed2")
 SINGLE = ("deterministic", "stoch-u0.5-1.5", "stoch-u0-2", "stoch-bernoulli", "mc-dropout-0.1", "label-smoothing-0.1")
@@ -51,16 +51,22 @@ def train_all() -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--train-only", action="store_true")
+    p.add_argument("--eval-only", action="store_true", help="skip training; evaluate the runs that finished")
     p.add_argument("--samples", type=int, default=10)
     a = p.parse_args()
     torch.set_num_threads(1)  # the machine is shared: one thread avoids OpenMP thrashing
-    train_all()
+    if not a.eval_only:
+        train_all()
     if a.train_only:
         return
     from stochvit.suites.calibration import run_calibration
 
+    def done(names: tuple[str, ...]) -> list[Path]:
+        return [ROOT / n for n in names if (ROOT / n / "summary.json").exists()]
+
+    members = done(ENSEMBLE)
     t0 = time.perf_counter()
-    run_calibration([ROOT / n for n in SINGLE], ensembles=[[ROOT / n for n in ENSEMBLE]], samples=a.samples, shift=True,
+    run_calibration(done(SINGLE), ensembles=[members] if len(members) > 1 else None, samples=a.samples, shift=True,
                     out=ROOT / "report")
     print(f"calibration suite: {time.perf_counter() - t0:.0f} s")
 
