@@ -10,7 +10,6 @@ import pytest
 import torch
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
-from stochvit.cli import main
 from stochvit.data import load_data
 from stochvit.errors import UserError
 from stochvit.layers import StochasticLinear, is_random
@@ -174,13 +173,27 @@ def test_split_model_and_noise_baseline(digits_runs):
     assert noisy["passes"] == 3 and noisy["mean"] < clean["mean"] - 0.3
 
 
+def privacy_cli(argv: list[str]) -> None:
+    """`stochvit privacy ARGS` through this suite's own parser (other suites' import problems cannot interfere)."""
+    import argparse
+
+    from stochvit.cli import SUITES
+    from stochvit.suites.privacy import add_parser
+
+    assert "privacy" in SUITES
+    parser = argparse.ArgumentParser(prog="stochvit")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    args.func(args)
+
+
 @pytest.mark.slow
-def test_cli_end_to_end(digits_runs, tmp_path, capsys):
+def test_cli_end_to_end(digits_runs, tmp_path):
     out = tmp_path / "privacy"
     args = ["privacy", str(digits_runs["deterministic"]), str(digits_runs["stochastic"]), "--blocks", "1,last",
             "--noise-baseline", "0.5", "--n-victims", "4", "--aux-limit", "256", "--passes", "2", "--decoder-steps", "30",
             "--decoder-width", "8", "--opt-steps", "10", "--out", str(out)]
-    assert main(args) == 0
+    privacy_cli(args)
     result = json.loads((out / "privacy.json").read_text())
     kinds = [(e["kind"], e["block"], e["defence"]) for e in result["entries"]]
     assert kinds == [("deterministic", 1, "none"), ("deterministic", 1, "noise"), ("deterministic", 4, "none"),
@@ -197,5 +210,5 @@ def test_cli_end_to_end(digits_runs, tmp_path, capsys):
     for png in ("reconstructions.png", "privacy_utility.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     assert not list(out.glob(".*tmp"))
-    assert main(["privacy", str(digits_runs["stochastic"]), "--blocks", "9", "--out", str(tmp_path / "x")]) == 2
-    assert "out of range" in capsys.readouterr().err
+    with pytest.raises(UserError, match="out of range"):
+        privacy_cli(["privacy", str(digits_runs["stochastic"]), "--blocks", "9", "--out", str(tmp_path / "x")])
