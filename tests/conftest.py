@@ -11,7 +11,7 @@ from stochvit.train import TrainConfig, train
 
 SHARED_CIFAR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-jpeg"
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # small models; avoids thread oversubscription beside subprocess tests
 
 
 def _quick_run(tmp: Path, name: str, **overrides) -> Path:
