@@ -3,7 +3,7 @@
     python benchmarks/throughput.py --out benchmarks/results/throughput.json
 
 Models: plain timm `vit_tiny_patch4_32`, the same with the default stochastic layer (diagonal U[0.5,1.5],
-token-consistent, pre-activation) and with the full kind (Haar-orthogonal random projection).
+token-consistent, pre-activation) and with the full kind (Gaussian random projection; the orthogonal one adds a QR per image and block).
 Training = forward + backward + AdamW step; inference = forward under no_grad in eval(). Batch 128.
 Every (model, task, precision) cell is timed once per round, rounds interleaved, and the median kept,
 so slow drifts of the machine hit all models alike; the ratios are what to read.
@@ -27,7 +27,7 @@ from stochvit.precision import autocast
 MODELS = {
     "plain": False,
     "stochastic-diagonal": True,
-    "stochastic-full-orthogonal": dict(kind="full", distribution="orthogonal"),
+    "stochastic-full-gaussian": dict(kind="full", distribution="gaussian"),
 }
 
 
@@ -61,8 +61,11 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=3, help="timed steps per cell per round")
     p.add_argument("--precisions", default="fp32,bf16")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     p.add_argument("--out", default="benchmarks/results/throughput.json")
     a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     x = torch.randn(a.batch_size, 3, 32, 32)
     y = torch.randint(0, 10, (a.batch_size,))

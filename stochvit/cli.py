@@ -52,7 +52,8 @@ def add_data_args(p: argparse.ArgumentParser, default: str | None = "digits") ->
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and stochastic layer")
-    g.add_argument("--model", default=None, help="timm model name (default: vit_digits_patch2_8 for digits, vit_tiny_patch4_32 otherwise)")
+    g.add_argument("--model", default=None, help="timm model name (default: vit_digits_patch2_8 for digits, "
+                   "vit_tiny_patch4_32 otherwise)")
     g.add_argument("--act", default="gelu", choices=("gelu", "relu"), help="MLP activation")
     g.add_argument("--drop-rate", type=float, default=0.0, help="dropout rate in the MLPs and projections")
     g.add_argument("--mc-dropout", action="store_true", help="keep dropout on at inference (MC dropout baseline)")
@@ -90,7 +91,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--label-smoothing", type=float, default=0.0)
     g.add_argument("--clip-grad", type=float, default=1.0, help="max gradient norm (0 disables)")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--precision", default="auto", choices=PRECISIONS, help="auto: bf16 autocast on CUDA and on CPUs with native bf16")
+    g.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="auto: bf16 autocast on CUDA and on CPUs with native bf16")
     g.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
     g.add_argument("--eval-samples", type=int, default=10, help="K stochastic passes for the final evaluation")
     g = p.add_argument_group("adversarial training")
@@ -161,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     add_data_args(p, default=None)
     p.add_argument("--samples", type=int, default=10, help="K stochastic passes")
-    p.add_argument("--mode", default="on", choices=MODES, help="stochastic layers: sample (on), expectation (mean), identity (off)")
+    p.add_argument("--mode", default="on", choices=MODES,
+                   help="stochastic layers: sample (on), expectation (mean), identity (off)")
     p.add_argument("--split", default="test", choices=("test", "val"))
     p.set_defaults(func=cmd_evaluate)
 

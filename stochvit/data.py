@@ -47,7 +47,7 @@ class ImageSet(Dataset):
             img = self.transform(img)
         return img.float().div_(255), self.labels[i]
 
-    def subset(self, indices: np.ndarray | torch.Tensor, transform: v2.Transform | None = None) -> "ImageSet":
+    def subset(self, indices: np.ndarray | torch.Tensor, transform: v2.Transform | None = None) -> ImageSet:
         idx = torch.as_tensor(indices, dtype=torch.long)
         return ImageSet(self.images[idx], self.labels[idx], transform)
 
@@ -128,10 +128,12 @@ def _load_torchvision(name: str, data_dir: Path, download: bool, train: bool) ->
     try:
         ds = cls(str(data_dir), download=download, **kwargs)
     except RuntimeError as e:  # torchvision: "Dataset not found or corrupted. You can use download=True ..."
-        hint = f"put the torchvision {name} files under {data_dir} (e.g. {data_dir}/{cls.base_folder if hasattr(cls, 'base_folder') else name})"
+        folder = getattr(cls, "base_folder", name)
+        hint = f"put the torchvision {name} files under {data_dir} (e.g. {data_dir}/{folder})"
         raise UserError(f"{name} not found in {data_dir}: {hint}, or pass --download when online. ({e})") from None
     except OSError as e:  # offline download: URLError is an OSError
-        raise UserError(f"could not download {name} ({e}); this machine may be offline: copy the files into {data_dir} instead") from None
+        raise UserError(f"could not download {name} ({e}); this machine may be offline: "
+                        f"copy the files into {data_dir} instead") from None
     data = ds.data if name == "svhn" else ds.data.transpose(0, 3, 1, 2)
     labels = np.asarray(ds.labels if name == "svhn" else ds.targets)
     names = list(getattr(ds, "classes", [str(i) for i in range(10)]))
@@ -161,7 +163,8 @@ def _decode_folder(root: Path, img_size: int | None) -> tuple[torch.Tensor, torc
         elif size is None:
             size = img.shape
         elif img.shape != size:
-            raise UserError(f"{path} is {tuple(img.shape[1:])} but earlier images are {tuple(size[1:])}; pass --img-size to resize all")
+            raise UserError(f"{path} is {tuple(img.shape[1:])} but earlier images are {tuple(size[1:])}; "
+                            "pass --img-size to resize all")
         images.append(img)
     return torch.stack(images), torch.tensor(folder.targets), list(folder.classes)
 

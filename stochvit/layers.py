@@ -11,8 +11,9 @@ Written by hand: no library provides a parameter-free, per-sample random linear 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator, Literal
+from typing import Literal
 
 import torch
 from torch import nn

@@ -6,7 +6,8 @@ converted model and of the plain timm model are interchangeable.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Literal
+from collections.abc import Iterable
+from typing import Any, Literal
 
 import torch
 from timm.layers import Mlp
@@ -52,7 +53,7 @@ class StochasticMlp(Mlp):
         self.stochastic = StochasticLinear(width, **layer_cfg)
 
     @classmethod
-    def from_mlp(cls, mlp: Mlp, position: Position = "pre_act", **layer_cfg: Any) -> "StochasticMlp":
+    def from_mlp(cls, mlp: Mlp, position: Position = "pre_act", **layer_cfg: Any) -> StochasticMlp:
         """Wrap an existing `Mlp`, sharing its submodules (and so its weights)."""
         new = cls.__new__(cls)
         nn.Module.__init__(new)

@@ -111,7 +111,8 @@ def load_run(path: str | Path) -> Run:
         raise UserError(f"run directory {path} does not exist")
     config = read_json(path / "config.json", "not a stochvit run directory")
     if not (path / "summary.json").exists() or not (path / "model.safetensors").exists():
-        raise UserError(f"run {path} did not finish (no summary.json/model.safetensors); continue it with `stochvit train --resume {path}`")
+        raise UserError(f"run {path} did not finish (no summary.json/model.safetensors); "
+                        f"continue it with `stochvit train --resume {path}`")
     try:
         model = build_model(config)
     except (KeyError, TypeError) as e:

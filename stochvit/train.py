@@ -338,7 +338,8 @@ def train(cfg: TrainConfig | None = None, out: str | Path | None = None, resume:
             curves.append(row)
             _save_checkpoint(path, model, opt, sched, epoch)
             if not quiet:
-                tqdm.write(f"epoch {epoch + 1:3d}/{cfg.epochs}  loss {row['train_loss']:.4f}  train acc {row['train_accuracy']:.4f}  "
+                tqdm.write(f"epoch {epoch + 1:3d}/{cfg.epochs}  loss {row['train_loss']:.4f}  "
+                           f"train acc {row['train_accuracy']:.4f}  "
                            f"val acc {val['accuracy']:.4f}  val nll {val['nll']:.4f}  {row['train_images_per_s']:.0f} img/s")
     if rank == 0:
         finalize_run(path, model, data, cfg.eval_samples, precision)
