@@ -3,7 +3,8 @@
     python benchmarks/throughput.py --out benchmarks/results/throughput.json
 
 Models: plain timm `vit_tiny_patch4_32`, the same with the default stochastic layer (diagonal U[0.5,1.5],
-token-consistent, pre-activation) and with the full kind (Gaussian random projection; the orthogonal one adds a QR per image and block).
+token-consistent, pre-activation) and with the full kind (Gaussian random projection; the orthogonal
+one adds a QR decomposition per image and block).
 Training = forward + backward + AdamW step; inference = forward under no_grad in eval(). Batch 128.
 Every (model, task, precision) cell is timed once per round, rounds interleaved, and the median kept,
 so slow drifts of the machine hit all models alike; the ratios are what to read.

@@ -15,13 +15,13 @@ torch.set_num_threads(1)  # small models; avoids thread oversubscription beside 
 
 
 def _quick_run(tmp: Path, name: str, **overrides) -> Path:
-    cfg = TrainConfig(epochs=30, eval_samples=4, **overrides)
+    cfg = TrainConfig(eval_samples=4, **overrides)
     return train(cfg, out=tmp / name, quiet=True)
 
 
 @pytest.fixture(scope="session")
 def digits_runs(tmp_path_factory) -> dict[str, Path]:
-    """A deterministic and a stochastic digits run (30 of the recipe's 60 epochs, to keep the suite fast)."""
+    """A deterministic and a stochastic digits run with the default digits recipe (60 epochs, ~0.95 test accuracy)."""
     tmp = tmp_path_factory.mktemp("runs")
     return {"deterministic": _quick_run(tmp, "det", stochastic=None), "stochastic": _quick_run(tmp, "stoch")}
 

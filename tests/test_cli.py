@@ -23,14 +23,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding:
 QUICK = ["--epochs", "2", "--train-limit", "200", "--batch-size", "50", "--eval-samples", "2"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def error_line(err: str, command: str) -> str:
     """The CLI's message: exactly one line `stochvit <command>: error: ...`, last on stderr, and no traceback."""
     lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip()]

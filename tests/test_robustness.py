@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from torch import nn
+from test_attacks import Quantized
 
 from stochvit.cli import main
 from stochvit.runs import Run, load_run, read_json
@@ -54,15 +54,6 @@ def test_cli_end_to_end_on_digits(digits_runs, tmp_path, capsys):
     assert main(["robustness", str(tmp_path / "missing")]) == 2
 
 
-class Quantized(nn.Module):
-    """16-level input quantisation: zero gradients almost everywhere (masked), yet a working classifier."""
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(torch.round(x * 16) / 16)
 
 
 def test_sanity_report_flags_gradient_masking(digits_runs):

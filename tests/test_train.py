@@ -24,15 +24,6 @@ from stochvit.train import KILL_ENV, TrainConfig, _lr_lambda, train
 RUN_FILES = ("config.json", "model.safetensors", "checkpoint.pt", "metrics.jsonl", "summary.json", "curves.png")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is as fast, burns no CPU spin-waiting on a shared machine, and matches the subprocess."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def cli_subprocess(args: list[str], cwd: Path, kill_at: int) -> subprocess.CompletedProcess:
     env = {**os.environ, KILL_ENV: str(kill_at), "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "stochvit.cli", *args], cwd=cwd, env=env, capture_output=True, text=True,
