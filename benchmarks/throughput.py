@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 import stochvit
-from stochvit.precision import autocast
+from stochvit.precision import autocast, cpu_has_native_bf16
 
 MODELS = {
     "plain": False,
@@ -61,10 +61,17 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=3, help="timed steps per cell per round")
-    p.add_argument("--precisions", default="fp32,bf16")
+    p.add_argument("--precisions", default=None,
+                   help="comma list of fp32,bf16 (default: fp32, plus bf16 where the CPU runs it natively)")
+    p.add_argument("--models", default=",".join(MODELS), help=f"comma list of {', '.join(MODELS)} (plain is always timed)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     p.add_argument("--out", default="benchmarks/results/throughput.json")
     a = p.parse_args()
+    if a.precisions is None:
+        a.precisions = "fp32,bf16" if cpu_has_native_bf16() else "fp32"
+    unknown = set(a.models.split(",")) - set(MODELS)
+    if unknown:
+        p.error(f"--models: unknown {sorted(unknown)}; choose from {', '.join(MODELS)}")
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -73,8 +80,8 @@ def main() -> None:
     cells = {}
     for prec in a.precisions.split(","):
         for task in ("train", "infer"):
-            for name, stoch in MODELS.items():
-                model = stochvit.create_model(a.model, stochastic=stoch)
+            for name in ["plain"] + [m for m in a.models.split(",") if m != "plain"]:
+                model = stochvit.create_model(a.model, stochastic=MODELS[name])
                 cells[(name, task, prec)] = _step_fn(model, task, prec, x, y)
     times: dict[tuple, list[float]] = {k: [] for k in cells}
     for fn in cells.values():  # warm-up

@@ -66,16 +66,16 @@ class StochasticMlp(Mlp):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.fc1(x)
         if self.position == "pre_act":
-            x = self.stochastic(x)
+            x = self.stochastic(x, inplace=True)  # x is our own intermediate
         x = self.act(x)
         if self.position == "post_act":
-            x = self.stochastic(x)
+            x = self.stochastic(x, inplace=True)  # x is our own intermediate
         x = self.drop1(x)
         x = self.norm(x)
         x = self.fc2(x)
         x = self.drop2(x)
         if self.position == "output":
-            x = self.stochastic(x)
+            x = self.stochastic(x, inplace=True)  # x is our own intermediate
         return x
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from functools import lru_cache
 
 import torch
@@ -27,6 +28,10 @@ def cpu_has_native_bf16() -> bool:
 def resolve_precision(precision: str, device: torch.device) -> str:
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r} is not one of {PRECISIONS}")
+    if precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+        warnings.warn("bf16 autocast on a CPU without AVX512-BF16 or AMX is emulated: measured here (AMD EPYC, AVX2 only) "
+                      "a vit_tiny_patch4_32 training step took 30 s instead of 1.2 s in fp32; use --precision auto",
+                      stacklevel=2)
     if precision != "auto":
         return precision
     return "bf16" if device.type == "cuda" or cpu_has_native_bf16() else "fp32"

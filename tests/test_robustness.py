@@ -83,3 +83,18 @@ def test_adversarial_training_runs_on_digits(tmp_path, method, stochastic):
     assert config["train"]["adv"] == dict(method=method, eps=0.0627, steps=2)
     assert (config["stochastic"] is not None) == stochastic
     assert (out / "summary.json").exists() and len((out / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_attacks_skip_examples_no_clean_pass_gets_right():
+    """Only `active` examples are attacked (and stay in the ball); the rest come back as their clean images."""
+    from stochvit.suites.robustness import _run
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3)).eval()
+    x, y = torch.rand(6, 3, 2, 2), torch.tensor([0, 1, 2, 0, 1, 2])
+    active = torch.tensor([True, False, True, False, True, False])
+    s = Settings(eps=[0.1], attacks=["pgd"], steps=5, batch_size=2)
+    x_adv = _run("pgd", model, x, y, 0.1, s, active=active)
+    assert torch.equal(x_adv[~active], x[~active])
+    moved = (x_adv[active] - x[active]).abs()
+    assert moved.amax() <= 0.1 + 1e-6 and moved.amax() > 0.05

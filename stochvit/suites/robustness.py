@@ -90,15 +90,19 @@ class Settings:
             raise UserError("--eps needs at least one value")
 
 
+SKIP_RULE = " Examples that no clean pass classifies correctly are not attacked: they count as non-robust anyway."
+
+
 def rule_text(passes: int, random: bool) -> str:
     if not random:
         return ("Deterministic model: one pass per evaluation. An example is robust at an epsilon if it is classified "
-                "correctly on its clean image and on the attack's adversarial image; 'mean' and 'all-pass' coincide.")
+                "correctly on its clean image and on the attack's adversarial image; 'mean' and 'all-pass' coincide."
+                + SKIP_RULE)
     return (f"Randomized model: every clean and adversarial image is re-evaluated over {passes} fresh stochastic passes "
             "(independent of the passes the attack used). 'mean' is the accuracy averaged over passes (per example the "
             "lower of its clean and adversarial pass-accuracy); 'all-pass' counts an example as robust only if it survives "
             f"all {passes} passes on both its clean and its adversarial image. 'worst case' takes, per example, the "
-            "weakest result over all attacks run.")
+            "weakest result over all attacks run." + SKIP_RULE)
 
 
 # -- running attacks ------------------------------------------------------------------------------
@@ -119,10 +123,20 @@ def _attack(name: str, model, x, y, eps: float, s: Settings, surrogate=None, ste
     raise ValueError(name)
 
 
-def _run(name: str, model, x, y, eps: float, s: Settings, surrogate=None, steps: int | None = None) -> torch.Tensor:
-    """One attack over all examples, `s.batch_size` at a time."""
+def _run(name: str, model, x, y, eps: float, s: Settings, surrogate=None, steps: int | None = None,
+         active: torch.Tensor | None = None) -> torch.Tensor:
+    """One attack over the `active` examples (default all), `s.batch_size` at a time; the others are returned clean.
+
+    Examples misclassified by every clean pass count as non-robust whatever their adversarial image (robust accuracy
+    is min(clean, adversarial)), so skipping them changes no number and saves the attack budget on them.
+    """
+    ids = torch.arange(len(x), device=x.device) if active is None else active.nonzero().flatten()
+    x_adv = x.clone()
     b = s.batch_size
-    return torch.cat([_attack(name, model, x[i:i + b], y[i:i + b], eps, s, surrogate, steps) for i in range(0, len(x), b)])
+    for i in range(0, len(ids), b):
+        j = ids[i:i + b]
+        x_adv[j] = _attack(name, model, x[j], y[j], eps, s, surrogate, steps)
+    return x_adv
 
 
 def _correct(model, x: torch.Tensor, y: torch.Tensor, s: Settings) -> torch.Tensor:
@@ -191,7 +205,7 @@ def evaluate_robustness(run: Run, s: Settings, data_spec: str | None = None, dat
                 for part in ("apgd-ce", "apgd-dlr"):
                     if (part, eps) not in apgd_runs:
                         t = time.perf_counter()
-                        adv = _run(part, model, x, y, eps, s)
+                        adv = _run(part, model, x, y, eps, s, active=clean > 0)
                         apgd_runs[part, eps] = adv, time.perf_counter() - t
                     parts.append(apgd_runs[part, eps][0])
                     seconds += apgd_runs[part, eps][1]
@@ -200,7 +214,7 @@ def evaluate_robustness(run: Run, s: Settings, data_spec: str | None = None, dat
                                    for i in range(0, n, s.batch_size)])
                 seconds += time.perf_counter() - t
             else:
-                x_adv = _run(name, model, x, y, eps, s, sur)
+                x_adv = _run(name, model, x, y, eps, s, sur, active=clean > 0)
                 seconds = time.perf_counter() - start
                 if name in ("apgd-ce", "apgd-dlr"):
                     apgd_runs[name, eps] = x_adv, seconds
@@ -252,7 +266,7 @@ def sanity_checks(result: dict, model, x, y, clean, s: Settings, large_eps: floa
     rises = [(labels[i], labels[i + 1]) for i in range(len(worst) - 1) if worst[i + 1] > worst[i] + _tol(worst[i], n)]
     main = next((a for a in ("eot-pgd", "apgd-ce", "pgd") if a in s.attacks), "eot-pgd")
     start = time.perf_counter()
-    big = _run(main, model, x, y, large_eps, s)
+    big = _run(main, model, x, y, large_eps, s, active=clean > 0)
     big_acc = _summary(_fractions(model, big, y, clean, s))
     result["large_eps"] = dict(attack=main, eps=large_eps, **big_acc, seconds=time.perf_counter() - start)
     checks.append(_check(
@@ -268,7 +282,7 @@ def sanity_checks(result: dict, model, x, y, clean, s: Settings, large_eps: floa
         checks.append(_check("more iterations are not weaker", None, "no iterative attack was run"))
     else:
         start = time.perf_counter()
-        longer = _run(it_attack, model, x, y, mid, s, steps=4 * s.steps)
+        longer = _run(it_attack, model, x, y, mid, s, steps=4 * s.steps, active=clean > 0)
         more = _summary(_fractions(model, longer, y, clean, s))
         base = att[it_attack][lab]["mean"]
         result["more_iterations"] = dict(attack=it_attack, eps=mid, steps=4 * s.steps, **more,
