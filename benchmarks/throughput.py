@@ -8,6 +8,10 @@ one adds a QR decomposition per image and block).
 Training = forward + backward + AdamW step; inference = forward under no_grad in eval(). Batch 128.
 Every (model, task, precision) cell is timed once per round, rounds interleaved, and the median kept,
 so slow drifts of the machine hit all models alike; the ratios are what to read.
+
+End-to-end trainer speed (`--trainer-data SPEC`): in the same process, right after the cells, `stochvit.train` runs
+2 epochs of the plain model on `--trainer-limit` images of SPEC at default precision (data loading and augmentation
+included); its last-epoch images/s is divided by the plain fp32 pure training-step rate measured above.
 """
 
 from __future__ import annotations
@@ -65,6 +69,8 @@ def main() -> None:
                    help="comma list of fp32,bf16 (default: fp32, plus bf16 where the CPU runs it natively)")
     p.add_argument("--models", default=",".join(MODELS), help=f"comma list of {', '.join(MODELS)} (plain is always timed)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    p.add_argument("--trainer-data", default=None, help="also time `stochvit train` end to end on this dataset spec")
+    p.add_argument("--trainer-limit", type=int, default=2560, help="training images for the trainer timing")
     p.add_argument("--out", default="benchmarks/results/throughput.json")
     a = p.parse_args()
     if a.precisions is None:
@@ -100,11 +106,35 @@ def main() -> None:
         rows.append(dict(model=name, task=task, precision=prec, images_per_s=ips, ratio_to_plain=ips / base))
     result = dict(model=a.model, batch_size=a.batch_size, rounds=a.rounds, steps=a.steps, threads=torch.get_num_threads(),
                   torch=torch.__version__, machine=platform.processor() or platform.machine(), rows=rows)
+    if a.trainer_data:
+        result["trainer"] = _trainer_speed(a, a.batch_size / statistics.median(times[("plain", "train", "fp32")]))
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"{'model':<28}{'task':<7}{'prec':<6}{'img/s':>9}{'ratio':>8}")
     for r in rows:
         print(f"{r['model']:<28}{r['task']:<7}{r['precision']:<6}{r['images_per_s']:>9.1f}{r['ratio_to_plain']:>8.3f}")
+    if "trainer" in result:
+        t = result["trainer"]
+        print(f"stochvit train ({t['precision']}, data pipeline included): {t['images_per_s']:.1f} img/s = "
+              f"{t['ratio_to_plain_fp32_step']:.3f} x the plain fp32 training-step rate")
+
+
+def _trainer_speed(a: argparse.Namespace, fp32_step_rate: float) -> dict:
+    """Last-epoch images/s of `stochvit.train` (plain model, default precision) against the pure fp32 step rate."""
+    import tempfile
+
+    from stochvit.runs import read_json
+    from stochvit.train import TrainConfig, train
+
+    cfg = TrainConfig(data=a.trainer_data, model=a.model, stochastic=None, epochs=2, batch_size=a.batch_size, lr=1e-3,
+                      train_limit=a.trainer_limit, eval_samples=1)
+    with tempfile.TemporaryDirectory() as tmp:
+        run = train(cfg, out=Path(tmp) / "run", quiet=True)
+        last = [line for line in (run / "metrics.jsonl").read_text().splitlines() if line][-1]
+        ips = json.loads(last)["train_images_per_s"]
+        precision = read_json(run / "summary.json", "summary")["precision"]
+    return dict(data=a.trainer_data, images=a.trainer_limit, precision=precision, images_per_s=ips,
+                plain_fp32_step_images_per_s=fp32_step_rate, ratio_to_plain_fp32_step=ips / fp32_step_rate)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,10 @@ plus from-scratch training on the same labels (deterministic and stochastic) as 
     # the CIFAR-10 protocol (shared JPEG set; hours on a CPU):
     nice -n 10 python benchmarks/transfer.py --parent imagefolder:/work/shared/data/cifar10-jpeg --name cifar10 \
         --model vit_tiny_patch4_32 --lr 1e-3 --batch-size 128 --pretrain-epochs 10 --epochs 10
+    # the CPU-short CIFAR-10 budget actually run (see benchmarks/results/transfer-cifar10.md), one core per source kind:
+    for k in det stoch; do OMP_NUM_THREADS=1 python benchmarks/transfer.py --parent imagefolder:../shared/data/cifar10-jpeg \
+        --name cifar10 --model vit_tiny_patch4_32 --lr 1e-3 --batch-size 128 --pretrain-limit 4000 --pretrain-epochs 10 \
+        --fractions 0.1 --epochs 2 --sources $k & done; wait
 
 Runs go to benchmarks/runs/transfer-NAME/ (finished ones are reused, interrupted ones resumed). Tables go to
 benchmarks/results/transfer[-NAME].json/.md/.png (text after the "<!-- reading -->" marker is kept); NAME=digits
@@ -83,20 +87,21 @@ def run_all(a: argparse.Namespace, root: Path) -> None:
     pretrain, task = f"{a.parent}:classes=0-4", f"{a.parent}:classes=5-9"
     recipe = dict(model=a.model, lr=a.lr, batch_size=a.batch_size)
     sources = {}
-    for name, stochastic in (("det", None), ("stoch", True)):  # one pretraining (seed 0) per source kind
+    kinds = {name: stochastic for name, stochastic in (("det", None), ("stoch", True)) if name in a.sources}
+    for name, stochastic in kinds.items():  # one pretraining (seed 0) per source kind
         path = sources[name] = root / f"pretrain-{name}"
-        _finish(path, train, TrainConfig(data=pretrain, stochastic=stochastic, epochs=a.pretrain_epochs, **recipe), out=path,
-                quiet=True)
+        _finish(path, train, TrainConfig(data=pretrain, stochastic=stochastic, epochs=a.pretrain_epochs,
+                                         train_limit=a.pretrain_limit, **recipe), out=path, quiet=True)
     n_train = len(load_data(task).train)
     for seed in a.seeds:
         for fraction in a.fractions:
             limit = None if fraction >= 1 else round(fraction * n_train)
             folder = root / (f"labels{limit or n_train}" + (f"-seed{seed}" if seed else ""))
             epochs = a.epochs if fraction >= 1 else round(a.epochs / fraction / 2)  # similar step counts (see docstring)
-            for name, stochastic in (("det", None), ("stoch", True)):
+            for name, stochastic in kinds.items():
                 cfg = TrainConfig(data=task, train_limit=limit, stochastic=stochastic, epochs=epochs, seed=seed, **recipe)
                 _finish(folder / f"scratch-{name}", train, cfg, out=folder / f"scratch-{name}", quiet=True)
-            for src, stoch, mode in COMBOS:
+            for src, stoch, mode in [c for c in COMBOS if c[0] in kinds]:
                 path = folder / f"{src}-{stoch}-{mode}"
                 _finish(path, transfer, str(sources[src]), path, quiet=True, data=task, mode=mode, stochastic=stoch,
                         train_limit=limit, epochs=epochs, batch_size=a.batch_size, seed=seed)
@@ -154,6 +159,10 @@ def main() -> None:
     p.add_argument("--pretrain-epochs", type=int, default=60, help="digits recipe (60 epochs, lr 3e-3)")
     p.add_argument("--epochs", type=int, default=20, help="transfer epochs at 100%% labels; at fraction f: epochs/f/2")
     p.add_argument("--fractions", type=float, nargs="+", default=[0.1, 1.0])
+    p.add_argument("--pretrain-limit", type=int, default=None, help="pretraining images (default: all of classes 0-4)")
+    p.add_argument("--sources", nargs="+", choices=("det", "stoch"), default=["det", "stoch"],
+                   help="pretraining kinds this invocation runs (with their from-scratch floor and transfers); two "
+                        "invocations with one kind each can run side by side, one core each")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="transfer / from-scratch seeds (pretraining: seed 0)")
     a = p.parse_args()
     torch.set_num_threads(1)  # the machine is shared: one thread avoids OpenMP thrashing

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Calibration, robustness and privacy on the two CIFAR-10 protocol runs (benchmarks/cifar10_protocol.sh
+# deterministic --no-stochastic; ... stochastic --stochastic), reused as they are: nothing is retrained here.
+# CPU-short budgets, the same for both models (session-2 machine: 2-core AMD EPYC without native bf16, fp32):
+#   calibration  K=5 passes on the full 5,000-image test split (temperature fitted on the 5,000 validation images);
+#                shift: 8 corruptions x 5 severities on a seeded 300-image test subset
+#   robustness   1,000 test images, l-inf 1/255..8/255, naive PGD, EOT-PGD and the AutoAttack-rand-style composite
+#                (APGD-CE + APGD-DLR) at 5 steps and EOT 2 (AutoAttack: 100 steps, EOT 20), 4 re-evaluation passes;
+#                the stochastic model also gets a transfer attack from the deterministic one. No Square attack
+#                (1,000 queries x EOT on 1,000 images is hours here), so that sanity check reads SKIP.
+#   privacy      split after blocks 1, 3 and 6; decoder (400 steps) and optimisation (150 steps) inversion of
+#                16 victim images; attacker's auxiliary set 5,000 training images; noise baseline sigma 0.3 and 1.0
+# Two chains run side by side, one core (one OpenMP thread) each. Logs: benchmarks/runs/cifar10/logs/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+R=benchmarks/runs/cifar10
+mkdir -p "$R/logs"
+export OMP_NUM_THREADS=1
+timed() { local name=$1; shift; /usr/bin/time -f "$name: %e s wall" -a -o "$R/logs/wall.txt" "$@" > "$R/logs/$name.log" 2>&1; }
+ROB=(--eps 1/255,2/255,4/255,8/255 --n-examples 1000 --steps 5 --eot 2 --passes 4 --batch-size 125)
+{
+  timed calibration stochvit calibration "$R/deterministic" "$R/stochastic" --samples 5 --shift --shift-limit 300 \
+    --out "$R/calibration"
+  timed robustness-deterministic stochvit robustness "$R/deterministic" "${ROB[@]}" --attacks pgd,eot-pgd,aa-rand \
+    --out "$R/robustness-deterministic"
+  timed privacy stochvit privacy "$R/deterministic" "$R/stochastic" --blocks 1,3,6 --n-victims 16 --aux-limit 5000 \
+    --decoder-steps 400 --opt-steps 150 --noise-baseline 0.3,1.0 --out "$R/privacy"
+} &
+timed robustness-stochastic stochvit robustness "$R/stochastic" "${ROB[@]}" --attacks pgd,eot-pgd,aa-rand,transfer \
+  --surrogate "$R/deterministic" --out "$R/robustness-stochastic" &
+wait
+cat "$R/logs/wall.txt"
