@@ -10,23 +10,31 @@
 #                (1,000 queries x EOT on 1,000 images is hours here), so that sanity check reads SKIP.
 #   privacy      split after blocks 1, 3 and 6; decoder (400 steps) and optimisation (150 steps) inversion of
 #                16 victim images; attacker's auxiliary set 5,000 training images; noise baseline sigma 0.3 and 1.0
-# Two chains run side by side, one core (one OpenMP thread) each. Logs: benchmarks/runs/cifar10/logs/.
+# Two chains run side by side, one core (one OpenMP thread) each. Logs: benchmarks/runs/cifar10/logs/. A step whose
+# output folder already holds its JSON is skipped, so the script can be rerun after an interruption (or started per step).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 R=benchmarks/runs/cifar10
 mkdir -p "$R/logs"
 export OMP_NUM_THREADS=1
-timed() { local name=$1; shift; /usr/bin/time -f "$name: %e s wall" -a -o "$R/logs/wall.txt" "$@" > "$R/logs/$name.log" 2>&1; }
+# timed NAME SUITE ARGS...: `stochvit SUITE ARGS... --out $R/NAME`, skipped when $R/NAME/SUITE.json exists
+timed() {
+  local name=$1 suite=$2; shift 2
+  [ -e "$R/$name/$suite.json" ] && { echo "$name: done before, skipped"; return; }
+  /usr/bin/time -f "$name: %e s wall" -a -o "$R/logs/wall.txt" stochvit "$suite" "$@" --out "$R/$name" > "$R/logs/$name.log" 2>&1
+}
+# the script may start as soon as the deterministic run is done: steps needing the stochastic run wait for it
+ready() { until [ -e "$R/$1/summary.json" ]; do sleep 20; done; }
 ROB=(--eps 1/255,2/255,4/255,8/255 --n-examples 1000 --steps 5 --eot 2 --passes 4 --batch-size 125)
+ready deterministic
 {
-  timed calibration stochvit calibration "$R/deterministic" "$R/stochastic" --samples 5 --shift --shift-limit 300 \
-    --out "$R/calibration"
-  timed robustness-deterministic stochvit robustness "$R/deterministic" "${ROB[@]}" --attacks pgd,eot-pgd,aa-rand \
-    --out "$R/robustness-deterministic"
-  timed privacy stochvit privacy "$R/deterministic" "$R/stochastic" --blocks 1,3,6 --n-victims 16 --aux-limit 5000 \
-    --decoder-steps 400 --opt-steps 150 --noise-baseline 0.3,1.0 --out "$R/privacy"
+  timed robustness-deterministic robustness "$R/deterministic" "${ROB[@]}" --attacks pgd,eot-pgd,aa-rand
+  ready stochastic
+  timed calibration calibration "$R/deterministic" "$R/stochastic" --samples 5 --shift --shift-limit 300
+  timed privacy privacy "$R/deterministic" "$R/stochastic" --blocks 1,3,6 --n-victims 16 --aux-limit 5000 \
+    --decoder-steps 400 --opt-steps 150 --noise-baseline 0.3,1.0
 } &
-timed robustness-stochastic stochvit robustness "$R/stochastic" "${ROB[@]}" --attacks pgd,eot-pgd,aa-rand,transfer \
-  --surrogate "$R/deterministic" --out "$R/robustness-stochastic" &
+{ ready stochastic; timed robustness-stochastic robustness "$R/stochastic" "${ROB[@]}" --attacks pgd,eot-pgd,aa-rand,transfer \
+  --surrogate "$R/deterministic"; } &
 wait
 cat "$R/logs/wall.txt"

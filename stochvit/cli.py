@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import math
+import os
 import sys
 
 from .data import SPECS_HELP
@@ -131,6 +132,8 @@ def cmd_train(a: argparse.Namespace) -> None:
         if a.adv:
             cfg.adv = dict(method=a.adv, eps=a.adv_eps, steps=a.adv_steps)
         path = train(cfg, out=a.out)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
+        return
     from .runs import read_json
 
     s = read_json(path / "summary.json", "summary")

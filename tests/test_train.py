@@ -168,3 +168,18 @@ def test_schedule_warms_up_linearly_then_follows_a_cosine():
     assert f(100) == pytest.approx(0.0, abs=1e-12)
     assert all(f(s) >= f(s + 1) for s in range(10, 100))
     assert _lr_lambda(50, 0)(0) == pytest.approx(1.0)
+
+
+def test_ddp_on_cpu_with_torchrun(tmp_path):
+    """`torchrun -m stochvit train` runs two gloo processes; rank 0 alone writes one finished run and reports it."""
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "stochvit", "train", "--data", "digits", "--epochs", "1", "--train-limit", "256",
+                           "--eval-samples", "2", "--out", str(out)], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("test accuracy") == 1
+    run = load_run(out)
+    assert run.config["train"]["train_limit"] == 256
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+    assert (out / "summary.json").exists() and (out / "model.safetensors").exists()
