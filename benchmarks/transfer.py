@@ -10,8 +10,8 @@ plus from-scratch training on the same labels (deterministic and stochastic) as 
         --model vit_tiny_patch4_32 --lr 1e-3 --batch-size 128 --pretrain-epochs 10 --epochs 10
     # the CPU-short CIFAR-10 budget actually run (see benchmarks/results/transfer-cifar10.md), one core per source kind:
     for k in det stoch; do OMP_NUM_THREADS=1 python benchmarks/transfer.py --parent imagefolder:../shared/data/cifar10-jpeg \
-        --name cifar10 --model vit_tiny_patch4_32 --lr 1e-3 --batch-size 128 --pretrain-limit 4000 --pretrain-epochs 10 \
-        --fractions 0.1 --epochs 2 --sources $k & done; wait
+        --name cifar10 --model vit_tiny_patch4_32 --lr 1e-3 --batch-size 128 --pretrain-limit 4000 --pretrain-epochs 4 \
+        --fractions 0.1 --epochs 1 --eval-samples 2 --sources $k & done; wait
 
 Runs go to benchmarks/runs/transfer-NAME/ (finished ones are reused, interrupted ones resumed). Tables go to
 benchmarks/results/transfer[-NAME].json/.md/.png (text after the "<!-- reading -->" marker is kept); NAME=digits
@@ -85,7 +85,7 @@ def collect(root: Path) -> list[dict]:
 
 def run_all(a: argparse.Namespace, root: Path) -> None:
     pretrain, task = f"{a.parent}:classes=0-4", f"{a.parent}:classes=5-9"
-    recipe = dict(model=a.model, lr=a.lr, batch_size=a.batch_size)
+    recipe = dict(model=a.model, lr=a.lr, batch_size=a.batch_size, eval_samples=a.eval_samples)
     sources = {}
     kinds = {name: stochastic for name, stochastic in (("det", None), ("stoch", True)) if name in a.sources}
     for name, stochastic in kinds.items():  # one pretraining (seed 0) per source kind
@@ -104,7 +104,7 @@ def run_all(a: argparse.Namespace, root: Path) -> None:
             for src, stoch, mode in [c for c in COMBOS if c[0] in kinds]:
                 path = folder / f"{src}-{stoch}-{mode}"
                 _finish(path, transfer, str(sources[src]), path, quiet=True, data=task, mode=mode, stochastic=stoch,
-                        train_limit=limit, epochs=epochs, batch_size=a.batch_size, seed=seed)
+                        train_limit=limit, epochs=epochs, batch_size=a.batch_size, seed=seed, eval_samples=a.eval_samples)
 
 
 def _table(rows: list[dict]) -> str:
@@ -159,6 +159,7 @@ def main() -> None:
     p.add_argument("--pretrain-epochs", type=int, default=60, help="digits recipe (60 epochs, lr 3e-3)")
     p.add_argument("--epochs", type=int, default=20, help="transfer epochs at 100%% labels; at fraction f: epochs/f/2")
     p.add_argument("--fractions", type=float, nargs="+", default=[0.1, 1.0])
+    p.add_argument("--eval-samples", type=int, default=10, help="K passes of the final evaluation of every run")
     p.add_argument("--pretrain-limit", type=int, default=None, help="pretraining images (default: all of classes 0-4)")
     p.add_argument("--sources", nargs="+", choices=("det", "stoch"), default=["det", "stoch"],
                    help="pretraining kinds this invocation runs (with their from-scratch floor and transfers); two "
@@ -186,7 +187,7 @@ def main() -> None:
         f"(runs reused from earlier invocations cost 0); summed training time of all runs {total:.0f} s.\n\n"
         f"Test set: the {n_test} test images of classes 5-9 (the parent split's), so one image is {100 / n_test:.2f} points "
         "of accuracy. "
-        "ECE: 15 bins. K = 10 passes for stochastic models. One pretraining per kind (seed 0); rows average the "
+        f"ECE: 15 bins. K = {a.eval_samples} passes for stochastic models. One pretraining per kind (seed 0); rows average the "
         "transfer / from-scratch seeds listed.\n\n"
         + _table(rows) + f"\n\n![accuracy]({stem}.png)\n\n" + MARKER + kept
     )

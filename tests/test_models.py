@@ -73,7 +73,9 @@ def test_stochastic_mlp_refuses_conv_and_unknown_position():
 def test_positions_place_the_layer_where_documented(position):
     mlp = StochasticMlp(16, hidden_features=32, out_features=8, position=position).eval()
     seen = {}
-    mlp.stochastic.register_forward_hook(lambda m, inp, out: seen.update(inp=inp[0], out=out))
+    # the MLP lets the layer scale its own intermediate in place, so the input is captured (cloned) before forward
+    mlp.stochastic.register_forward_pre_hook(lambda m, inp: seen.update(inp=inp[0].clone()))
+    mlp.stochastic.register_forward_hook(lambda m, inp, out: seen.update(out=out))
     x = torch.randn(2, 5, 16)
     y = mlp(x)
     h = mlp.fc1(x)
@@ -272,3 +274,19 @@ def test_deterministic_models_get_one_pass():
     assert sample_probs(model, x, samples=10).shape[0] == 10
     with pytest.raises(ValueError, match="samples"):
         sample_probs(model, x, samples=0)
+
+
+def test_in_place_scaling_gives_the_out_of_place_gradients():
+    """StochasticMlp scales fc1's output in place; outputs and gradients match the out-of-place layer with the same draw."""
+    mlp = StochasticMlp(16, hidden_features=32, out_features=8).train()
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    torch.manual_seed(1)
+    mlp(x).square().sum().backward()
+    grads = [x.grad.clone(), mlp.fc1.weight.grad.clone(), mlp.fc2.weight.grad.clone()]
+    x.grad = None
+    mlp.zero_grad()
+    torch.manual_seed(1)
+    y = mlp.fc2(mlp.act(mlp.stochastic(mlp.fc1(x))))  # same draw, out of place
+    y.square().sum().backward()
+    for g, ref in zip(grads, [x.grad, mlp.fc1.weight.grad, mlp.fc2.weight.grad]):
+        assert torch.allclose(g, ref, atol=1e-6)

@@ -229,7 +229,8 @@ def run_calibration(run_dirs: list[str | Path], ensembles: list[list[str | Path]
         results[m.name] = entry
     report = dict(data=bundle.name, split="test", images=len(test), shift_images=len(shift_test) if conditions else 0,
                   samples=samples, ece_bins=15, corruptions=list(corruptions) if conditions else [],
-                  severities=list(severities) if conditions else [], methods=results, command=" ".join(sys.argv))
+                  severities=list(severities) if conditions else [], methods=results,
+                  command=" ".join(["stochvit", *sys.argv[1:]]))
     _write_outputs(out, report, methods, test.labels)
     if not quiet:
         print(format_console(report))

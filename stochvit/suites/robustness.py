@@ -325,8 +325,9 @@ def markdown(result: dict) -> str:
     labels = list(result["worst_case"])
     lines = [f"# Robustness of `{result['run']}`", "",
              f"{result['data']} test split, {result['n_examples']} examples, {result['norm']} threat model; "
-             f"EOT {s['eot']}, {s['steps']} steps, {s['restarts']} restart(s), Square {s['queries']} queries, "
-             f"{s['passes']} evaluation passes; total {result['seconds']:.0f} s.", "",
+             f"EOT {s['eot']}, {s['steps']} steps, {s['restarts']} restart(s), "
+             + (f"Square {s['queries']} queries, " if "square" in s["attacks"] else "")
+             + f"{s['passes']} evaluation passes; total {result['seconds']:.0f} s.", "",
              f"**Rule.** {result['rule']}", "",
              "Robust accuracy, mean / all-pass:", "",
              "| attack | " + " | ".join(f"eps {lb}" for lb in labels) + " | seconds |",
