@@ -164,12 +164,14 @@ def main() -> None:
     p.add_argument("--sources", nargs="+", choices=("det", "stoch"), default=["det", "stoch"],
                    help="pretraining kinds this invocation runs (with their from-scratch floor and transfers); two "
                         "invocations with one kind each can run side by side, one core each")
+    p.add_argument("--report-only", action="store_true", help="only write the tables from the runs finished so far")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="transfer / from-scratch seeds (pretraining: seed 0)")
     a = p.parse_args()
     torch.set_num_threads(1)  # the machine is shared: one thread avoids OpenMP thrashing
     t0 = time.perf_counter()
     root = HERE / "runs" / f"transfer-{a.name}"
-    run_all(a, root)
+    if not a.report_only:
+        run_all(a, root)
     rows = collect(root)
     wall = time.perf_counter() - t0
     RESULTS.mkdir(exist_ok=True)
