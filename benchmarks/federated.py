@@ -3,8 +3,9 @@ same rounds and local epochs, each through `stochvit federated` (a real Flower s
 
     nice -n 10 python benchmarks/federated.py                       # 20 rounds x 3 local epochs, batch 32
     nice -n 10 python benchmarks/federated.py --rounds 5 --only iid # a quick look
-    nice -n 10 python benchmarks/federated.py --data imagefolder:/work/shared/data/cifar10-jpeg --rounds 30 \
-        --local-epochs 1 --batch-size 128                           # CIFAR-10 (runs/cifar10-federated)
+    OMP_NUM_THREADS=2 python benchmarks/federated.py --data imagefolder:../shared/data/cifar10-jpeg \
+        --train-limit 5000 --rounds 8 --local-epochs 1 --batch-size 128 --fraction-evaluate 0 --eval-samples 2
+                                                                    # CIFAR-10, CPU-short (runs/cifar10-federated)
 
 Runs go to benchmarks/runs/{digits,cifar10}-federated/<partition>-<model> (finished ones are reused); the table
 (final and per-round accuracy / ECE, wall time) goes to results.{json,md} there; the reading is
@@ -34,7 +35,8 @@ def run(partition: str, model: str, a: argparse.Namespace) -> dict:
         cmd = [sys.executable, "-m", "stochvit.cli", "federated", "--clients", str(a.clients), "--rounds", str(a.rounds),
                "--local-epochs", str(a.local_epochs), "--batch-size", str(a.batch_size), "--partition", partition,
                "--seed", str(a.seed), "--data", a.data, "--out", str(out),
-               *MODELS[model]]
+               "--fraction-evaluate", str(a.fraction_evaluate), "--eval-samples", str(a.eval_samples),
+               *(["--train-limit", str(a.train_limit)] if a.train_limit else []), *MODELS[model]]
         print("$", " ".join(cmd[1:]), flush=True)
         t0 = time.perf_counter()
         subprocess.run(cmd, check=True)
@@ -79,6 +81,9 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", choices=PARTITIONS, default=None)
+    p.add_argument("--train-limit", type=int, default=None, help="stratified subset of the training split, shared out")
+    p.add_argument("--fraction-evaluate", type=float, default=1.0, help="clients evaluating locally (0 skips)")
+    p.add_argument("--eval-samples", type=int, default=10, help="K passes for the final evaluation")
     p.add_argument("--data", default="digits", help="e.g. imagefolder:/work/shared/data/cifar10-jpeg")
     a = p.parse_args()
     a.root = RUNS / ("digits-federated" if a.data == "digits" else "cifar10-federated")

@@ -96,6 +96,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="auto: bf16 autocast on CUDA and on CPUs with native bf16")
     g.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
     g.add_argument("--eval-samples", type=int, default=10, help="K stochastic passes for the final evaluation")
+    g.add_argument("--val-every", type=int, default=1, help="validate every N epochs (always after the last)")
     g = p.add_argument_group("adversarial training")
     g.add_argument("--adv", default=None, choices=("pgd", "fgsm-rs"), help="train on PGD or fast FGSM-with-random-start examples")
     g.add_argument("--adv-eps", type=parse_eps, default=8 / 255, help="l-inf radius in [0,1] pixel units (default 8/255)")
@@ -118,7 +119,7 @@ def train_config_from_args(a: argparse.Namespace):
         **{k: recipe[k] if getattr(a, k) is None else getattr(a, k) for k in ("epochs", "batch_size", "lr")},  # 0 is an error
         weight_decay=a.weight_decay, warmup_epochs=a.warmup_epochs, label_smoothing=a.label_smoothing,
         clip_grad=a.clip_grad or None, seed=a.seed, precision=a.precision, workers=a.workers,
-        eval_samples=a.eval_samples,
+        eval_samples=a.eval_samples, val_every=a.val_every,
     )
 
 

@@ -60,6 +60,7 @@ class TrainConfig:
     precision: str = "auto"
     workers: int = 0
     eval_samples: int = 10
+    val_every: int = 1  # validate every N epochs (and always after the last): per-epoch val costs a lot on CPU
     adv: dict | None = None  # adversarial training settings, filled by the robustness suite
     # transfer learning, filled by `stochvit transfer` (stochvit.transfer)
     init_weights: str | None = None  # safetensors to start from (a relative path is inside the run directory)
@@ -70,7 +71,8 @@ class TrainConfig:
     def validate(self) -> None:
         checks = [("epochs", self.epochs >= 1), ("batch_size", self.batch_size >= 1), ("lr", self.lr > 0),
                   ("label_smoothing", 0 <= self.label_smoothing < 1), ("drop_rate", 0 <= self.drop_rate < 1),
-                  ("eval_samples", self.eval_samples >= 1), ("warmup_epochs", self.warmup_epochs >= 0),
+                  ("eval_samples", self.eval_samples >= 1), ("val_every", self.val_every >= 1),
+                  ("warmup_epochs", self.warmup_epochs >= 0),
                   ("backbone_lr_scale", self.backbone_lr_scale > 0)]
         for name, ok in checks:
             if not ok:
@@ -164,11 +166,13 @@ class _Curves:
 
         rows = self.rows()
         ep = [r["epoch"] for r in rows]
+        val_rows = [r for r in rows if "val_nll" in r]  # --val-every N leaves epochs without validation
         fig, ax = plt.subplots(1, 3, figsize=(13, 3.6))
         for a, key, title in zip(ax, ("loss", "accuracy", "ece"), ("loss / NLL", "accuracy", "ECE (val)")):
             if key != "ece":
                 a.plot(ep, [r[f"train_{key}"] for r in rows], label="train")
-            a.plot(ep, [r[f"val_{'nll' if key == 'loss' else key}"] for r in rows], label="val")
+            a.plot([r["epoch"] for r in val_rows], [r[f"val_{'nll' if key == 'loss' else key}"] for r in val_rows],
+                   "o-" if len(val_rows) < len(rows) else "-", label="val")
             a.set_title(title)
             a.set_xlabel("epoch")
             a.legend()
@@ -331,16 +335,18 @@ def train(cfg: TrainConfig | None = None, out: str | Path | None = None, resume:
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
         train_time = time.perf_counter() - t0
         if rank == 0:
-            val = classification_metrics(*_single(dataset_probs(model, data.val, 1, precision=precision)))
             row = dict(epoch=epoch, train_loss=loss_sum / seen, train_accuracy=correct / seen, lr=sched.get_last_lr()[0],
-                       epoch_seconds=train_time, train_images_per_s=seen * world / train_time,
-                       **{f"val_{k}": v for k, v in val.items()})
+                       epoch_seconds=train_time, train_images_per_s=seen * world / train_time)
+            report = ""
+            if (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs:
+                val = classification_metrics(*_single(dataset_probs(model, data.val, 1, precision=precision)))
+                row.update({f"val_{k}": v for k, v in val.items()})
+                report = f"val acc {val['accuracy']:.4f}  val nll {val['nll']:.4f}  "
             curves.append(row)
             _save_checkpoint(path, model, opt, sched, epoch)
             if not quiet:
                 tqdm.write(f"epoch {epoch + 1:3d}/{cfg.epochs}  loss {row['train_loss']:.4f}  "
-                           f"train acc {row['train_accuracy']:.4f}  "
-                           f"val acc {val['accuracy']:.4f}  val nll {val['nll']:.4f}  {row['train_images_per_s']:.0f} img/s")
+                           f"train acc {row['train_accuracy']:.4f}  {report}{row['train_images_per_s']:.0f} img/s")
     if rank == 0:
         finalize_run(path, model, data, cfg.eval_samples, precision)
     if world > 1:

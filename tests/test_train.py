@@ -183,3 +183,13 @@ def test_ddp_on_cpu_with_torchrun(tmp_path):
     assert run.config["train"]["train_limit"] == 256
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
     assert (out / "summary.json").exists() and (out / "model.safetensors").exists()
+
+
+def test_val_every_validates_on_schedule_and_after_the_last_epoch(tmp_path):
+    out = tmp_path / "sparse"
+    assert main(["train", "--epochs", "3", "--val-every", "2", "--train-limit", "100", "--eval-samples", "1",
+                 "--out", str(out)]) == 0
+    rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [("val_nll" in r) for r in rows] == [False, True, True]
+    assert (out / "curves.png").stat().st_size > 0
+    assert main(["train", "--val-every", "0", "--out", str(tmp_path / "bad")]) == 2
