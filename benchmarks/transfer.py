@@ -173,6 +173,8 @@ def main() -> None:
     if not a.report_only:
         run_all(a, root)
     rows = collect(root)
+    if not rows:
+        raise SystemExit(f"no finished runs under {root}: nothing to report (run without --report-only first)")
     wall = time.perf_counter() - t0
     RESULTS.mkdir(exist_ok=True)
     stem = "transfer" if a.name == "digits" else f"transfer-{a.name}"
@@ -182,7 +184,7 @@ def main() -> None:
     kept = md.read_text().split(MARKER, 1)[1] if md.exists() and MARKER in md.read_text() else "\n\n(reading to be written)\n"
     total = sum(r["seconds"] for r in rows)
     n_test = read_json(Path(rows[-1]["run"]) / "config.json", "config")["data"]["sizes"]["test"]
-    md.write_text(
+    header = (
         f"# Transfer benchmark: {a.name} classes 0-4 -> 5-9\n\n"
         f"Command: `nice -n 10 python benchmarks/transfer.py {' '.join(sys.argv[1:])}`\n\n"
         f"Machine: 2-core AMD EPYC, no GPU (shared with other jobs). Wall time of this invocation {wall:.0f} s "
@@ -191,8 +193,11 @@ def main() -> None:
         "of accuracy. "
         f"ECE: 15 bins. K = {a.eval_samples} passes for stochastic models. One pretraining per kind (seed 0); rows average the "
         "transfer / from-scratch seeds listed.\n\n"
-        + _table(rows) + f"\n\n![accuracy]({stem}.png)\n\n" + MARKER + kept
     )
+    if a.report_only and md.exists():  # the header names the commands that trained the runs: keep it
+        old = md.read_text().split(MARKER, 1)[0]
+        header = old[: old.index("\n|") + 1] if "\n|" in old else header
+    md.write_text(header + _table(rows) + f"\n\n![accuracy]({stem}.png)\n\n" + MARKER + kept)
     print(json.dumps(dict(wall_seconds=round(wall)), indent=None))
     print(_table(rows))
 
