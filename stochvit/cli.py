@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import math
-import os
 import sys
 
 from .data import SPECS_HELP
@@ -124,7 +123,7 @@ def train_config_from_args(a: argparse.Namespace):
 
 
 def cmd_train(a: argparse.Namespace) -> None:
-    from .train import train
+    from .train import is_main_process, train
 
     if a.resume:
         path = train(resume=a.resume)
@@ -133,7 +132,7 @@ def cmd_train(a: argparse.Namespace) -> None:
         if a.adv:
             cfg.adv = dict(method=a.adv, eps=a.adv_eps, steps=a.adv_steps)
         path = train(cfg, out=a.out)
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
+    if not is_main_process():  # under torchrun only rank 0 reports
         return
     from .runs import read_json
 

@@ -214,6 +214,11 @@ def _distributed() -> tuple[int, int]:
     return (dist.get_rank(), world) if world > 1 else (0, 1)
 
 
+def is_main_process() -> bool:
+    """True outside torchrun and on its rank 0: the rank that writes the run directory and reports."""
+    return _distributed()[0] == 0
+
+
 def _param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
     """AdamW groups: no weight decay on biases, norms, position embeddings and tokens.
 
