@@ -212,3 +212,40 @@ def test_cli_end_to_end(digits_runs, tmp_path):
     assert not list(out.glob(".*tmp"))
     with pytest.raises(UserError, match="out of range"):
         privacy_cli(["privacy", str(digits_runs["stochastic"]), "--blocks", "9", "--out", str(tmp_path / "x")])
+
+
+def test_interrupted_run_resumes_without_recomputing_finished_configs(digits_runs, tmp_path, monkeypatch):
+    import stochvit.suites.privacy as suite
+
+    def args(out):
+        return ["privacy", str(digits_runs["deterministic"]), "--blocks", "1", "--noise-baseline", "0.5", "--n-victims", "4",
+                "--aux-limit", "128", "--passes", "1", "--decoder-steps", "20", "--decoder-width", "8", "--opt-steps", "5",
+                "--out", str(out)]
+
+    def without_seconds(path):
+        entries = json.loads((path / "privacy.json").read_text())["entries"]
+        for e in entries:
+            for r in e["attacks"].values():
+                r.pop("seconds")
+        return entries
+
+    privacy_cli(args(tmp_path / "whole"))
+    real, calls = suite.optimization_inversion, []
+
+    def interrupted_on_second_config(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(suite, "optimization_inversion", interrupted_on_second_config)
+    with pytest.raises(KeyboardInterrupt):
+        privacy_cli(args(tmp_path / "resumed"))
+    assert not (tmp_path / "resumed" / "privacy.json").exists()
+    assert len((tmp_path / "resumed" / ".partial" / "entries.jsonl").read_text().splitlines()) == 1
+    calls.clear()
+    monkeypatch.setattr(suite, "optimization_inversion", lambda *a, **k: calls.append(1) or real(*a, **k))
+    privacy_cli(args(tmp_path / "resumed"))
+    assert len(calls) == 1, "the finished configuration was recomputed"
+    assert without_seconds(tmp_path / "resumed") == without_seconds(tmp_path / "whole")
+    assert not (tmp_path / "resumed" / ".partial").exists()

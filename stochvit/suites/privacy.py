@@ -9,12 +9,16 @@ attacker are the training split; the victims are drawn from the test split, so t
 Outputs (in --out, each written to a temporary name then renamed): privacy.json, privacy.md,
 reconstructions.png (originals against reconstructions per run, block, defence and attack) and
 privacy_utility.png (attack PSNR/SSIM against accuracy, per block; lower-right is better).
+A CIFAR-10 run takes hours on CPU, so each finished configuration is kept in --out/.partial/ until the end:
+rerunning the same command after an interruption resumes where it stopped (other settings start over).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -38,7 +42,7 @@ from ..privacy import (
     reconstruction_metrics,
     split_accuracy,
 )
-from ..runs import Run, atomic_write_bytes, load_run, write_json
+from ..runs import Run, atomic_write_bytes, load_run, read_json, write_json
 from ..train import check_compatible, data_for
 
 ATTACKS = ("decoder", "optimization")
@@ -63,14 +67,54 @@ def attack_list(text: str) -> list[str]:
     return names
 
 
+class _Partial:
+    """Finished configurations of an unfinished `stochvit privacy` run, so the same command resumes after a kill."""
+
+    def __init__(self, out: Path, settings: dict) -> None:
+        from safetensors.torch import load_file
+
+        self.dir, self._load = out / ".partial", load_file
+        settings = json.loads(json.dumps(settings, default=float))
+        meta = self.dir / "settings.json"
+        if meta.exists() and read_json(meta, "partial privacy settings") != settings:
+            shutil.rmtree(self.dir)  # another command's leftovers: start over
+        self.dir.mkdir(parents=True, exist_ok=True)
+        write_json(meta, settings)
+        done = self.dir / "entries.jsonl"
+        self.entries = [json.loads(line) for line in done.read_text().splitlines()] if done.exists() else []
+
+    @staticmethod
+    def key(run: Run, k: int, sigma: float) -> str:
+        return f"{run.path}|{k}|{sigma!r}"
+
+    def get(self, key: str) -> tuple[dict, dict[str, torch.Tensor]] | None:
+        for i, e in enumerate(self.entries):
+            if e["key"] == key:
+                return e["entry"], self._load(str(self.dir / f"{i}.safetensors"))
+        return None
+
+    def add(self, key: str, entry: dict, shown: dict[str, torch.Tensor]) -> None:
+        from safetensors.torch import save_file
+
+        i = len(self.entries)
+        save_file({k: v.contiguous() for k, v in shown.items()}, str(self.dir / f"{i}.safetensors"))
+        self.entries.append(dict(key=key, entry=json.loads(json.dumps(entry, default=float))))
+        atomic_write_bytes(self.dir / "entries.jsonl", "".join(json.dumps(e) + "\n" for e in self.entries).encode())
+
+    def clear(self) -> None:
+        shutil.rmtree(self.dir)
+
+
 def _run_kind(run: Run) -> str:
     return "stochastic" if is_random(run.model) else "deterministic"
 
 
 def evaluate_privacy(runs: list[Run], aux: torch.Tensor, victims: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
                      blocks: str, attacks: list[str], sigmas: list[float], cfg: AttackConfig, passes: int = 5,
-                     seed: int = 0) -> tuple[list[dict], dict[str, torch.Tensor]]:
-    """One entry per (run, k, defence): accuracy and attack metrics. Also returns the shown reconstructions by label."""
+                     seed: int = 0, partial: _Partial | None = None) -> tuple[list[dict], dict[str, torch.Tensor]]:
+    """One entry per (run, k, defence): accuracy and attack metrics. Also returns the shown reconstructions by label.
+
+    Configurations found in `partial` are reused; each newly finished one is added to it."""
     where = default_device()
     victims_dev = victims.to(where)
     entries, shown = [], {}
@@ -83,6 +127,13 @@ def evaluate_privacy(runs: list[Run], aux: torch.Tensor, victims: torch.Tensor, 
                 plan.append((i, run, model, k, sigma))
     clean_accuracy: dict[int, dict] = {}
     for i, run, model, k, sigma in tqdm(plan, desc="privacy", unit="config"):
+        key = _Partial.key(run, k, sigma)
+        if partial is not None and (hit := partial.get(key)) is not None:
+            entries.append(hit[0])
+            shown.update(hit[1])
+            if sigma == 0:
+                clean_accuracy[i] = hit[0]["accuracy"]
+            continue
         noise_std = sigma * feature_rms(model, aux[:1024].to(where), k) if sigma else 0.0
         if sigma == 0 and i in clean_accuracy:  # without noise the split does not change the model's predictions
             accuracy = clean_accuracy[i]
@@ -114,6 +165,8 @@ def evaluate_privacy(runs: list[Run], aux: torch.Tensor, victims: torch.Tensor, 
             entry["attacks"][attack] = result
             shown[f"{label} {attack}"] = recon[:SHOW].cpu()
         entries.append(entry)
+        if partial is not None:
+            partial.add(key, entry, {f"{label} {attack}": shown[f"{label} {attack}"] for attack in attacks})
         tqdm.write(f"{label}: accuracy {accuracy['mean']:.3f}  " + "  ".join(
             f"{a} PSNR {r['psnr']['mean']:.1f} SSIM {r['ssim']['mean']:.3f}" for a, r in entry["attacks"].items()))
     return entries, shown
@@ -263,22 +316,24 @@ def run_privacy(a: argparse.Namespace) -> Path:
     if not any(not is_random(r.model) for r in runs) and a.noise_baseline:
         print("note: the noise baseline is applied to deterministic runs only; pass the deterministic run as well to get it")
     cfg = AttackConfig(decoder_steps=a.decoder_steps, decoder_width=a.decoder_width, opt_steps=a.opt_steps, tv_weight=a.tv_weight)
-    t0 = time.perf_counter()
-    entries, shown = evaluate_privacy(runs, aux, victims, test_x, test_y, a.blocks, a.attacks, a.noise_baseline, cfg,
-                                      a.passes, a.seed)
-    result = dict(
-        data=data.name, runs=[dict(run=str(r.path), name=r.name, kind=_run_kind(r)) for r in runs],
-        settings=dict(blocks=a.blocks, attacks=a.attacks, noise_baseline=a.noise_baseline, n_victims=len(victims), n_aux=len(aux),
-                      passes=a.passes, seed=a.seed, victims="test split", aux="train split", attack_config=vars(cfg)),
-        entries=entries, matched_utility=matched_utility(entries, a.attacks), seconds=time.perf_counter() - t0,
-    )
+    settings = dict(blocks=a.blocks, attacks=a.attacks, noise_baseline=a.noise_baseline, n_victims=len(victims), n_aux=len(aux),
+                    passes=a.passes, seed=a.seed, victims="test split", aux="train split", attack_config=vars(cfg))
     out = Path(a.out) if a.out else runs[0].path / "privacy"
     out.mkdir(parents=True, exist_ok=True)
+    partial = _Partial(out, dict(settings, data=data.name, runs=[str(r.path) for r in runs]))
+    t0 = time.perf_counter()
+    entries, shown = evaluate_privacy(runs, aux, victims, test_x, test_y, a.blocks, a.attacks, a.noise_baseline, cfg,
+                                      a.passes, a.seed, partial)
+    result = dict(
+        data=data.name, runs=[dict(run=str(r.path), name=r.name, kind=_run_kind(r)) for r in runs], settings=settings,
+        entries=entries, matched_utility=matched_utility(entries, a.attacks), seconds=time.perf_counter() - t0,
+    )
     plot_grid(victims, shown, out / "reconstructions.png")
     plot_privacy_utility(entries, a.attacks, out / "privacy_utility.png")
     table = markdown(result)
     atomic_write_bytes(out / "privacy.md", table.encode())
     write_json(out / "privacy.json", result)
+    partial.clear()
     print(table + f"\nwrote {out}/privacy.json, privacy.md, reconstructions.png, privacy_utility.png")
     return out
 
