@@ -81,7 +81,8 @@ def main() -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    x = torch.randn(a.batch_size, 3, 32, 32)
+    embed = stochvit.create_model(a.model, stochastic=False).patch_embed  # the model's own input shape
+    x = torch.randn(a.batch_size, embed.proj.in_channels, *embed.img_size)
     y = torch.randint(0, 10, (a.batch_size,))
     cells = {}
     for prec in a.precisions.split(","):

@@ -396,7 +396,7 @@ def adversarial_step(adv: dict) -> Callable[[nn.Module, torch.Tensor, torch.Tens
 
     def step(net: nn.Module, x: torch.Tensor, y: torch.Tensor, precision: str) -> torch.Tensor:
         model = getattr(net, "module", net)  # attack the bare model, not a DDP wrapper (no gradient sync)
-        with autocast(precision, x.device):
+        with autocast(precision, x.device, model):
             if method == "fgsm-rs":
                 return fgsm(model, x, y, eps, "linf", rand_init=True)
             return pgd(model, x, y, eps, "linf", steps=steps)

@@ -92,7 +92,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--clip-grad", type=float, default=1.0, help="max gradient norm (0 disables)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="auto: bf16 autocast on CUDA and on CPUs with native bf16")
+                   help="auto: bf16 autocast on CUDA, and on CPUs with native bf16 for models >= 128 wide")
     g.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
     g.add_argument("--eval-samples", type=int, default=10, help="K stochastic passes for the final evaluation")
     g.add_argument("--val-every", type=int, default=1, help="validate every N epochs (always after the last)")

@@ -52,7 +52,7 @@ def dataset_probs(
     probs, labels = [], []
     was_training = model.training
     model.eval()
-    with autocast(precision, device):
+    with autocast(precision, device, model):
         for x, y in loader:
             probs.append(sample_probs(model, x.to(device), samples).cpu())
             labels.append(y)

@@ -267,7 +267,6 @@ def train(cfg: TrainConfig | None = None, out: str | Path | None = None, resume:
     rank, world = _distributed()
     device = default_device() if world == 1 else torch.device("cuda", rank % max(1, torch.cuda.device_count())) \
         if torch.cuda.is_available() else torch.device("cpu")
-    precision = resolve_precision(cfg.precision, device)
     data = load_data(cfg.data, cfg.data_dir, cfg.download, cfg.split_seed, train_limit=cfg.train_limit, img_size=cfg.img_size)
     config = run_config(cfg, data)
     _seed_everything(cfg.seed + rank)
@@ -279,6 +278,7 @@ def train(cfg: TrainConfig | None = None, out: str | Path | None = None, resume:
     if patch is not None and data.img_size < max(patch):
         raise UserError(f"{cfg.data}: images of {data.img_size}x{data.img_size} are smaller than {cfg.model}'s "
                         f"{max(patch)}-pixel patches; pass a larger --img-size or choose another --model")
+    precision = resolve_precision(cfg.precision, device, model)
     if resume is None and rank == 0:
         path.mkdir(parents=True, exist_ok=True)
         write_json(path / "config.json", config)
@@ -380,7 +380,7 @@ def finalize_run(path: Path, model: nn.Module, data: DataBundle, eval_samples: i
     rows = curves.rows()
     summary = dict(test_accuracy=test["single_pass"]["accuracy"]["mean"], test=test, val=val, epochs=len(rows),
                    train_seconds=sum(r.get("epoch_seconds", 0.0) for r in rows), precision=resolve_precision(precision,
-                   next(model.parameters()).device), **extra_summary)
+                   next(model.parameters()).device, model), **extra_summary)
     tmp = path / ".model.safetensors.tmp"
     save_file({k: v.contiguous() for k, v in model.net.state_dict().items()}, str(tmp))
     os.replace(tmp, path / "model.safetensors")

@@ -104,7 +104,7 @@ def fit(model: nn.Module, data: ImageSet, epochs: int, batch_size: int, lr: floa
     for _ in range(epochs):
         for x, y in loader:
             x, y = x.to(device), y.to(device)
-            with autocast(precision, device):
+            with autocast(precision, device, model):
                 logits = model(x)
             loss = loss_fn(logits.float(), y)
             opt.zero_grad(set_to_none=True)
