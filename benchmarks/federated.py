@@ -4,7 +4,7 @@ same rounds and local epochs, each through `stochvit federated` (a real Flower s
     nice -n 10 python benchmarks/federated.py                       # 20 rounds x 3 local epochs, batch 32
     nice -n 10 python benchmarks/federated.py --rounds 5 --only iid # a quick look
     OMP_NUM_THREADS=2 python benchmarks/federated.py --data imagefolder:../shared/data/cifar10-jpeg \
-        --train-limit 4000 --rounds 4 --local-epochs 1 --batch-size 128 --fraction-evaluate 0 --eval-samples 2
+        --train-limit 4000 --rounds 4 --local-epochs 1 --batch-size 128 --fraction-evaluate 0 --eval-samples 1
                                                                     # CIFAR-10, CPU-short (runs/cifar10-federated)
 
 Runs go to benchmarks/runs/{digits,cifar10}-federated/<partition>-<model> (finished ones are reused); the table
