@@ -61,6 +61,12 @@ def federated_run_config(a: argparse.Namespace) -> dict:
 
     cfg = train_config_from_args(a)
     cfg.epochs = a.local_epochs
+    # the Flower apps run in their own working directory: relative data paths must become absolute here
+    if cfg.data.startswith("imagefolder:"):
+        path, sep, classes = cfg.data.removeprefix("imagefolder:").partition(":classes=")
+        cfg.data = f"imagefolder:{Path(path).expanduser().resolve()}" + (f":classes={classes}" if sep else "")
+    if cfg.data_dir:
+        cfg.data_dir = str(Path(cfg.data_dir).expanduser().resolve())
     fed = {"out-dir": str(Path(a.out).expanduser().resolve()), "clients": a.clients, "partition": a.partition,
            "rounds": a.rounds, "fraction-train": a.fraction_train, "fraction-evaluate": a.fraction_evaluate,
            "min-clients": a.min_clients if a.min_clients is not None else min(2, a.clients),
