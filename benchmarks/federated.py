@@ -80,7 +80,7 @@ def main() -> None:
     p.add_argument("--local-epochs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--only", choices=PARTITIONS, default=None)
+    p.add_argument("--only", choices=PARTITIONS, nargs="+", default=None, help="run (or report) only these partitions")
     p.add_argument("--train-limit", type=int, default=None, help="stratified subset of the training split, shared out")
     p.add_argument("--fraction-evaluate", type=float, default=1.0, help="clients evaluating locally (0 skips)")
     p.add_argument("--eval-samples", type=int, default=10, help="K passes for the final evaluation")
@@ -88,7 +88,7 @@ def main() -> None:
     a = p.parse_args()
     a.root = RUNS / ("digits-federated" if a.data == "digits" else "cifar10-federated")
     a.root.mkdir(parents=True, exist_ok=True)
-    results = [run(part, model, a) for part in ([a.only] if a.only else PARTITIONS) for model in MODELS]
+    results = [run(part, model, a) for part in (a.only or PARTITIONS) for model in MODELS]
     (a.root / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     text = table(results)
     (a.root / "results.md").write_text(text)
