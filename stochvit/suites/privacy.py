@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from ..errors import UserError
@@ -71,9 +72,7 @@ class _Partial:
     """Finished configurations of an unfinished `stochvit privacy` run, so the same command resumes after a kill."""
 
     def __init__(self, out: Path, settings: dict) -> None:
-        from safetensors.torch import load_file
-
-        self.dir, self._load = out / ".partial", load_file
+        self.dir = out / ".partial"
         settings = json.loads(json.dumps(settings, default=float))
         meta = self.dir / "settings.json"
         if meta.exists() and read_json(meta, "partial privacy settings") != settings:
@@ -90,12 +89,10 @@ class _Partial:
     def get(self, key: str) -> tuple[dict, dict[str, torch.Tensor]] | None:
         for i, e in enumerate(self.entries):
             if e["key"] == key:
-                return e["entry"], self._load(str(self.dir / f"{i}.safetensors"))
+                return e["entry"], load_file(str(self.dir / f"{i}.safetensors"))
         return None
 
     def add(self, key: str, entry: dict, shown: dict[str, torch.Tensor]) -> None:
-        from safetensors.torch import save_file
-
         i = len(self.entries)
         save_file({k: v.contiguous() for k, v in shown.items()}, str(self.dir / f"{i}.safetensors"))
         self.entries.append(dict(key=key, entry=json.loads(json.dumps(entry, default=float))))
