@@ -10,6 +10,9 @@
 #                (1,000 queries x EOT on 1,000 images is hours here), so that sanity check reads SKIP.
 #   privacy      split after blocks 1, 3 and 6; decoder (400 steps) and optimisation (150 steps) inversion of
 #                16 victim images; attacker's auxiliary set 5,000 training images; noise baseline sigma 0.3 and 1.0
+# Adversarial training (session 4): the two protocol runs are fine-tuned with FGSM-RS (Wong et al. 2020; l-inf 8/255,
+# step 1.25 eps) for 5 more epochs on the same 10,000 images (lr 5e-4, 1 warmup epoch, then cosine), the same budget for
+# both (adversarial training from scratch would cost ~2x a protocol run per model), and get the same robustness budget.
 # Two chains run side by side, one core (one OpenMP thread) each. Logs: benchmarks/runs/cifar10/logs/. A step whose
 # output folder already holds its JSON is skipped, so the script can be rerun after an interruption (or started per step).
 set -euo pipefail
@@ -36,5 +39,18 @@ ready deterministic
 } &
 { ready stochastic; timed robustness-stochastic robustness "$R/stochastic" "${ROB[@]}" --attacks pgd,eot-pgd,aa-rand,transfer \
   --surrogate "$R/deterministic"; } &
+wait
+adv() {  # adv NAME CLEAN FLAGS...: FGSM-RS fine-tuning of protocol run CLEAN, skipped when finished before
+  local name=$1 clean=$2; shift 2
+  [ -e "$R/$name/summary.json" ] && { echo "$name: done before, skipped"; return; }
+  EPOCHS=5 /usr/bin/time -f "$name: %e s wall" -a -o "$R/logs/wall.txt" bash benchmarks/cifar10_protocol.sh "$name" \
+    --init-weights "$R/$clean" --adv fgsm-rs --adv-eps 8/255 --lr 5e-4 --warmup-epochs 1 --val-every 5 "$@" \
+    > "$R/logs/$name.log" 2>&1
+}
+{ adv adv-deterministic deterministic --no-stochastic
+  timed robustness-adv-deterministic robustness "$R/adv-deterministic" "${ROB[@]}" --attacks pgd,eot-pgd,aa-rand; } &
+{ adv adv-stochastic stochastic --stochastic; ready adv-deterministic
+  timed robustness-adv-stochastic robustness "$R/adv-stochastic" "${ROB[@]}" --attacks pgd,eot-pgd,aa-rand,transfer \
+  --surrogate "$R/adv-deterministic"; } &
 wait
 cat "$R/logs/wall.txt"

@@ -10,6 +10,7 @@ import argparse
 import importlib
 import math
 import sys
+from pathlib import Path
 
 from .data import SPECS_HELP
 from .errors import UserError
@@ -96,6 +97,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
     g.add_argument("--eval-samples", type=int, default=10, help="K stochastic passes for the final evaluation")
     g.add_argument("--val-every", type=int, default=1, help="validate every N epochs (always after the last)")
+    g.add_argument("--init-weights", default=None, metavar="RUN_DIR|FILE",
+                   help="start from these weights (a run directory's model.safetensors, or a .safetensors file) "
+                        "instead of a random init, e.g. to fine-tune a run adversarially")
     g = p.add_argument_group("adversarial training")
     g.add_argument("--adv", default=None, choices=("pgd", "fgsm-rs"), help="train on PGD or fast FGSM-with-random-start examples")
     g.add_argument("--adv-eps", type=parse_eps, default=8 / 255, help="l-inf radius in [0,1] pixel units (default 8/255)")
@@ -106,19 +110,38 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 RECIPES = {"digits": dict(epochs=60, batch_size=64, lr=3e-3), None: dict(epochs=10, batch_size=128, lr=1e-3)}
 
 
+def init_weights_path(value: str | None) -> str | None:
+    """`--init-weights` as an absolute safetensors path (a run directory means its model.safetensors)."""
+    if value is None:
+        return None
+    path = Path(value).expanduser().resolve()
+    if path.is_dir():
+        path = path / "model.safetensors"
+    if not path.is_file():
+        raise UserError(f"--init-weights {value}: no such run directory or weights file "
+                        "(give a finished run directory or a .safetensors file)")
+    return str(path)
+
+
 def train_config_from_args(a: argparse.Namespace):
+    """A TrainConfig from `train`'s flags; commands that share only some of them (federated) get the defaults."""
+    from dataclasses import fields
+
     from .train import TrainConfig
 
     base = a.data.split(":classes=")[0]  # a class subset keeps its parent dataset's recipe
     recipe = RECIPES.get(base, RECIPES[None])
+    default = {f.name: f.default for f in fields(TrainConfig)}
+    optional = {k: getattr(a, k, default[k])
+                for k in ("download", "warmup_epochs", "label_smoothing", "workers", "val_every")}
     return TrainConfig(
-        data=a.data, data_dir=a.data_dir, download=a.download, split_seed=a.split_seed, train_limit=a.train_limit,
+        data=a.data, data_dir=a.data_dir, split_seed=a.split_seed, train_limit=a.train_limit,
         img_size=a.img_size, model=a.model or ("vit_digits_patch2_8" if base == "digits" else "vit_tiny_patch4_32"),
         act=a.act, drop_rate=a.drop_rate, mc_dropout=a.mc_dropout, stochastic=stochastic_from_args(a),
-        **{k: recipe[k] if getattr(a, k) is None else getattr(a, k) for k in ("epochs", "batch_size", "lr")},  # 0 is an error
-        weight_decay=a.weight_decay, warmup_epochs=a.warmup_epochs, label_smoothing=a.label_smoothing,
-        clip_grad=a.clip_grad or None, seed=a.seed, precision=a.precision, workers=a.workers,
-        eval_samples=a.eval_samples, val_every=a.val_every,
+        **{k: recipe[k] if getattr(a, k, None) is None else getattr(a, k)  # 0 is an error
+           for k in ("epochs", "batch_size", "lr")},
+        weight_decay=a.weight_decay, clip_grad=a.clip_grad or None, seed=a.seed, precision=a.precision,
+        eval_samples=a.eval_samples, init_weights=init_weights_path(getattr(a, "init_weights", None)), **optional,
     )
 
 

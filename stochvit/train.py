@@ -279,14 +279,14 @@ def train(cfg: TrainConfig | None = None, out: str | Path | None = None, resume:
         raise UserError(f"{cfg.data}: images of {data.img_size}x{data.img_size} are smaller than {cfg.model}'s "
                         f"{max(patch)}-pixel patches; pass a larger --img-size or choose another --model")
     precision = resolve_precision(cfg.precision, device, model)
+    ckpt = _load_checkpoint(path) if resume is not None else {}
+    if cfg.init_weights and not ckpt:  # before the run directory is written: weights that do not fit leave nothing
+        load_weights(model.net, path / cfg.init_weights)
     if resume is None and rank == 0:
         path.mkdir(parents=True, exist_ok=True)
         write_json(path / "config.json", config)
     steps_per_epoch = math.ceil(len(data.train) / (cfg.batch_size * world))
     total = steps_per_epoch * cfg.epochs
-    ckpt = _load_checkpoint(path) if resume is not None else {}
-    if cfg.init_weights and not ckpt:
-        load_weights(model.net, path / cfg.init_weights)
     opt = torch.optim.AdamW(_param_groups(model, cfg), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, int(cfg.warmup_epochs * steps_per_epoch)))
     start = 0

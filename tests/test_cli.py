@@ -249,3 +249,26 @@ def test_bad_input_through_a_real_process(tmp_path):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("stochvit train: error: unknown dataset 'nope'; expected digits"), lines
     assert not (tmp_path / "r").exists()
+
+
+def test_init_weights_start_training_from_a_run(run_copy, tmp_path, capsys):
+    """`--init-weights RUN_DIR` starts from that run's weights: at a vanishing learning rate they come back unchanged."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "finetuned"
+    assert main(["train", *QUICK, "--epochs", "1", "--lr", "1e-12", "--init-weights", str(run_copy), "--out", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["train"]["init_weights"] == str(run_copy / "model.safetensors")
+    before, after = load_file(str(run_copy / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert before.keys() == after.keys()
+    for k in before:
+        torch.testing.assert_close(after[k], before[k], rtol=0, atol=1e-6)
+
+
+def test_init_weights_that_do_not_fit(tmp_path, capsys):
+    other = create_model("vit_tiny_patch4_32", stochastic=False)
+    weights = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(weights))
+    fails(capsys, ["train", *QUICK, "--init-weights", str(weights), "--out", str(tmp_path / "r")], "do not fit the model")
+    assert not (tmp_path / "r").exists()
+    fails(capsys, ["train", *QUICK, "--init-weights", str(tmp_path / "nope"), "--out", str(tmp_path / "r")],
+          "--init-weights", "no such run directory")

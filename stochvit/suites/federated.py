@@ -51,8 +51,7 @@ def add_parser(subparsers) -> None:
     g.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
     g.add_argument("--eval-samples", type=int, default=10, help="K stochastic passes for the final evaluation")
     p.add_argument("--out", required=True, help="run directory to create (must be new or empty)")
-    p.set_defaults(func=cmd_federated, download=False, epochs=None, warmup_epochs=0.0, label_smoothing=0.0, workers=0,
-                   val_every=1)
+    p.set_defaults(func=cmd_federated, warmup_epochs=0.0)  # rounds follow their own cosine schedule
 
 
 def federated_run_config(a: argparse.Namespace) -> dict:
