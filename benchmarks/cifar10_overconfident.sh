@@ -7,7 +7,8 @@
 # Methods: deterministic; stochastic U[0.5,1.5] and U[0,2]; Bernoulli (token-consistent dropout, moments of U[0.5,1.5]);
 # MC dropout (p=0.1); label smoothing 0.1; a 3-member deterministic ensemble (seeds 0, 1, 2).
 # bf16/fp32 parity (issue 2): on a CPU with native bf16 `auto` trains these in bf16 autocast, so a third chain trains the
-# seed-0 deterministic run again in fp32 (deterministic-fp32); seeds 0, 1, 2 give the seed-to-seed spread.
+# seed-0 deterministic and stochastic runs again in fp32 (deterministic-fp32, stochastic-fp32, session 4); seeds 0, 1, 2
+# give the seed-to-seed spread.
 # The chains run side by side, one OpenMP thread each; then the calibration suite (K=5, shift on a seeded
 # 300-image test subset). A run or suite output that already exists is skipped, so the script resumes.
 set -euo pipefail
@@ -24,7 +25,7 @@ run() {  # run NAME FLAGS...: one protocol run, skipped when finished before
   run label-smoothing --no-stochastic --label-smoothing 0.1; run deterministic-seed1 --no-stochastic --seed 1; } &
 { run stochastic --stochastic; run bernoulli --stochastic --distribution bernoulli
   run mc-dropout --no-stochastic --drop-rate 0.1 --mc-dropout; run deterministic-seed2 --no-stochastic --seed 2; } &
-run deterministic-fp32 --no-stochastic --precision fp32 &
+{ run deterministic-fp32 --no-stochastic --precision fp32; run stochastic-fp32 --stochastic --precision fp32; } &
 wait
 if [ ! -e "$RUNS/calibration/calibration.json" ]; then
   export OMP_NUM_THREADS=2
