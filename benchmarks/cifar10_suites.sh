@@ -12,7 +12,8 @@
 #                16 victim images; attacker's auxiliary set 5,000 training images; noise baseline sigma 0.3 and 1.0
 # Adversarial training (session 4): the two protocol runs are fine-tuned with FGSM-RS (Wong et al. 2020; l-inf 8/255,
 # step 1.25 eps) for 5 more epochs on the same 10,000 images (lr 5e-4, 1 warmup epoch, then cosine), the same budget for
-# both (adversarial training from scratch would cost ~2x a protocol run per model), and get the same robustness budget.
+# both (adversarial training from scratch would cost ~2x a protocol run per model), and get the same robustness budget,
+# then a stronger composite (20 steps, EOT 8) at 8/255.
 # Two chains run side by side, one core (one OpenMP thread) each. Logs: benchmarks/runs/cifar10/logs/. A step whose
 # output folder already holds its JSON is skipped, so the script can be rerun after an interruption (or started per step).
 set -euo pipefail
@@ -53,4 +54,8 @@ adv() {  # adv NAME CLEAN FLAGS...: FGSM-RS fine-tuning of protocol run CLEAN, s
   timed robustness-adv-stochastic robustness "$R/adv-stochastic" "${ROB[@]}" --attacks pgd,eot-pgd,aa-rand,transfer \
   --surrogate "$R/adv-deterministic"; } &
 wait
+# a stronger adaptive attack where the adversarially trained pair differs most (8/255): the composite at 20 steps, EOT 8
+STRONG=(--eps 8/255 --n-examples 1000 --steps 20 --eot 8 --passes 4 --batch-size 125 --attacks aa-rand --no-sanity)
+timed robustness-adv-deterministic-strong robustness "$R/adv-deterministic" "${STRONG[@]}"
+timed robustness-adv-stochastic-strong robustness "$R/adv-stochastic" "${STRONG[@]}"
 cat "$R/logs/wall.txt"
