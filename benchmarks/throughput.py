@@ -3,7 +3,8 @@
     python benchmarks/throughput.py --out benchmarks/results/throughput.json
 
 Models: plain timm `vit_tiny_patch4_32`, the same with the default stochastic layer (diagonal U[0.5,1.5],
-token-consistent, pre-activation) and with the full kind (Gaussian random projection; the orthogonal
+token-consistent, pre-activation), eager or with its scale compiled into the activation (`stochvit.set_fused`; compiled
+during the warm-up), and with the full kind (Gaussian random projection; the orthogonal
 one adds a QR decomposition per image and block).
 Training = forward + backward + AdamW step; inference = forward under no_grad in eval(). Batch 128.
 Every (model, task, precision) cell is timed once per round, rounds interleaved, and the median kept,
@@ -32,6 +33,7 @@ from stochvit.precision import autocast, cpu_has_native_bf16
 MODELS = {
     "plain": False,
     "stochastic-diagonal": True,
+    "stochastic-diagonal-fused": True,  # the same layer with stochvit.set_fused: scale compiled into the activation
     "stochastic-full-gaussian": dict(kind="full", distribution="gaussian"),
 }
 
@@ -89,6 +91,8 @@ def main() -> None:
         for task in ("train", "infer"):
             for name in ["plain"] + [m for m in a.models.split(",") if m != "plain"]:
                 model = stochvit.create_model(a.model, stochastic=MODELS[name])
+                if name.endswith("-fused"):
+                    stochvit.set_fused(model)
                 cells[(name, task, prec)] = _step_fn(model, task, prec, x, y)
     times: dict[tuple, list[float]] = {k: [] for k in cells}
     for fn in cells.values():  # warm-up

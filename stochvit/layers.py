@@ -136,6 +136,12 @@ class StochasticLinear(RandomAtInference):
         q = q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
         return q.to(dtype)
 
+    def draw(self, x: torch.Tensor) -> torch.Tensor:
+        """A fresh draw for input `x`, in its dtype: shaped to broadcast over `x` (diagonal) or to batch-multiply it."""
+        if x.dim() < 2 and self.sharing != "batch":
+            raise ValueError(f"sharing={self.sharing!r} needs a batch dimension, got shape {tuple(x.shape)}")
+        return self.sample(self.draw_shape(x), x.device).to(x.dtype)
+
     # -- forward --------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         """Apply a fresh draw. `inplace=True` lets the diagonal kind scale `x` in place (callers that own `x`, like
@@ -148,9 +154,7 @@ class StochasticLinear(RandomAtInference):
             if self.kind == "full":
                 raise ValueError("mode='mean' is undefined for kind='full': the expected random matrix is zero")
             return x.mul_(self.mean) if inplace else x * self.mean
-        if x.dim() < 2 and self.sharing != "batch":
-            raise ValueError(f"sharing={self.sharing!r} needs a batch dimension, got shape {tuple(x.shape)}")
-        w = self.sample(self.draw_shape(x), x.device).to(x.dtype)
+        w = self.draw(x)
         if self.kind == "diagonal":
             return x.mul_(w) if inplace else x * w
         if self.sharing == "batch":

@@ -6,7 +6,8 @@ converted model and of the plain timm model are interchangeable.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import warnings
+from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 import torch
@@ -49,6 +50,7 @@ class StochasticMlp(Mlp):
         if not isinstance(self.fc1, nn.Linear):
             raise ValueError("StochasticMlp needs token-last nn.Linear layers (use_conv=True is not supported)")
         self.position = position
+        self.fused = False  # see set_fused
         width = self.fc2.out_features if position == "output" else self.fc1.out_features
         self.stochastic = StochasticLinear(width, **layer_cfg)
 
@@ -65,9 +67,14 @@ class StochasticMlp(Mlp):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.fc1(x)
-        if self.position == "pre_act":
-            x = self.stochastic(x, inplace=True)  # x is our own intermediate
-        x = self.act(x)
+        if self.fused and self.position == "pre_act" and self.stochastic.kind == "diagonal" and self.stochastic.mode == "on":
+            if x.shape[-1] != self.stochastic.features:
+                raise ValueError(f"StochasticLinear expects {self.stochastic.features} features, got shape {tuple(x.shape)}")
+            x = _fused_scale_act(self.act)(x, self.stochastic.draw(x))
+        else:
+            if self.position == "pre_act":
+                x = self.stochastic(x, inplace=True)  # x is our own intermediate
+            x = self.act(x)
         if self.position == "post_act":
             x = self.stochastic(x, inplace=True)  # x is our own intermediate
         x = self.drop1(x)
@@ -77,6 +84,48 @@ class StochasticMlp(Mlp):
         if self.position == "output":
             x = self.stochastic(x, inplace=True)  # x is our own intermediate
         return x
+
+
+def set_fused(model: nn.Module, on: bool = True) -> int:
+    """Fuse the default layer's scale into the activation, act(fc1(x) * s), as one kernel compiled by torch.compile.
+
+    Eager PyTorch spends one extra elementwise pass over the hidden features on the scale, forward and backward; the
+    compiled kernel folds it into the activation's own pass. It applies to diagonal layers at position "pre_act" while
+    they sample (mode "on"); the draws are the same as the eager path's. The first call compiles (seconds, needs a C++
+    compiler on CPU); without one stochvit warns once and stays eager. Returns how many MLPs were switched.
+    """
+    mlps = [m for m in model.modules() if isinstance(m, StochasticMlp)]
+    for m in mlps:
+        m.fused = on
+    return len(mlps)
+
+
+_COMPILED: dict[str, Callable] = {}
+_EAGER_ONLY: list[str] = []  # set once compilation has failed: every later call stays eager
+
+
+def _fused_scale_act(act: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """act(h * s), compiled once per activation; falls back to eager (with one warning) when compilation fails."""
+
+    def eager(h: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        return act(h.mul_(s))
+
+    if _EAGER_ONLY:
+        return eager
+    key = repr(act)
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(lambda h, s: act(h * s), dynamic=None)
+    compiled = _COMPILED[key]
+
+    def run(h: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        try:
+            return compiled(h, s)
+        except Exception as e:  # noqa: BLE001 - any compiler failure (no C++ compiler, unsupported op) means eager
+            _EAGER_ONLY.append(f"{type(e).__name__}: {e}"[:300])
+            warnings.warn(f"stochvit: the fused scale could not be compiled ({_EAGER_ONLY[0]}); running eager", stacklevel=2)
+            return eager(h, s)
+
+    return run
 
 
 def _mlps_in(model: nn.Module, blocks: Iterable[int] | None) -> list[tuple[nn.Module, str, Mlp]]:

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from .data import DataBundle, load_data
 from .errors import UserError
 from .metrics import classification_metrics, mc_metrics
+from .mlp import set_fused
 from .models import stochastic_config
 from .precision import autocast, default_device, resolve_precision
 from .predict import dataset_probs
@@ -61,6 +62,7 @@ class TrainConfig:
     workers: int = 0
     eval_samples: int = 10
     val_every: int = 1  # validate every N epochs (and always after the last): per-epoch val costs a lot on CPU
+    fused: bool = False  # compile the default layer's scale into the activation (stochvit.mlp.set_fused)
     adv: dict | None = None  # adversarial training settings, filled by the robustness suite
     # transfer learning, filled by `stochvit transfer` (stochvit.transfer)
     init_weights: str | None = None  # safetensors to start from (a relative path is inside the run directory)
@@ -279,6 +281,8 @@ def train(cfg: TrainConfig | None = None, out: str | Path | None = None, resume:
         raise UserError(f"{cfg.data}: images of {data.img_size}x{data.img_size} are smaller than {cfg.model}'s "
                         f"{max(patch)}-pixel patches; pass a larger --img-size or choose another --model")
     precision = resolve_precision(cfg.precision, device, model)
+    if cfg.fused:
+        set_fused(model.net)
     ckpt = _load_checkpoint(path) if resume is not None else {}
     if cfg.init_weights and not ckpt:  # before the run directory is written: weights that do not fit leave nothing
         load_weights(model.net, path / cfg.init_weights)

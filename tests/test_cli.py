@@ -120,13 +120,13 @@ def test_train_end_to_end_through_the_installed_command(tmp_path):
 def test_train_flags_reach_the_run_config(tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["train", "--epochs", "1", "--train-limit", "100", "--eval-samples", "1", "--kind", "full", "--distribution",
-            "orthogonal", "--position", "output", "--blocks", "0,2", "--act", "relu", "--seed", "3", "--out", str(out)]
+            "orthogonal", "--position", "output", "--blocks", "0,2", "--act", "relu", "--seed", "3", "--fused", "--out", str(out)]
     assert main(argv) == 0
     assert "test accuracy" in capsys.readouterr().out
     config = json.loads((out / "config.json").read_text())
     assert config["stochastic"] == dict(kind="full", distribution="orthogonal", low=0.5, high=1.5, sharing="image",
                                         position="output", blocks=[0, 2])
-    assert config["model"]["kwargs"]["act_layer"] == "relu" and config["train"]["seed"] == 3
+    assert config["model"]["kwargs"]["act_layer"] == "relu" and config["train"]["seed"] == 3 and config["train"]["fused"]
     from stochvit.runs import load_run
 
     net = load_run(out).model.net

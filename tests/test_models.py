@@ -13,6 +13,7 @@ from scipy import stats
 from timm.layers import Mlp
 from torch import nn
 
+import stochvit
 from stochvit import (
     StochasticLinear,
     StochasticMlp,
@@ -290,3 +291,48 @@ def test_in_place_scaling_gives_the_out_of_place_gradients():
     y.square().sum().backward()
     for g, ref in zip(grads, [x.grad, mlp.fc1.weight.grad, mlp.fc2.weight.grad]):
         assert torch.allclose(g, ref, atol=1e-6)
+
+
+def _mlp_run(mlp: nn.Module, x: torch.Tensor, seed: int) -> list[torch.Tensor]:
+    """Output and gradients of one seeded forward/backward pass."""
+    x = x.clone().requires_grad_(True)
+    mlp.zero_grad()
+    torch.manual_seed(seed)
+    y = mlp(x)
+    y.square().sum().backward()
+    return [y.detach(), x.grad, mlp.fc1.weight.grad.clone(), mlp.fc2.weight.grad.clone()]
+
+
+@pytest.mark.parametrize("act", ["gelu", "relu"])
+def test_fused_scale_gives_the_eager_outputs_and_gradients(act):
+    """set_fused compiles act(fc1(x) * s); with the same draws it computes what the eager layer computes."""
+    model = create_model("vit_digits_patch2_8", stochastic=True, act_layer=act)
+    mlp = model.blocks[0].mlp.train()
+    for batch in (4, 3):  # a new batch size recompiles
+        x = torch.randn(batch, 17, mlp.fc1.in_features)
+        eager = _mlp_run(mlp, x, seed=batch)
+        assert stochvit.set_fused(mlp) == 1 and mlp.fused
+        fused = _mlp_run(mlp, x, seed=batch)
+        stochvit.set_fused(mlp, False)
+        for a, b in zip(fused, eager):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(_mlp_run(mlp, x, seed=0)[0], _mlp_run(mlp, x, seed=1)[0])  # draws still differ per pass
+
+
+def test_fused_scale_falls_back_to_eager_when_compilation_fails(monkeypatch):
+    from stochvit import mlp as mlp_module
+
+    def broken(h, s):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(mlp_module, "_COMPILED", {repr(nn.GELU()): broken})
+    monkeypatch.setattr(mlp_module, "_EAGER_ONLY", [])
+    mlp = StochasticMlp(16, hidden_features=32).train()
+    x = torch.randn(3, 5, 16)
+    eager = _mlp_run(mlp, x, seed=2)
+    mlp_module.set_fused(mlp)
+    with pytest.warns(UserWarning, match="could not be compiled"):
+        fused = _mlp_run(mlp, x, seed=2)
+    for a, b in zip(fused, eager):
+        torch.testing.assert_close(a, b)
+    assert mlp_module._EAGER_ONLY  # later calls skip compilation
