@@ -67,7 +67,8 @@ class StochasticMlp(Mlp):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.fc1(x)
-        if self.fused and self.position == "pre_act" and self.stochastic.kind == "diagonal" and self.stochastic.mode == "on":
+        if (self.fused and torch.is_grad_enabled() and self.position == "pre_act" and self.stochastic.kind == "diagonal"
+                and self.stochastic.mode == "on"):  # training only: inference measured no faster fused
             if x.shape[-1] != self.stochastic.features:
                 raise ValueError(f"StochasticLinear expects {self.stochastic.features} features, got shape {tuple(x.shape)}")
             x = _fused_scale_act(self.act)(x, self.stochastic.draw(x))
@@ -91,8 +92,10 @@ def set_fused(model: nn.Module, on: bool = True) -> int:
 
     Eager PyTorch spends one extra elementwise pass over the hidden features on the scale, forward and backward; the
     compiled kernel folds it into the activation's own pass. It applies to diagonal layers at position "pre_act" while
-    they sample (mode "on"); the draws are the same as the eager path's. The first call compiles (seconds, needs a C++
-    compiler on CPU); without one stochvit warns once and stays eager. Returns how many MLPs were switched.
+    they sample (mode "on") with gradients enabled, i.e. to training steps: under no_grad the eager in-place path was as
+    fast or faster (benchmarks/RESULTS.md). The draws are the same as the eager path's. The first call compiles
+    (seconds; needs a C++ compiler on CPU); without one stochvit warns once and stays eager. Returns how many MLPs
+    were switched.
     """
     mlps = [m for m in model.modules() if isinstance(m, StochasticMlp)]
     for m in mlps:
