@@ -18,8 +18,6 @@ from torchvision.io import encode_png, write_file
 from stochvit.cli import build_parser, main
 from stochvit.models import create_model
 
-pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding:DeprecationWarning")
-
 QUICK = ["--epochs", "2", "--train-limit", "200", "--batch-size", "50", "--eval-samples", "2"]
 
 

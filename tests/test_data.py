@@ -13,8 +13,6 @@ from torchvision.io import encode_jpeg, encode_png, write_file
 from stochvit.data import load_data
 from stochvit.errors import UserError
 
-pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding:DeprecationWarning")
-
 
 def _keys(images: torch.Tensor) -> list[bytes]:
     """Every digits image is distinct (checked below), so its bytes identify it."""
