@@ -15,11 +15,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export RUNS=benchmarks/runs/cifar10-overconfident TRAIN_LIMIT=2000 EPOCHS=30 OMP_NUM_THREADS=1
 mkdir -p "$RUNS/logs"
+source benchmarks/steps.sh
 run() {  # run NAME FLAGS...: one protocol run, skipped when finished before
   local name=$1; shift
-  [ -e "$RUNS/$name/summary.json" ] && { echo "$name: done before, skipped"; return; }
-  /usr/bin/time -f "$name: %e s wall" -a -o "$RUNS/logs/wall.txt" \
-    bash benchmarks/cifar10_protocol.sh "$name" --val-every 5 --eval-samples 2 "$@" > "$RUNS/logs/$name.log" 2>&1
+  step "$RUNS" "$name" summary.json bash benchmarks/cifar10_protocol.sh "$name" --val-every 5 --eval-samples 2 "$@"
 }
 { run deterministic --no-stochastic; run stochastic-u0-2 --stochastic --low 0 --high 2
   run label-smoothing --no-stochastic --label-smoothing 0.1; run deterministic-seed1 --no-stochastic --seed 1; } &
@@ -27,11 +26,7 @@ run() {  # run NAME FLAGS...: one protocol run, skipped when finished before
   run mc-dropout --no-stochastic --drop-rate 0.1 --mc-dropout; run deterministic-seed2 --no-stochastic --seed 2; } &
 { run deterministic-fp32 --no-stochastic --precision fp32; run stochastic-fp32 --stochastic --precision fp32; } &
 wait
-if [ ! -e "$RUNS/calibration/calibration.json" ]; then
-  export OMP_NUM_THREADS=2
-  /usr/bin/time -f "calibration: %e s wall" -a -o "$RUNS/logs/wall.txt" \
-    stochvit calibration "$RUNS"/{deterministic,stochastic,stochastic-u0-2,bernoulli,mc-dropout,label-smoothing} \
-    --ensemble "$RUNS"/deterministic{,-seed1,-seed2} --samples 5 --shift --shift-limit 300 --out "$RUNS/calibration" \
-    > "$RUNS/logs/calibration.log" 2>&1
-fi
+step "$RUNS" calibration calibration.json env OMP_NUM_THREADS=2 \
+  stochvit calibration "$RUNS"/{deterministic,stochastic,stochastic-u0-2,bernoulli,mc-dropout,label-smoothing} \
+  --ensemble "$RUNS"/deterministic{,-seed1,-seed2} --samples 5 --shift --shift-limit 300 --out "$RUNS/calibration"
 cat "$RUNS/logs/wall.txt"

@@ -22,11 +22,8 @@ R=benchmarks/runs/cifar10
 mkdir -p "$R/logs"
 export OMP_NUM_THREADS=1
 # timed NAME SUITE ARGS...: `stochvit SUITE ARGS... --out $R/NAME`, skipped when $R/NAME/SUITE.json exists
-timed() {
-  local name=$1 suite=$2; shift 2
-  [ -e "$R/$name/$suite.json" ] && { echo "$name: done before, skipped"; return; }
-  /usr/bin/time -f "$name: %e s wall" -a -o "$R/logs/wall.txt" stochvit "$suite" "$@" --out "$R/$name" > "$R/logs/$name.log" 2>&1
-}
+source benchmarks/steps.sh
+timed() { local name=$1 suite=$2; shift 2; step "$R" "$name" "$suite.json" stochvit "$suite" "$@" --out "$R/$name"; }
 # the script may start as soon as the deterministic run is done: steps needing the stochastic run wait for it
 ready() { until [ -e "$R/$1/summary.json" ]; do sleep 20; done; }
 ROB=(--eps 1/255,2/255,4/255,8/255 --n-examples 1000 --steps 5 --eot 2 --passes 4 --batch-size 125)
@@ -43,10 +40,8 @@ ready deterministic
 wait
 adv() {  # adv NAME CLEAN FLAGS...: FGSM-RS fine-tuning of protocol run CLEAN, skipped when finished before
   local name=$1 clean=$2; shift 2
-  [ -e "$R/$name/summary.json" ] && { echo "$name: done before, skipped"; return; }
-  EPOCHS=5 /usr/bin/time -f "$name: %e s wall" -a -o "$R/logs/wall.txt" bash benchmarks/cifar10_protocol.sh "$name" \
-    --init-weights "$R/$clean" --adv fgsm-rs --adv-eps 8/255 --lr 5e-4 --warmup-epochs 1 --val-every 5 "$@" \
-    > "$R/logs/$name.log" 2>&1
+  step "$R" "$name" summary.json env EPOCHS=5 bash benchmarks/cifar10_protocol.sh "$name" --init-weights "$R/$clean" \
+    --adv fgsm-rs --adv-eps 8/255 --lr 5e-4 --warmup-epochs 1 --val-every 5 "$@"
 }
 { adv adv-deterministic deterministic --no-stochastic
   timed robustness-adv-deterministic robustness "$R/adv-deterministic" "${ROB[@]}" --attacks pgd,eot-pgd,aa-rand; } &

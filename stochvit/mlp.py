@@ -50,7 +50,7 @@ class StochasticMlp(Mlp):
         if not isinstance(self.fc1, nn.Linear):
             raise ValueError("StochasticMlp needs token-last nn.Linear layers (use_conv=True is not supported)")
         self.position = position
-        self.fused = False  # see set_fused
+        self.fused: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None  # act(h * s) kernel, see set_fused
         width = self.fc2.out_features if position == "output" else self.fc1.out_features
         self.stochastic = StochasticLinear(width, **layer_cfg)
 
@@ -67,9 +67,8 @@ class StochasticMlp(Mlp):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.fc1(x)
-        if (self.fused and torch.is_grad_enabled() and self.position == "pre_act" and self.stochastic.kind == "diagonal"
-                and self.stochastic.mode == "on"):  # training only: inference measured no faster fused
-            x = _fused_scale_act(self.act)(x, self.stochastic.draw(x))
+        if self.fused is not None and torch.is_grad_enabled() and self.stochastic.mode == "on":  # training only
+            x = self.fused(x, self.stochastic.draw(x))
         else:
             if self.position == "pre_act":
                 x = self.stochastic(x, inplace=True)  # x is our own intermediate
@@ -93,11 +92,12 @@ def set_fused(model: nn.Module, on: bool = True) -> int:
     they sample (mode "on") with gradients enabled, i.e. to training steps: under no_grad the eager in-place path was as
     fast or faster (benchmarks/RESULTS.md). The draws are the same as the eager path's. The first call compiles
     (seconds; needs a C++ compiler on CPU); without one stochvit warns once and stays eager. Returns how many MLPs
-    were switched.
+    were switched (the others keep their eager layer).
     """
-    mlps = [m for m in model.modules() if isinstance(m, StochasticMlp)]
+    mlps = [m for m in model.modules()
+            if isinstance(m, StochasticMlp) and m.position == "pre_act" and m.stochastic.kind == "diagonal"]
     for m in mlps:
-        m.fused = on
+        m.fused = _fused_scale_act(m.act) if on else None
     return len(mlps)
 
 
@@ -107,24 +107,20 @@ _EAGER_ONLY: list[str] = []  # set once compilation has failed: every later call
 
 def _fused_scale_act(act: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """act(h * s), compiled once per activation; falls back to eager (with one warning) when compilation fails."""
-
-    def eager(h: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        return act(h.mul_(s))
-
-    if _EAGER_ONLY:
-        return eager
     key = repr(act)
     if key not in _COMPILED:
         _COMPILED[key] = torch.compile(lambda h, s: act(h * s), dynamic=None)
     compiled = _COMPILED[key]
 
     def run(h: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        try:
-            return compiled(h, s)
-        except Exception as e:  # noqa: BLE001 - any compiler failure (no C++ compiler, unsupported op) means eager
-            _EAGER_ONLY.append(f"{type(e).__name__}: {e}"[:300])
-            warnings.warn(f"stochvit: the fused scale could not be compiled ({_EAGER_ONLY[0]}); running eager", stacklevel=2)
-            return eager(h, s)
+        if not _EAGER_ONLY:
+            try:
+                return compiled(h, s)
+            except Exception as e:  # noqa: BLE001 - any compiler failure (no C++ compiler, unsupported op) means eager
+                _EAGER_ONLY.append(f"{type(e).__name__}: {e}"[:300])
+                warnings.warn(f"stochvit: the fused scale could not be compiled ({_EAGER_ONLY[0]}); running eager",
+                              stacklevel=2)
+        return act(h.mul_(s))
 
     return run
 
