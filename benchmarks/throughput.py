@@ -5,7 +5,8 @@
 Models: plain timm `vit_tiny_patch4_32`, the same with the default stochastic layer (diagonal U[0.5,1.5],
 token-consistent, pre-activation), eager or with its scale compiled into the activation (`stochvit.set_fused`; compiled
 during the warm-up), and with the full kind (Gaussian random projection; the orthogonal
-one adds a QR decomposition per image and block).
+one adds a QR decomposition per image and block). `plain-sdpa` is the plain model with timm's fused attention kernel kept
+in bf16 on a CPU, which stochvit's autocast replaces by the explicit path (stochvit.precision).
 Training = forward + backward + AdamW step; inference = forward under no_grad in eval(). Batch 128.
 Every (model, task, precision) cell is timed once per round, rounds interleaved, and the median kept,
 so slow drifts of the machine hit all models alike; the ratios are what to read.
@@ -35,17 +36,19 @@ MODELS = {
     "stochastic-diagonal": True,
     "stochastic-diagonal-fused": True,  # the same layer with stochvit.set_fused: scale compiled into the activation
     "stochastic-full-gaussian": dict(kind="full", distribution="gaussian"),
+    "plain-sdpa": False,  # plain, but bf16 on a CPU keeps timm's fused SDPA kernel (stochvit.precision.autocast)
 }
 
 
-def _step_fn(model: nn.Module, task: str, precision: str, x: torch.Tensor, y: torch.Tensor):
+def _step_fn(model: nn.Module, task: str, precision: str, x: torch.Tensor, y: torch.Tensor, sdpa: bool = False):
     device = torch.device("cpu")
+    switch = None if sdpa else model  # autocast(model=None) leaves the attention path alone
     if task == "train":
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         model.train()
 
         def step() -> None:
-            with autocast(precision, device):
+            with autocast(precision, device, switch):
                 loss = nn.functional.cross_entropy(model(x).float(), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -55,7 +58,7 @@ def _step_fn(model: nn.Module, task: str, precision: str, x: torch.Tensor, y: to
 
         @torch.no_grad()
         def step() -> None:
-            with autocast(precision, device):
+            with autocast(precision, device, switch):
                 model(x)
 
     return step
@@ -93,7 +96,7 @@ def main() -> None:
                 model = stochvit.create_model(a.model, stochastic=MODELS[name])
                 if name.endswith("-fused"):
                     stochvit.set_fused(model)
-                cells[(name, task, prec)] = _step_fn(model, task, prec, x, y)
+                cells[(name, task, prec)] = _step_fn(model, task, prec, x, y, sdpa=name.endswith("-sdpa"))
     times: dict[tuple, list[float]] = {k: [] for k in cells}
     for fn in cells.values():  # warm-up
         fn()

@@ -1,21 +1,22 @@
-"""Device and numeric precision: bf16 autocast where the hardware runs it natively and it pays, fp32 weights always.
+"""Device and numeric precision: bf16 autocast where the hardware runs it natively, fp32 weights always.
 
-On a CPU, bf16 autocast adds a cast around every matmul, which only pays once the matmuls are large. Measured on a
-2-core AMD EPYC with avx512_bf16 (benchmarks/results/throughput-*.json): vit_tiny_patch4_32 (width 192) trains 1.35x
-faster in bf16 than fp32, but the digits model (width 64) trains 2x *slower*. So `auto` on a CPU keeps models narrower
-than CPU_BF16_MIN_WIDTH in fp32.
+On a CPU in bf16, timm's attention is run on its explicit path (q @ k^T, softmax, @ v) instead of PyTorch's fused
+scaled_dot_product_attention: the fused CPU kernel is slow in bf16, above all its backward. Measured side by side on a
+2-core AMD EPYC with avx512_bf16 (benchmarks/RESULTS.md, throughput-attention*.json): with the fused kernel, bf16 made
+vit_tiny_patch4_32 train only ~1.3x faster than fp32 and the width-64 digits model 2-4x *slower*; with the explicit path
+both train faster in bf16 than in fp32. In fp32 (and on CUDA) the fused kernel stays.
 """
 
 from __future__ import annotations
 
 import contextlib
 import warnings
+from collections.abc import Iterator
 from functools import lru_cache
 
 import torch
 
 PRECISIONS = ("auto", "fp32", "bf16")
-CPU_BF16_MIN_WIDTH = 128  # between the measured loss (width 64) and gain (width 192)
 
 
 def default_device() -> torch.device:
@@ -32,14 +33,8 @@ def cpu_has_native_bf16() -> bool:
     return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
-def model_width(model: torch.nn.Module) -> int | None:
-    """The token width (timm's `embed_dim`) of the first module that has one."""
-    return next((m.embed_dim for m in model.modules() if isinstance(getattr(m, "embed_dim", None), int)), None)
-
-
-def resolve_precision(precision: str, device: torch.device, model: torch.nn.Module | None = None) -> str:
-    """The precision `precision` means here: `auto` is bf16 on CUDA, and on CPUs with native bf16 for models at least
-    CPU_BF16_MIN_WIDTH wide (narrower, or unknown width with no model given: see the module docstring)."""
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """The precision `precision` means here: `auto` is bf16 on CUDA and on CPUs with native bf16, fp32 elsewhere."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r} is not one of {PRECISIONS}")
     if precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
@@ -48,14 +43,27 @@ def resolve_precision(precision: str, device: torch.device, model: torch.nn.Modu
                       stacklevel=2)
     if precision != "auto":
         return precision
-    if device.type == "cuda":
-        return "bf16"
-    width = model_width(model) if model is not None else None
-    return "bf16" if cpu_has_native_bf16() and (width is None or width >= CPU_BF16_MIN_WIDTH) else "fp32"
+    return "bf16" if device.type == "cuda" or cpu_has_native_bf16() else "fp32"
 
 
-def autocast(precision: str, device: torch.device, model: torch.nn.Module | None = None) -> contextlib.AbstractContextManager:
-    """bf16 autocast where `resolve_precision(precision, device, model)` says bf16, otherwise a no-op."""
-    if resolve_precision(precision, device, model) == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+@contextlib.contextmanager
+def autocast(precision: str, device: torch.device, model: torch.nn.Module | None = None) -> Iterator[None]:
+    """bf16 autocast where `resolve_precision(precision, device)` says bf16, otherwise a no-op.
+
+    On a CPU in bf16 it also runs `model`'s timm attention on its explicit path (q @ k^T, softmax, @ v: timm's
+    `fused_attn=False`) for its duration: see the module docstring. The modules are restored on exit, so fp32 and CUDA
+    keep the fused kernel.
+    """
+    if resolve_precision(precision, device) != "bf16":
+        yield
+        return
+    explicit = [m for m in model.modules() if getattr(m, "fused_attn", None) is True] \
+        if model is not None and device.type == "cpu" else []
+    for m in explicit:
+        m.fused_attn = False
+    try:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            yield
+    finally:
+        for m in explicit:
+            m.fused_attn = True

@@ -93,7 +93,7 @@ def fit(model: nn.Module, data: ImageSet, epochs: int, batch_size: int, lr: floa
     """Local AdamW epochs from the global weights; seeded (shuffling, augmentation and stochastic draws)."""
     torch.manual_seed(seed)
     device = next(model.parameters()).device
-    precision = resolve_precision(precision, device, model)  # once, not per batch
+    precision = resolve_precision(precision, device)  # once, not per batch
     loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=True,
                                          generator=torch.Generator().manual_seed(seed))
     decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "pos_embed" not in n and "token" not in n]
@@ -105,7 +105,7 @@ def fit(model: nn.Module, data: ImageSet, epochs: int, batch_size: int, lr: floa
     for _ in range(epochs):
         for x, y in loader:
             x, y = x.to(device), y.to(device)
-            with autocast(precision, device):
+            with autocast(precision, device, model):
                 logits = model(x)
             loss = loss_fn(logits.float(), y)
             opt.zero_grad(set_to_none=True)
