@@ -280,7 +280,7 @@ def train(cfg: TrainConfig | None = None, out: str | Path | None = None, resume:
     if patch is not None and data.img_size < max(patch):
         raise UserError(f"{cfg.data}: images of {data.img_size}x{data.img_size} are smaller than {cfg.model}'s "
                         f"{max(patch)}-pixel patches; pass a larger --img-size or choose another --model")
-    precision = resolve_precision(cfg.precision, device)
+    precision = resolve_precision(cfg.precision, device, model)
     if cfg.fused:
         set_fused(model.net)
     ckpt = _load_checkpoint(path) if resume is not None else {}
@@ -384,7 +384,7 @@ def finalize_run(path: Path, model: nn.Module, data: DataBundle, eval_samples: i
     rows = curves.rows()
     summary = dict(test_accuracy=test["single_pass"]["accuracy"]["mean"], test=test, val=val, epochs=len(rows),
                    train_seconds=sum(r.get("epoch_seconds", 0.0) for r in rows), precision=resolve_precision(precision,
-                   next(model.parameters()).device), **extra_summary)
+                   next(model.parameters()).device, model), **extra_summary)
     tmp = path / ".model.safetensors.tmp"
     save_file({k: v.contiguous() for k, v in model.net.state_dict().items()}, str(tmp))
     os.replace(tmp, path / "model.safetensors")

@@ -93,7 +93,7 @@ def fit(model: nn.Module, data: ImageSet, epochs: int, batch_size: int, lr: floa
     """Local AdamW epochs from the global weights; seeded (shuffling, augmentation and stochastic draws)."""
     torch.manual_seed(seed)
     device = next(model.parameters()).device
-    precision = resolve_precision(precision, device)  # once, not per batch
+    precision = resolve_precision(precision, device, model)  # once, not per batch
     loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=True,
                                          generator=torch.Generator().manual_seed(seed))
     decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "pos_embed" not in n and "token" not in n]
