@@ -12,7 +12,7 @@ import math
 import sys
 from pathlib import Path
 
-from .data import SPECS_HELP
+from .data import AUGMENTS, SPECS_HELP
 from .errors import UserError
 from .layers import DISTRIBUTIONS, MODES, SHARINGS
 from .mlp import POSITIONS
@@ -90,6 +90,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weight-decay", type=float, default=0.05)
     g.add_argument("--warmup-epochs", type=float, default=2.0)
     g.add_argument("--label-smoothing", type=float, default=0.0)
+    g.add_argument("--augment", default="crop-flip", choices=AUGMENTS,
+                   help="training augmentation: random crop with padding and flip, or none (raw images)")
     g.add_argument("--clip-grad", type=float, default=1.0, help="max gradient norm (0 disables)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--precision", default="auto", choices=PRECISIONS,
@@ -135,7 +137,7 @@ def train_config_from_args(a: argparse.Namespace):
     recipe = RECIPES.get(base, RECIPES[None])
     default = {f.name: f.default for f in fields(TrainConfig)}
     optional = {k: getattr(a, k, default[k])
-                for k in ("download", "warmup_epochs", "label_smoothing", "workers", "val_every", "fused")}
+                for k in ("download", "warmup_epochs", "label_smoothing", "augment", "workers", "val_every", "fused")}
     return TrainConfig(
         data=a.data, data_dir=a.data_dir, split_seed=a.split_seed, train_limit=a.train_limit,
         img_size=a.img_size, model=a.model or ("vit_digits_patch2_8" if base == "digits" else "vit_tiny_patch4_32"),

@@ -26,6 +26,7 @@ from .errors import UserError
 TORCHVISION_SETS = ("cifar10", "cifar100", "svhn")
 SPECS_HELP = "digits | cifar10 | cifar100 | svhn | imagefolder:PATH, optionally with :classes=5-9 (indices or names)"
 CLASS_FILTER = ":classes="
+AUGMENTS = ("crop-flip", "none")  # training augmentation: random crop with padding and flip, or the raw images
 
 
 class ImageSet(Dataset):
