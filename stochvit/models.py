@@ -34,20 +34,72 @@ _SMALL_VITS: dict[str, dict[str, Any]] = {
 
 def _register(name: str, arch: dict[str, Any]) -> None:
     def build(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
-        if pretrained:
-            raise UserError(f"{name} has no published weights; load a run or a local file instead")
-        for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):  # timm's factory bookkeeping
+        overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {})
+        for key in ("pretrained_cfg", "cache_dir"):  # timm's factory bookkeeping
             kwargs.pop(key, None)
-        return VisionTransformer(**{**arch, "num_classes": 10, **kwargs})
+        if pretrained and not (overlay.get("file") or overlay.get("state_dict")):
+            raise UserError(f"{name} has no published weights; load a run (stochvit.load_model) or a local file: "
+                            "pretrained=True, pretrained_cfg_overlay=dict(file='RUN_DIR/model.safetensors')")
+        model = VisionTransformer(**{**arch, "num_classes": 10, **kwargs})
+        if pretrained:
+            _load_local(model, name, overlay)
+        return model
 
     build.__name__ = name
     build.__doc__ = f"Small-image ViT: {arch}"
     register_model(build)
 
 
+def _load_local(model: VisionTransformer, name: str, overlay: dict[str, Any]) -> None:
+    """timm's own loader for a local file (`pretrained_cfg_overlay=dict(file=...)`), as for timm's registered models.
+
+    The small ViTs have no canonical checkpoint, so the file is taken to fit the requested model (its head included)
+    unless the overlay says otherwise (num_classes, input_size); timm resamples position embeddings on a size change.
+    """
+    from timm.models import PretrainedCfg, load_pretrained
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    chans = model.patch_embed.proj.in_channels
+    cfg = PretrainedCfg(**{"architecture": name, "num_classes": model.num_classes, "first_conv": "patch_embed.proj",
+                           "classifier": "head", "input_size": (chans, *model.patch_embed.img_size), **overlay})
+    load_pretrained(model, pretrained_cfg=cfg.to_dict(), num_classes=model.num_classes, in_chans=chans,
+                    filter_fn=checkpoint_filter_fn)
+
+
 for _name, _arch in _SMALL_VITS.items():
     if _name not in timm.list_models(_name):
         _register(_name, _arch)
+
+
+# a timm entrypoint whose built-in arguments (patch 16, width 192, 12 blocks) a small ViT's model_args all override,
+# so that plain timm, without `import stochvit`, rebuilds the small ViTs from a run's config.json
+PLAIN_TIMM_VIT = "vit_tiny_patch16_224"
+
+
+def timm_config(name: str, kwargs: dict[str, Any], mean: list[float], std: list[float],
+                class_names: list[str] | None = None) -> dict[str, Any]:
+    """timm's (Hugging Face hub) config.json fields for a model: architecture, num_classes, model_args, pretrained_cfg.
+
+    Merged into a run's config.json, they let plain timm load the run: `timm.create_model("local-dir:RUN_DIR",
+    pretrained=True)`, or `timm.create_model(architecture, **model_args)` and `load_state_dict`. The stochastic
+    layer has no parameters, so that model is the run's network with its scale at the mean (sampling "mean").
+    """
+    arch = _SMALL_VITS.get(name)
+    model_args = {**(arch or {}), **kwargs}
+    architecture = PLAIN_TIMM_VIT if arch else name
+    base = timm.models.get_pretrained_cfg(name) if arch is None else None
+    size = model_args.get("img_size") or (base.input_size[-1] if base else 224)
+    chans = model_args.get("in_chans", 3)
+    num_classes = model_args.get("num_classes", 10 if arch else (base.num_classes if base else 1000))
+    pretrained_cfg = dict(
+        architecture=architecture, input_size=[chans, size, size], fixed_input_size=True,
+        interpolation="bilinear", crop_pct=1.0, crop_mode="center", mean=list(mean), std=list(std),
+        num_classes=num_classes, first_conv=(base.first_conv if base else None) or "patch_embed.proj",
+        classifier=(base.classifier if base else None) or "head", license="mit",
+    )
+    if class_names is not None and len(class_names) == num_classes:
+        pretrained_cfg["label_names"] = list(class_names)
+    return dict(architecture=architecture, num_classes=num_classes, model_args=model_args, pretrained_cfg=pretrained_cfg)
 
 
 def stochastic_config(stochastic: bool | dict | None) -> dict[str, Any] | None:

@@ -29,7 +29,7 @@ from .data import AUGMENTS, DataBundle, load_data
 from .errors import UserError
 from .metrics import classification_metrics, mc_metrics
 from .mlp import set_fused
-from .models import stochastic_config
+from .models import stochastic_config, timm_config
 from .precision import autocast, default_device, resolve_precision
 from .predict import dataset_probs
 from .runs import atomic_write_bytes, build_model, load_weights, read_json, versions, write_json
@@ -120,14 +120,16 @@ def run_config(cfg: TrainConfig, data: DataBundle) -> dict:
     kwargs = dict(num_classes=data.num_classes, in_chans=data.in_chans, img_size=data.img_size, act_layer=cfg.act)
     if cfg.drop_rate:
         kwargs.update(drop_rate=cfg.drop_rate, proj_drop_rate=cfg.drop_rate)
+    mean, std = (cfg.norm or {}).get("mean", data.mean), (cfg.norm or {}).get("std", data.std)
     return dict(
         model=dict(name=cfg.model, kwargs=kwargs, mc_dropout=cfg.mc_dropout),
         stochastic=stochastic_config(cfg.stochastic),
-        data=dict(spec=cfg.data, data_dir=cfg.data_dir, mean=(cfg.norm or {}).get("mean", data.mean),
-                  std=(cfg.norm or {}).get("std", data.std), class_names=data.class_names,
+        data=dict(spec=cfg.data, data_dir=cfg.data_dir, mean=mean, std=std, class_names=data.class_names,
                   **data.describe()),
         train=asdict(cfg),
         versions=versions(),
+        # timm's own config.json keys (architecture, num_classes, model_args, pretrained_cfg): plain timm loads the run
+        **timm_config(cfg.model, kwargs, mean, std, data.class_names),
     )
 
 

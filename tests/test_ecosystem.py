@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 import importlib.metadata
+import json
+import os
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
+import pytest
+import safetensors.torch
+import timm
+import torch
+
 import stochvit
+from stochvit.runs import load_run
+from stochvit.train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,3 +37,96 @@ def test_packaging_license_py_typed_single_version_and_bounds():
     assert deps["timm"].replace(" ", "").endswith(",<2")
     assert meta["requires-python"] == ">=3.11"  # flwr 1.42 needs 3.11
     assert any(d.startswith("tomli_w") for d in meta["optional-dependencies"]["federated"])  # suites/federated.py imports it
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    """A one-epoch stochastic digits run (seconds): the run directory every loader below reads."""
+    cfg = TrainConfig(epochs=1, train_limit=200, batch_size=50, eval_samples=2, warmup_epochs=0)
+    return train(cfg, out=tmp_path_factory.mktemp("eco") / "run", quiet=True)
+
+
+def _normalised(config: dict, n: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """[0, 1] images and the same images normalised by the run's pretrained_cfg, as a timm user's transform would."""
+    pcfg = config["pretrained_cfg"]
+    x = torch.rand(n, *pcfg["input_size"], generator=torch.Generator().manual_seed(0))
+    mean, std = (torch.tensor(pcfg[k]).view(1, -1, 1, 1) for k in ("mean", "std"))
+    return x, (x - mean) / std
+
+
+def test_load_model_is_the_runs_model_in_eval_mode(tiny_run: Path):
+    model = stochvit.load_model(tiny_run)
+    assert isinstance(model, stochvit.Normalized) and not model.training
+    reference = load_run(tiny_run).model.net.state_dict()
+    assert all(torch.equal(v, reference[k]) for k, v in model.net.state_dict().items())
+    assert sum(isinstance(m, stochvit.StochasticMlp) for m in model.modules()) == 4
+
+
+def test_run_config_carries_timms_pretrained_cfg(tiny_run: Path):
+    config = json.loads((tiny_run / "config.json").read_text())
+    pcfg = config["pretrained_cfg"]
+    assert pcfg["input_size"] == [1, 8, 8] and pcfg["num_classes"] == config["num_classes"] == 10
+    assert pcfg["mean"] == config["data"]["mean"] and pcfg["std"] == config["data"]["std"]
+    assert pcfg["label_names"] == config["data"]["class_names"]
+    assert config["architecture"] == pcfg["architecture"] and config["model_args"]["depth"] == 4
+
+
+def test_plain_timm_create_model_and_load_state_dict_reproduce_the_run(tiny_run: Path):
+    """What the README tells a timm user: the registered name, the pretrained_cfg's shape, safetensors' loader."""
+    config = json.loads((tiny_run / "config.json").read_text())
+    pcfg = config["pretrained_cfg"]
+    net = timm.create_model(config["model"]["name"], num_classes=pcfg["num_classes"], img_size=pcfg["input_size"][-1],
+                            in_chans=pcfg["input_size"][0])
+    net.load_state_dict(safetensors.torch.load_file(str(tiny_run / "model.safetensors")))
+    x, normalised = _normalised(config)
+    model = stochvit.load_model(tiny_run)
+    with stochvit.sampling(model, "mean"):  # the layer's scale at its mean (1): the deterministic network timm builds
+        expected = model(x)
+    assert torch.allclose(net.eval()(normalised), expected, atol=1e-5)
+
+
+def test_timm_without_stochvit_loads_the_run_directory(tiny_run: Path):
+    """A user with timm alone: `local-dir:RUN_DIR`, and architecture + model_args from config.json."""
+    config = json.loads((tiny_run / "config.json").read_text())
+    x, normalised = _normalised(config)
+    model = stochvit.load_model(tiny_run)
+    with stochvit.sampling(model, "mean"):
+        torch.save(dict(x=normalised, y=model(x)), tiny_run.parent / "xy.pt")
+    code = f"""
+import json, sys, safetensors.torch, timm, torch
+run = {str(tiny_run)!r}
+xy = torch.load({str(tiny_run.parent / "xy.pt")!r})
+a = timm.create_model("local-dir:" + run, pretrained=True).eval()
+c = json.load(open(run + "/config.json"))
+b = timm.create_model(c["architecture"], **c["model_args"]).eval()
+b.load_state_dict(safetensors.torch.load_file(run + "/model.safetensors"))
+cfg = timm.data.resolve_data_config(model=a)
+assert "stochvit" not in sys.modules
+assert cfg["input_size"] == (1, 8, 8) and list(cfg["mean"]) == c["data"]["mean"], cfg
+for m in (a, b):
+    assert torch.allclose(m(xy["x"]), xy["y"], atol=1e-5)
+print("ok")
+"""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
+def test_pretrained_cfg_overlay_file_loads_local_weights(tiny_run: Path, tmp_path: Path):
+    """The hint in create_model's error works for stochvit's registered ViTs and for timm's own."""
+    weights = tiny_run / "model.safetensors"
+    kwargs = json.loads((tiny_run / "config.json").read_text())["model"]["kwargs"]
+    state = safetensors.torch.load_file(str(weights))
+    for model in (stochvit.create_model("vit_digits_patch2_8", pretrained=True, pretrained_cfg_overlay=dict(file=str(weights)),
+                                        **kwargs),
+                  timm.create_model("vit_digits_patch2_8", pretrained=True, pretrained_cfg_overlay=dict(file=str(weights)),
+                                    **kwargs)):
+        assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert sum(isinstance(m, stochvit.StochasticMlp) for m in model.modules()) == 0
+    with pytest.raises(stochvit.UserError, match="no published weights"):
+        timm.create_model("vit_digits_patch2_8", pretrained=True)
+    other = timm.create_model("vit_tiny_patch16_224", depth=1)
+    safetensors.torch.save_file(other.state_dict(), str(tmp_path / "w.safetensors"))
+    loaded = stochvit.create_model("vit_tiny_patch16_224", depth=1, pretrained=True,
+                                   pretrained_cfg_overlay=dict(file=str(tmp_path / "w.safetensors")))
+    assert torch.equal(loaded.state_dict()["head.weight"], other.state_dict()["head.weight"])
