@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import json
 import os
@@ -130,3 +131,26 @@ def test_pretrained_cfg_overlay_file_loads_local_weights(tiny_run: Path, tmp_pat
     loaded = stochvit.create_model("vit_tiny_patch16_224", depth=1, pretrained=True,
                                    pretrained_cfg_overlay=dict(file=str(tmp_path / "w.safetensors")))
     assert torch.equal(loaded.state_dict()["head.weight"], other.state_dict()["head.weight"])
+
+
+@pytest.mark.parametrize("name, kwargs, shape", [("vit_digits_patch2_8", {}, (1, 8, 8)),
+                                                 ("vit_tiny_patch16_224", dict(depth=2, img_size=32), (3, 32, 32))])
+def test_timms_mlp_layer_hook_builds_token_consistent_stochastic_mlps(name: str, kwargs: dict, shape: tuple[int, ...]):
+    """timm's own hook for new models: mlp_layer=partial(StochasticMlp, ...), beside stochastify for built ones."""
+    model = timm.create_model(name, mlp_layer=functools.partial(stochvit.StochasticMlp, low=0.25, high=1.75), **kwargs).eval()
+    mlps = [m for m in model.modules() if isinstance(m, stochvit.StochasticMlp)]
+    assert len(mlps) == len(model.blocks) and all(m.stochastic.low == 0.25 and m.stochastic.sharing == "image" for m in mlps)
+    assert model.state_dict().keys() == timm.create_model(name, **kwargs).state_dict().keys()  # plain checkpoints load
+    seen: dict[str, torch.Tensor] = {}
+    first = mlps[0]
+    first.fc1.register_forward_hook(lambda m, i, out: seen.__setitem__("h", out.detach().clone()))
+    first.act.register_forward_pre_hook(lambda m, i: seen.__setitem__("scaled", i[0].detach().clone()))
+    x = torch.randn(3, *shape)
+    with torch.no_grad():
+        y1 = model(x)
+    scale = seen["scaled"] / seen["h"]  # (images, tokens, hidden): the draw each token got
+    assert torch.allclose(scale, scale[:, :1].expand_as(scale), rtol=1e-4, atol=1e-5), "tokens of an image share a draw"
+    assert not torch.allclose(scale[0, 0], scale[1, 0]), "images draw independently"
+    assert 0.25 <= scale.min() and scale.max() <= 1.75
+    with torch.no_grad():
+        assert not torch.allclose(model(x), y1)  # random at inference too
