@@ -7,6 +7,7 @@ DDP is used when launched with `torchrun` (WORLD_SIZE > 1); rank 0 writes the ru
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import math
@@ -151,8 +152,19 @@ def check_compatible(config: dict, data: DataBundle) -> None:
             raise UserError(f"data {data.name!r} has {what} {got} but the model expects {want}")
 
 
+def _csv(rows: list[dict]) -> bytes:
+    """metrics.jsonl's rows as CSV (Lightning's CSVLogger / timm's summary.csv shape): a header of every key seen,
+    in first-seen order, an empty cell where a row lacks a key (e.g. epochs without validation); lists as JSON."""
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=keys, restval="", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in r.items()} for r in rows)
+    return buf.getvalue().encode()
+
+
 class _Curves:
-    """metrics.jsonl writer and the curves plot."""
+    """The one per-epoch metrics writer (metrics.jsonl, the record read back, and metrics.csv) and the curves plot."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -164,6 +176,7 @@ class _Curves:
     def append(self, row: dict) -> None:
         rows = [r for r in self.rows() if r["epoch"] < row["epoch"]] + [row]  # a resumed epoch replaces its old line
         atomic_write_bytes(self.path / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
+        atomic_write_bytes(self.path / "metrics.csv", _csv(rows))
 
     def plot(self) -> None:
         import matplotlib

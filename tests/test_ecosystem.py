@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import csv
 import functools
 import importlib.metadata
 import json
+import math
 import os
 import subprocess
 import sys
@@ -18,7 +20,7 @@ import torch
 
 import stochvit
 from stochvit.runs import load_run
-from stochvit.train import TrainConfig, train
+from stochvit.train import TrainConfig, _Curves, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -154,3 +156,20 @@ def test_timms_mlp_layer_hook_builds_token_consistent_stochastic_mlps(name: str,
     assert 0.25 <= scale.min() and scale.max() <= 1.75
     with torch.no_grad():
         assert not torch.allclose(model(x), y1)  # random at inference too
+
+
+def test_metrics_csv_mirrors_metrics_jsonl(tiny_run: Path, tmp_path: Path):
+    """Same rows as metrics.jsonl, a header of every key seen; a resumed epoch replaces its row in both files."""
+    rows = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    with open(tiny_run / "metrics.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == len(rows) == 1 and list(table[0]) == list(rows[0])
+    assert all(math.isclose(float(table[0][k]), v) for k, v in rows[0].items())
+
+    curves = _Curves(tmp_path)
+    curves.append(dict(epoch=0, train_loss=1.0))  # --val-every 2: no validation keys yet
+    curves.append(dict(epoch=1, train_loss=0.5, val_nll=0.7, errors=["node 3 timed out"]))
+    curves.append(dict(epoch=1, train_loss=0.4, val_nll=0.6, errors=[]))  # the resumed epoch 1 again
+    lines = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert lines == ["epoch,train_loss,val_nll,errors", "0,1.0,,", "1,0.4,0.6,[]"]
+    assert [r["epoch"] for r in curves.rows()] == [0, 1]
