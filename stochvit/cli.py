@@ -18,7 +18,7 @@ from .layers import DISTRIBUTIONS, MODES, SHARINGS
 from .mlp import POSITIONS
 from .precision import PRECISIONS
 
-SUITES = ("demo", "calibration", "robustness", "privacy", "federated", "transfer")
+SUITES = ("demo", "calibration", "robustness", "privacy", "federated", "transfer", "study")
 
 
 def int_list(text: str) -> list[int]:

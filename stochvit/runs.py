@@ -35,6 +35,16 @@ def write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, default=float) + "\n").encode())
 
 
+def pyplot():
+    """matplotlib.pyplot on the non-interactive Agg backend: every plot stochvit writes goes to a file."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def versions() -> dict[str, str]:
     import timm
     import torchvision

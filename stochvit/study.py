@@ -1,0 +1,293 @@
+"""A study: methods x seeds trained under one budget, then measured and compared with confidence intervals.
+
+A TOML spec names the data and budget (`[train]`, any `TrainConfig` field), the methods (each a set of overrides
+of it), the seeds, the ensembles and the claims to measure. The driver
+
+1. trains every (method, seed) that is missing, resumes every interrupted one from its last checkpoint, and
+   reuses every finished one (a finished run whose settings differ from the spec is refused, never mixed in);
+2. caches each run's per-pass predictions (val, test, and a shifted test set) in the run directory, named by
+   their settings, so that a second call only rebuilds the report;
+3. writes the report: per claim, each method against its baselines with differences, 95% intervals
+   (`stochvit.stats`) and verdicts, plus the plots.
+
+Everything is written atomically per run or per file, so the driver can be killed at any moment and started again.
+Relative paths in a spec (data, out) are relative to the spec file's folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import UserError
+from .train import TrainConfig
+
+# settings that do not change what a run learns, so a finished run is reused even if they differ
+UNMATCHED = {"workers", "eval_samples", "val_every", "data_dir"}
+
+
+@dataclass(frozen=True)
+class CalibrationClaim:
+    """Calibration on clean and shifted test images: every method (and its temperature-scaled twin) vs baselines."""
+
+    samples: int = 5  # K passes of each stochastic model (the deployed K-sample average)
+    shift_images: int = 2000  # stratified test subset, each image under one (corruption, severity) cell
+    temperature: bool = True  # add "<method> +TS" for every method and ensemble
+    metrics: tuple[str, ...] = ("ece", "nll", "accuracy", "brier")
+    comparisons: tuple[tuple[str, str], ...] = ()  # (method, baseline); empty: every method vs the first method
+
+
+@dataclass(frozen=True)
+class Ensemble:
+    members: str  # a method; its seeds are the members
+    size: int = 3
+
+
+@dataclass
+class StudySpec:
+    name: str
+    out: Path
+    seeds: tuple[int, ...]
+    train: dict[str, Any]
+    methods: dict[str, dict[str, Any]]
+    ensembles: dict[str, Ensemble] = field(default_factory=dict)
+    calibration: CalibrationClaim | None = None
+    jobs: int = 1  # trainings side by side
+    threads: int = 1  # OpenMP threads per training
+    precision: str = "auto"  # of the evaluation
+
+    def config(self, method: str, seed: int) -> TrainConfig:
+        cfg = TrainConfig(**{**self.train, **self.methods[method], "seed": seed})
+        cfg.validate()
+        return cfg
+
+    def run_dir(self, method: str, seed: int) -> Path:
+        return self.out / "runs" / f"{method}-seed{seed}"
+
+    def runs(self) -> list[tuple[str, int]]:
+        return [(m, s) for m in self.methods for s in self.seeds]
+
+
+def load_spec(path: str | Path) -> StudySpec:
+    """Read and validate a TOML study spec (every error names the spec and the offending key)."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"study spec {path} does not exist") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"study spec {path} is not valid TOML: {e}") from None
+    where = f"study spec {path}"
+    known = {"name", "out", "seeds", "train", "methods", "ensembles", "calibration", "jobs", "threads", "precision"}
+    if unknown := set(raw) - known:
+        raise UserError(f"{where}: unknown keys {sorted(unknown)}; expected {sorted(known)}")
+    train = dict(raw.get("train", {}))
+    names = {f.name for f in fields(TrainConfig)}
+    if bad := set(train) - names:
+        raise UserError(f"{where}: [train] has unknown settings {sorted(bad)}")
+    if "data" in train and train["data"].startswith("imagefolder:"):
+        folder = Path(train["data"].split(":", 1)[1])
+        if not folder.is_absolute():
+            train["data"] = "imagefolder:" + os.path.relpath(path.parent / folder)
+    methods = raw.get("methods", {})
+    if not methods:
+        raise UserError(f"{where}: no [methods.NAME] tables")
+    for m, overrides in methods.items():
+        if bad := set(overrides) - names:
+            raise UserError(f"{where}: method {m!r} has unknown settings {sorted(bad)}")
+        if "seed" in overrides:
+            raise UserError(f"{where}: method {m!r} sets seed; seeds come from the spec's `seeds`")
+    seeds = tuple(raw.get("seeds", [0]))
+    if not seeds or len(set(seeds)) != len(seeds) or not all(isinstance(s, int) and s >= 0 for s in seeds):
+        raise UserError(f"{where}: seeds must be distinct non-negative integers, got {list(seeds)}")
+    ensembles = {}
+    for e, body in raw.get("ensembles", {}).items():
+        ens = Ensemble(**body)
+        if ens.members not in methods or not 2 <= ens.size <= len(seeds):
+            raise UserError(f"{where}: ensemble {e!r} needs a known method and 2..{len(seeds)} members")
+        ensembles[e] = ens
+    calibration = None
+    if "calibration" in raw:
+        body = dict(raw["calibration"])
+        body["comparisons"] = tuple(tuple(c) for c in body.get("comparisons", ()))
+        body["metrics"] = tuple(body.get("metrics", CalibrationClaim.metrics))
+        try:
+            calibration = CalibrationClaim(**body)
+        except TypeError as e:
+            raise UserError(f"{where}: [calibration]: {e}") from None
+    spec = StudySpec(name=raw.get("name", path.stem), out=path.parent / raw.get("out", path.stem), seeds=seeds, train=train,
+                     methods=methods, ensembles=ensembles, calibration=calibration, jobs=int(raw.get("jobs", 1)),
+                     threads=int(raw.get("threads", 1)), precision=raw.get("precision", "auto"))
+    for m, s in spec.runs():
+        spec.config(m, s)  # every run's settings are valid before anything is trained
+    if calibration is not None:
+        known_methods = _calibration_methods(spec)
+        for pair in calibration.comparisons:
+            if len(pair) != 2 or not set(pair) <= set(known_methods):
+                raise UserError(f"{where}: comparison {list(pair)} names an unknown method; known: {known_methods}")
+    return spec
+
+
+def _calibration_methods(spec: StudySpec) -> list[str]:
+    base = [*spec.methods, *spec.ensembles]
+    ts = [f"{m} +TS" for m in base] if spec.calibration and spec.calibration.temperature else []
+    return base + ts
+
+
+# -- training -------------------------------------------------------------------------------------------
+
+def run_status(spec: StudySpec, method: str, seed: int) -> str:
+    """"finished", "partial" (a checkpoint or config to resume from) or "missing"; refuses a mismatched finished run."""
+    path = spec.run_dir(method, seed)
+    if not (path / "config.json").exists():
+        return "missing"
+    stored = json.loads((path / "config.json").read_text())["train"]
+    want = asdict(spec.config(method, seed))
+    differ = sorted(k for k in want if k not in UNMATCHED and _canonical(k, stored.get(k, want[k])) != _canonical(k, want[k]))
+    if differ:
+        raise UserError(f"run {path} was trained with other settings than the spec ({', '.join(differ)}); "
+                        "move it away or restore the spec")
+    return "finished" if (path / "summary.json").exists() else "partial"
+
+
+def _canonical(key: str, value: Any) -> Any:
+    """An imagefolder spec by its resolved folder, so that one folder spelled two ways still matches."""
+    if key == "data" and isinstance(value, str) and value.startswith("imagefolder:"):
+        return "imagefolder:" + str(Path(value.split(":", 1)[1]).resolve())
+    return value
+
+
+def _child_dies_with_parent() -> None:  # preexec_fn: SIGKILL of the driver must not leave trainings behind
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def _train_command(spec: StudySpec, method: str, seed: int, status: str) -> list[str]:
+    path = str(spec.run_dir(method, seed))
+    if status == "partial":
+        return [sys.executable, "-m", "stochvit.study", "resume", path]
+    return [sys.executable, "-m", "stochvit.study", "train", json.dumps(asdict(spec.config(method, seed))), path]
+
+
+def train_missing(spec: StudySpec, log=print) -> dict[str, float]:
+    """Train what is missing, `spec.jobs` at a time with `spec.threads` threads each. Returns wall seconds per run."""
+    todo = []
+    for m, s in spec.runs():
+        status = run_status(spec, m, s)
+        if status != "finished":
+            todo.append((m, s, status))
+    (spec.out / "logs").mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(spec.threads), MKL_NUM_THREADS=str(spec.threads))
+    running: list[tuple[subprocess.Popen, str, float, Any]] = []
+    walls: dict[str, float] = {}
+    failed = []
+    while todo or running:
+        while todo and len(running) < max(1, spec.jobs):
+            m, s, status = todo.pop(0)
+            name = f"{m}-seed{s}"
+            log(f"study {spec.name}: {'resuming' if status == 'partial' else 'training'} {name}")
+            logf = open(spec.out / "logs" / f"{name}.log", "a")  # noqa: SIM115 (closed when the child ends)
+            proc = subprocess.Popen(_train_command(spec, m, s, status), stdout=logf, stderr=subprocess.STDOUT, env=env,
+                                    preexec_fn=_child_dies_with_parent)
+            running.append((proc, name, time.perf_counter(), logf))
+        time.sleep(0.5)
+        for item in list(running):
+            proc, name, t0, logf = item
+            if proc.poll() is None:
+                continue
+            running.remove(item)
+            logf.close()
+            walls[name] = time.perf_counter() - t0
+            if proc.returncode != 0:
+                failed.append(name)
+                log(f"study {spec.name}: {name} failed (exit {proc.returncode}); see {spec.out / 'logs' / (name + '.log')}")
+            else:
+                log(f"study {spec.name}: {name} finished in {walls[name]:.0f} s")
+    if failed:
+        raise UserError(f"{len(failed)} training run(s) failed: {', '.join(failed)}; fix and start the study again")
+    return walls
+
+
+def _worker(argv: list[str]) -> int:
+    """`python -m stochvit.study train CONFIG_JSON OUT | resume OUT`: one training, run by the driver."""
+    from .train import train
+
+    try:
+        if argv[0] == "train":
+            train(TrainConfig(**json.loads(argv[1])), out=argv[2], quiet=True)
+        else:
+            train(resume=argv[1], quiet=True)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+# -- predictions ----------------------------------------------------------------------------------------
+
+def shift_set(test, images: int, seed: int = 0):
+    """A stratified subset of the test set, each image corrupted by one (corruption, severity) cell, cells balanced.
+
+    One mixed set instead of every cell on every image: the same coverage of the 8 x 5 grid, at 1/40 of the cost,
+    and every run sees the very same corrupted images (paired comparisons).
+    """
+    import numpy as np
+    from sklearn.model_selection import train_test_split
+
+    from .corruptions import CORRUPTIONS, SEVERITIES, corrupt, to_uint8
+    from .data import ImageSet
+
+    idx = np.arange(len(test))
+    if images < len(test):
+        idx = np.sort(train_test_split(idx, train_size=images, stratify=test.labels.numpy(), random_state=seed)[0])
+    x, y = test.subset(idx).tensors()
+    cells = [(c, s) for c in CORRUPTIONS for s in SEVERITIES]
+    cell_of = np.random.default_rng(seed).permutation(len(idx)) % len(cells)
+    out = torch.empty_like(x)
+    for i, (c, s) in enumerate(cells):
+        where = torch.from_numpy(np.flatnonzero(cell_of == i))
+        if len(where):
+            out[where] = corrupt(x[where], c, s, seed)
+    return ImageSet(to_uint8(out), y.clone()), [f"{cells[i][0]}-{cells[i][1]}" for i in cell_of]
+
+
+def cached_predictions(run_path: Path, data, shifted, samples: int, shift_images: int, precision: str) -> dict:
+    """Per-pass probabilities on val, test and the shifted set, computed once and kept in the run directory."""
+    from safetensors.torch import load_file, save_file
+
+    from .calibration import log_probs
+    from .precision import default_device
+    from .predict import dataset_probs
+    from .runs import load_run
+
+    path = run_path / f"predictions-K{samples}-shift{shift_images}.safetensors"
+    if path.exists():
+        return {k: v.float().softmax(-1) for k, v in load_file(str(path)).items()}
+    run = load_run(run_path)
+    model = run.model.to(default_device())
+    out = {}
+    for split, dataset in (("val", data.val), ("test", data.test), ("shift", shifted)):
+        out[split] = dataset_probs(model, dataset, samples, precision=precision)[0]
+    tmp = path.with_name(f".{path.name}.tmp")
+    # log-probabilities in float16 (probabilities would underflow): ~1.2 MB a run at K=5, small enough to commit
+    save_file({k: log_probs(v).half().contiguous() for k, v in out.items()}, str(tmp))
+    os.replace(tmp, path)
+    return {k: v.float().softmax(-1) for k, v in load_file(str(path)).items()}
+
+
+if __name__ == "__main__":
+    sys.exit(_worker(sys.argv[1:]))

@@ -1,0 +1,253 @@
+"""`stochvit study SPEC.toml`: train a study's missing runs, measure its claims, and write one report with intervals.
+
+Settings -> run(settings) -> StudyResult -> report(result, out). The measurement lives in `stochvit.study` (training,
+cached predictions) and `stochvit.stats` (intervals and verdicts); this module turns them into tables and plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..calibration import apply_temperature, fit_temperature
+from ..errors import UserError
+from ..stats import Comparison, Scores, compare, comparison_table
+from ..study import StudySpec, cached_predictions, load_spec, run_status, shift_set, train_missing
+
+CONDITIONS = ("clean", "shift")
+
+
+@dataclass(frozen=True)
+class Settings:
+    spec: str | Path
+    train: bool = True  # train what is missing first; False reports on the finished runs only
+    n_boot: int = 2000
+
+
+@dataclass
+class StudyResult:
+    spec: StudySpec
+    plan: list[dict]
+    regime: dict
+    comparisons: dict[str, list[Comparison]] = field(default_factory=dict)  # condition -> rows
+    values: dict = field(default_factory=dict)  # condition -> method -> metric -> per-seed values
+    temperatures: dict = field(default_factory=dict)
+    seconds: dict = field(default_factory=dict)
+
+
+def _plan(spec: StudySpec) -> list[dict]:
+    rows = []
+    for m, s in spec.runs():
+        path = spec.run_dir(m, s)
+        status = run_status(spec, m, s)
+        row = dict(method=m, seed=s, run=str(path), status=status)
+        if status == "finished":
+            summary = json.loads((path / "summary.json").read_text())
+            row.update(train_seconds=summary["train_seconds"], epochs=summary["epochs"])
+        rows.append(row)
+    return rows
+
+
+def _last_rows(path: Path) -> dict:
+    """The last epoch's training loss and validation NLL (the over-confidence criterion)."""
+    rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    last = rows[-1]
+    val = next(r for r in reversed(rows) if "val_nll" in r)
+    return dict(train_loss=last["train_loss"], val_nll=val["val_nll"], train_accuracy=last["train_accuracy"])
+
+
+def _predictors(spec: StudySpec, log) -> tuple[dict, dict]:
+    """Per method, per seed, per condition: deployed probabilities (N, C), and single-pass ones (K, N, C) if random."""
+    from ..runs import read_json
+    from ..train import data_for
+
+    claim = spec.calibration
+    first = spec.run_dir(*spec.runs()[0])
+    data = data_for(read_json(first / "config.json", "run config"))
+    shifted, _ = shift_set(data.test, claim.shift_images)
+    labels = dict(val=data.val.labels, clean=data.test.labels, shift=shifted.labels)
+    probs: dict[str, list[dict]] = {}
+    for m, s in spec.runs():
+        log(f"study {spec.name}: predictions of {m}-seed{s}")
+        p = cached_predictions(spec.run_dir(m, s), data, shifted, claim.samples, claim.shift_images, spec.precision)
+        probs.setdefault(m, []).append(dict(val=p["val"], clean=p["test"], shift=p["shift"]))
+    return probs, labels
+
+
+def _methods(spec: StudySpec, probs: dict, labels: dict) -> tuple[dict, dict]:
+    """Deployed predictors per method name (K-sample average, ensembles, +TS twins, and '(1 pass)' of random ones)."""
+    methods: dict[str, list[dict]] = {}
+    temps: dict[str, list[float]] = {}
+    for m, seeds in probs.items():
+        methods[m] = [{c: p[c].mean(0) for c in ("val", *CONDITIONS)} for p in seeds]
+        if seeds[0]["clean"].shape[0] > 1:
+            methods[f"{m} (1 pass)"] = [{c: p[c] for c in ("val", *CONDITIONS)} for p in seeds]
+    for e, ens in spec.ensembles.items():
+        members = methods[ens.members][: ens.size]
+        methods[e] = [{c: torch.stack([mem[c] for mem in members]).mean(0) for c in ("val", *CONDITIONS)}]
+    if spec.calibration.temperature:
+        for name in [*spec.methods, *spec.ensembles]:
+            scaled, ts = [], []
+            for run in methods[name]:
+                t = fit_temperature(run["val"][None], labels["val"])
+                ts.append(t)
+                scaled.append({c: apply_temperature(run[c][None], t)[0] for c in ("val", *CONDITIONS)})
+            methods[f"{name} +TS"], temps[name] = scaled, ts
+    return methods, temps
+
+
+def _comparisons(spec: StudySpec, names: list[str]) -> list[tuple[str, str]]:
+    claim = spec.calibration
+    if claim.comparisons:
+        pairs = list(claim.comparisons)
+        pairs += [(f"{m} (1 pass)", b) for m, b in claim.comparisons if f"{m} (1 pass)" in names]
+        return pairs
+    base = next(iter(spec.methods))
+    return [(m, base) for m in names if m != base]
+
+
+def run(settings: Settings, log=print) -> StudyResult:
+    """Train (unless settings.train is False), predict, and compare; every finished step is reused."""
+    spec = load_spec(settings.spec)
+    if spec.calibration is None:
+        raise UserError(f"study spec {settings.spec} has no claim to measure (add a [calibration] table)")
+    t0 = time.perf_counter()
+    if settings.train:
+        train_missing(spec, log=log)
+    plan = _plan(spec)
+    if missing := [f"{r['method']}-seed{r['seed']}" for r in plan if r["status"] != "finished"]:
+        raise UserError(f"{len(missing)} run(s) not finished ({', '.join(missing[:4])}...); run the study with training on")
+    t1 = time.perf_counter()
+    probs, labels = _predictors(spec, log)
+    methods, temps = _methods(spec, probs, labels)
+    t2 = time.perf_counter()
+    result = StudyResult(spec=spec, plan=plan, regime=_regime(spec), temperatures=temps)
+    for cond in CONDITIONS:
+        result.values[cond] = {name: {metric: [Scores.from_probs(metric, r[cond], labels[cond]).value() for r in runs]
+                                      for metric in spec.calibration.metrics} for name, runs in methods.items()}
+        rows = []
+        for method, baseline in _comparisons(spec, list(methods)):
+            for metric in spec.calibration.metrics:
+                rows.append(compare([Scores.from_probs(metric, r[cond], labels[cond]) for r in methods[method]],
+                                    [Scores.from_probs(metric, r[cond], labels[cond]) for r in methods[baseline]],
+                                    metric, method, baseline, n_boot=settings.n_boot))
+        result.comparisons[cond] = rows
+    result.seconds = dict(train=t1 - t0, predict=t2 - t1, compare=time.perf_counter() - t2)
+    return result
+
+
+def _regime(spec: StudySpec) -> dict:
+    """The baseline's over-confidence: test ECE and the gap between final training loss and validation NLL."""
+    base = next(iter(spec.methods))
+    rows = []
+    for s in spec.seeds:
+        path = spec.run_dir(base, s)
+        summary = json.loads((path / "summary.json").read_text())
+        rows.append(dict(seed=s, test_ece=summary["test"]["single_pass"]["ece"]["mean"],
+                         test_accuracy=summary["test_accuracy"], **_last_rows(path)))
+    ece = sum(r["test_ece"] for r in rows) / len(rows)
+    loss = sum(r["train_loss"] for r in rows) / len(rows)
+    nll = sum(r["val_nll"] for r in rows) / len(rows)
+    return dict(baseline=base, seeds=rows, test_ece=ece, train_loss=loss, val_nll=nll,
+                over_confident=bool(ece >= 0.08 and loss < 0.5 * nll))
+
+
+# -- report ---------------------------------------------------------------------------------------------
+
+def report(result: StudyResult, out: str | Path | None = None) -> Path:
+    """study.json, study.md and one forest plot per condition into `out` (default: the spec's out/report)."""
+    from ..runs import write_json
+
+    out = Path(out) if out else result.spec.out / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    data = dict(name=result.spec.name, plan=result.plan, regime=result.regime, temperatures=result.temperatures,
+                values=result.values, seconds=result.seconds,
+                comparisons={c: [r.as_dict() for r in rows] for c, rows in result.comparisons.items()})
+    write_json(out / "study.json", data)
+    for cond, rows in result.comparisons.items():
+        _forest_plot(out / f"comparisons-{cond}.png", rows, f"{result.spec.name}: {cond} test, method - baseline, 95% CI")
+    text = format_markdown(result)
+    tmp = out / ".study.md.tmp"
+    tmp.write_text(text)
+    tmp.replace(out / "study.md")
+    return out
+
+
+def format_markdown(result: StudyResult) -> str:
+    spec, reg = result.spec, result.regime
+    train_s = sum(r.get("train_seconds", 0.0) for r in result.plan)
+    lines = [f"# Study `{spec.name}`", "",
+             f"{len(spec.methods)} methods x {len(spec.seeds)} seeds ({', '.join(map(str, spec.seeds))}), "
+             f"{len(result.plan)} runs, {train_s / 3600:.2f} machine-hours of training (sum of the runs' train_seconds).", "",
+             "## Regime", "",
+             f"Baseline `{reg['baseline']}`: test ECE {reg['test_ece']:.4f} (criterion >= 0.08), final training loss "
+             f"{reg['train_loss']:.3f} vs validation NLL {reg['val_nll']:.3f} (criterion: well below, here < half): "
+             f"**{'over-confident' if reg['over_confident'] else 'NOT over-confident'}**.", ""]
+    claim = spec.calibration
+    lines += ["## Calibration", "",
+              f"Deployed predictor: the K={claim.samples}-sample average for random models, `(1 pass)` a single pass. "
+              f"`+TS`: temperature fitted on validation NLL per run. Shift: {claim.shift_images} test images, each under "
+              "one of 8 corruptions x 5 severities (balanced, seeded). Intervals: see `stochvit.stats`.", ""]
+    for cond, rows in result.comparisons.items():
+        lines += [f"### {cond} test", "", comparison_table(rows), f"![{cond}](comparisons-{cond}.png)", ""]
+    lines += ["## Values (mean over seeds)", "", "| method | " + " | ".join(f"{c} {m}" for c in CONDITIONS for m in claim.metrics)
+              + " |", "|---" * (1 + len(CONDITIONS) * len(claim.metrics)) + "|"]
+    for name in result.values["clean"]:
+        cells = [f"{sum(v) / len(v):.4f}" for c in CONDITIONS for v in result.values[c][name].values()]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "## Runs", "", "| method | seed | status | train s |", "|---|---|---|---|"]
+    lines += [f"| {r['method']} | {r['seed']} | {r['status']} | {r.get('train_seconds', math.nan):.0f} |" for r in result.plan]
+    return "\n".join(lines) + "\n"
+
+
+def _forest_plot(path: Path, rows: list[Comparison], title: str) -> None:
+    from ..runs import pyplot
+
+    plt = pyplot()
+    metrics = list(dict.fromkeys(r.metric for r in rows))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 0.45 * len(rows) / len(metrics) + 1.6),
+                             sharey=True, squeeze=False)
+    colours = {"better": "tab:green", "worse": "tab:red", "no difference detected": "tab:gray"}
+    for ax, metric in zip(axes[0], metrics):
+        sel = [r for r in rows if r.metric == metric]
+        for i, r in enumerate(sel):
+            ax.errorbar(r.difference, i, xerr=[[r.difference - r.low], [r.high - r.difference]], fmt="o",
+                        color=colours[r.verdict], capsize=3)
+        ax.axvline(0, color="k", lw=0.8)
+        ax.set_yticks(range(len(sel)), [f"{r.method} vs {r.baseline}" for r in sel])
+        better = "higher" if sel[0].higher_is_better else "lower"
+        ax.set_title(f"{metric} ({better} is better)")
+        ax.invert_yaxis()
+    handles = [plt.Line2D([], [], marker="o", ls="", color=c, label=v) for v, c in colours.items()]
+    fig.legend(handles=handles, loc="lower center", ncol=3, frameon=False)
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+# -- command line ---------------------------------------------------------------------------------------
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("study", help="train a study's runs and report every claim with 95% intervals",
+                              description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("spec", help="TOML study spec (see benchmarks/studies/*.toml)")
+    p.add_argument("--no-train", dest="train", action="store_false", help="report on finished runs only, train nothing")
+    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples per comparison")
+    p.add_argument("--out", default=None, help="report folder (default: the spec's out/report)")
+    p.set_defaults(func=cmd_study)
+
+
+def cmd_study(a: argparse.Namespace) -> None:
+    if a.n_boot < 100:
+        raise UserError(f"--n-boot {a.n_boot}: use at least 100 resamples")
+    result = run(Settings(a.spec, a.train, a.n_boot))
+    out = report(result, a.out)
+    print((out / "study.md").read_text())
+    print(f"report: {out / 'study.md'}")
