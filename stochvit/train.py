@@ -390,12 +390,14 @@ def _single(result: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, to
 
 def finalize_run(path: Path, model: nn.Module, data: DataBundle, eval_samples: int = 10, precision: str = "auto",
                  **extra_summary) -> None:
-    """Evaluate on val/test, write model.safetensors, curves.png and (last) summary.json.
+    """Evaluate on val/test, write model.safetensors, curves.png, the model card README.md and (last) summary.json.
 
     `path/config.json` must already exist; any producer of run directories (trainer, federated,
     transfer) ends with this call, so every run directory looks the same to `load_run`.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
+
+    from .card import provenance, write_model_card
 
     model.eval()
     test = mc_metrics(*dataset_probs(model, data.test, eval_samples, precision=precision))
@@ -404,10 +406,11 @@ def finalize_run(path: Path, model: nn.Module, data: DataBundle, eval_samples: i
     rows = curves.rows()
     summary = dict(test_accuracy=test["single_pass"]["accuracy"]["mean"], test=test, val=val, epochs=len(rows),
                    train_seconds=sum(r.get("epoch_seconds", 0.0) for r in rows), precision=resolve_precision(precision,
-                   next(model.parameters()).device, model), **extra_summary)
-    tmp = path / ".model.safetensors.tmp"
-    save_file({k: v.contiguous() for k, v in model.net.state_dict().items()}, str(tmp))
-    os.replace(tmp, path / "model.safetensors")
+                   next(model.parameters()).device, model), **extra_summary,
+                   provenance=provenance(next(model.parameters()).device))
+    # through the writer of every other run file: same permissions (safetensors' save_file makes 0600 files)
+    atomic_write_bytes(path / "model.safetensors", save({k: v.contiguous() for k, v in model.net.state_dict().items()}))
     if rows:
         curves.plot()
+    write_model_card(path, read_json(path / "config.json", "the run's settings"), summary, model.net)
     write_json(path / "summary.json", summary)  # last: marks the run finished

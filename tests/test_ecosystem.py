@@ -8,6 +8,9 @@ import importlib.metadata
 import json
 import math
 import os
+import re
+import shlex
+import stat
 import subprocess
 import sys
 import tomllib
@@ -173,3 +176,29 @@ def test_metrics_csv_mirrors_metrics_jsonl(tiny_run: Path, tmp_path: Path):
     lines = (tmp_path / "metrics.csv").read_text().splitlines()
     assert lines == ["epoch,train_loss,val_nll,errors", "0,1.0,,", "1,0.4,0.6,[]"]
     assert [r["epoch"] for r in curves.rows()] == [0, 1]
+
+
+def test_model_card_has_settings_data_metrics_command_commit_and_device(tiny_run: Path):
+    card = (tiny_run / "README.md").read_text()
+    config = json.loads((tiny_run / "config.json").read_text())
+    summary = json.loads((tiny_run / "summary.json").read_text())
+    assert card.startswith("---\nlibrary_name: timm\n") and "# Model card for run" in card  # Hugging Face front matter
+    assert "vit_digits_patch2_8" in card and "sharing=image" in card and "| batch_size | `50` |" in card  # settings
+    assert "**Dataset:** `digits`" in card and '"train_limit": 200' in card and '"test": 180' in card  # data and split
+    acc = summary["test"]["single_pass"]["accuracy"]
+    assert f"| accuracy | {acc['mean']:.4f} ± {acc['std']:.4f} |" in card  # the test metrics
+    prov = summary["provenance"]
+    assert prov["command"] == shlex.join(sys.argv) and f"`{prov['command']}`" in card
+    if Path(stochvit.__file__).resolve().parents[1] == ROOT and (ROOT / ".git").exists():  # a source checkout
+        assert re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", prov["git_commit"]) and prov["git_commit"] in card
+    assert prov["device"].startswith(("cpu (", "cuda (")) and prov["device"] in card
+    assert config["versions"]["torch"] in card and 'stochvit.load_model("path/to/run")' in card
+
+
+def test_run_files_share_one_permission_mode(tiny_run: Path):
+    """model.safetensors used to be 0600 (safetensors' save_file) beside 0644 files; all follow the umask now."""
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tiny_run.iterdir() if p.is_file()}
+    assert {"model.safetensors", "README.md", "metrics.csv", "checkpoint.pt", "summary.json"} <= modes.keys()
+    assert set(modes.values()) == {0o666 & ~umask}, modes
