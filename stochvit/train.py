@@ -14,6 +14,7 @@ import math
 import os
 import random
 import signal
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -116,8 +117,27 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def warn_long_warmup(cfg: TrainConfig) -> str | None:
+    """One stderr line when the warmup outlasts the run: the learning rate would silently never reach --lr.
+
+    Returns the message (None when the schedule is fine); printed on rank 0 only.
+    """
+    if cfg.warmup_epochs <= cfg.epochs:
+        return None
+    msg = (f"stochvit: warning: --warmup-epochs {cfg.warmup_epochs:g} is longer than the run (--epochs {cfg.epochs}): "
+           f"the learning rate peaks at {cfg.epochs / cfg.warmup_epochs:.0%} of --lr {cfg.lr:g} and never decays; "
+           f"pass a --warmup-epochs below {cfg.epochs}")
+    if os.environ.get("RANK", "0") == "0":
+        print(msg, file=sys.stderr, flush=True)
+    return msg
+
+
 def run_config(cfg: TrainConfig, data: DataBundle) -> dict:
-    """The run's config.json: enough to rebuild the model without the training code."""
+    """The run's config.json: enough to rebuild the model without the training code.
+
+    Every fresh or resumed training builds it once, so it also checks the schedule (`warn_long_warmup`).
+    """
+    warn_long_warmup(cfg)
     kwargs = dict(num_classes=data.num_classes, in_chans=data.in_chans, img_size=data.img_size, act_layer=cfg.act)
     if cfg.drop_rate:
         kwargs.update(drop_rate=cfg.drop_rate, proj_drop_rate=cfg.drop_rate)

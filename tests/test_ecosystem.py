@@ -22,8 +22,9 @@ import timm
 import torch
 
 import stochvit
+from stochvit.cli import main
 from stochvit.runs import load_run
-from stochvit.train import TrainConfig, _Curves, train
+from stochvit.train import TrainConfig, _Curves, train, warn_long_warmup
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -202,3 +203,14 @@ def test_run_files_share_one_permission_mode(tiny_run: Path):
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tiny_run.iterdir() if p.is_file()}
     assert {"model.safetensors", "README.md", "metrics.csv", "checkpoint.pt", "summary.json"} <= modes.keys()
     assert set(modes.values()) == {0o666 & ~umask}, modes
+
+
+def test_warmup_longer_than_the_run_warns_in_one_line(tmp_path: Path, capsys):
+    args = ["train", "--epochs", "1", "--train-limit", "100", "--batch-size", "50", "--eval-samples", "1"]
+    assert main([*args, "--out", str(tmp_path / "long")]) == 0  # the default --warmup-epochs 2
+    warned = [line for line in capsys.readouterr().err.splitlines() if "warmup" in line]
+    assert warned == ["stochvit: warning: --warmup-epochs 2 is longer than the run (--epochs 1): the learning rate peaks "
+                      "at 50% of --lr 0.003 and never decays; pass a --warmup-epochs below 1"]
+    assert warn_long_warmup(TrainConfig(epochs=1, warmup_epochs=0.5)) is None
+    assert warn_long_warmup(TrainConfig(epochs=3, warmup_epochs=3)) is None
+    assert "warmup" not in capsys.readouterr().err
