@@ -235,7 +235,7 @@ def _forest_plot(path: Path, rows: list[Comparison], title: str) -> None:
 # -- command line ---------------------------------------------------------------------------------------
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("study", help="train a study's runs and report every claim with 95% intervals",
+    p = subparsers.add_parser("study", help="train a study's runs and report every claim with 95%% intervals",
                               description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("spec", help="TOML study spec (see benchmarks/studies/*.toml)")
     p.add_argument("--no-train", dest="train", action="store_false", help="report on finished runs only, train nothing")
