@@ -129,6 +129,9 @@ def model_card(name: str, config: dict, summary: dict, model: nn.Module | None =
               f"precision {summary.get('precision')}. Every setting (config.json `train`):", "",
               "| setting | value |", "| --- | --- |", *(f"| {key} | {_value(v)} |" for key, v in train.items())]
     lines += [*(f"- **{key}:** {_value(v)}" for key, v in extra.items())] if extra else []
+    known = {"model", "stochastic", "data", "train", "versions", "architecture", "num_classes", "model_args", "pretrained_cfg"}
+    sections = {key: v for key, v in config.items() if key not in known}  # e.g. a transfer's source, a federation
+    lines += ["", *(f"- **{key} (config.json):** {_value(v)}" for key, v in sections.items())] if sections else []
     commit = prov.get("git_commit")
     lines += ["", "## Provenance", "",
               f"- **Command:** `{prov.get('command', '?')}`",
