@@ -1,5 +1,8 @@
-"""The one exception type for user mistakes: the CLI prints its message and exits non-zero."""
+"""The one exception type for user mistakes: the CLI prints its message and exits with status 2."""
 
 
-class UserError(Exception):
-    """A problem with the user's input (paths, data, settings, checkpoints), not a bug."""
+class UserError(ValueError):
+    """A problem with the user's input (paths, data, settings, checkpoints), not a bug.
+
+    A `ValueError`, so that Python callers of the library catch it the usual way.
+    """
