@@ -230,3 +230,18 @@ def comparison_table(rows: Sequence[Comparison], digits: int = 4) -> str:
                      f"{c.difference:+.{digits}f} [{c.low:+.{digits}f}, {c.high:+.{digits}f}] | {c.seeds[0]} vs {c.seeds[1]} | "
                      f"**{c.verdict_text()}** |")
     return "\n".join(lines) + "\n"
+
+
+def interval(scores: Scores, level: float = 0.95, n_boot: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """Percentile-bootstrap interval of one run's metric value over its test images (test-set sampling only).
+
+    For the error bars of a single method's value; a difference between methods needs `compare` (paired).
+    """
+    if not 0 < level < 1:
+        raise ValueError(f"level={level} must be in (0, 1)")
+    if n_boot < 1:
+        raise ValueError("n_boot must be >= 1")
+    vals = np.concatenate([scores(bootstrap_weights(scores.n, min(500, n_boot - start), seed + start)).numpy()
+                           for start in range(0, n_boot, 500)])
+    low, high = np.quantile(vals, [(1 - level) / 2, (1 + level) / 2])
+    return float(low), float(high)

@@ -6,7 +6,7 @@ import torch
 from scipy.stats import norm
 
 from stochvit.metrics import classification_metrics
-from stochvit.stats import Scores, bootstrap_weights, compare, compare_probs, comparison_table
+from stochvit.stats import Scores, bootstrap_weights, compare, compare_probs, comparison_table, interval
 
 
 def _probs(n=400, c=5, seed=0, sharp=3.0):
@@ -121,3 +121,20 @@ def test_bad_inputs_raise_value_errors():
         compare([Scores.per_image(np.ones(3))], [Scores.per_image(np.ones(3))], "loss")
     with pytest.raises(ValueError):
         Scores.per_image(np.array([1.0, np.nan]))
+
+
+def test_single_method_interval_covers_a_bernoulli_mean():
+    rng = np.random.default_rng(4)
+    p, n, reps = 0.3, 300, 300
+    hits = 0
+    for r in range(reps):
+        x = (rng.random(n) < p).astype(float)
+        low, high = interval(Scores.per_image(x), n_boot=400, seed=r)
+        assert low <= x.mean() <= high
+        hits += low <= p <= high
+    assert 0.91 <= hits / reps <= 0.99  # nominal 0.95; the binomial sd of the estimate is 0.013
+    # its width is the normal approximation's, 2 * 1.96 * sqrt(p (1 - p) / n)
+    low, high = interval(Scores.per_image((rng.random(4000) < p).astype(float)), n_boot=2000)
+    assert high - low == pytest.approx(2 * 1.96 * np.sqrt(p * (1 - p) / 4000), rel=0.1)
+    with pytest.raises(ValueError):
+        interval(Scores.per_image(np.ones(3)), level=1.0)
