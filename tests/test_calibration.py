@@ -29,6 +29,9 @@ from stochvit.cli import main
 from stochvit.corruptions import CORRUPTIONS, SEVERITIES, corrupt, corrupt_set
 from stochvit.data import load_data
 from stochvit.metrics import classification_metrics
+from stochvit.stats import VERDICTS, Comparison
+from stochvit.suites.calibration import CI_METRICS, run_calibration
+from stochvit.train import TrainConfig, train
 
 
 def random_probs(n: int = 2000, c: int = 10, scale: float = 3.0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,7 +178,7 @@ def test_calibration_command_end_to_end(digits_runs, tmp_path, capsys):
                "--corruptions", "gaussian_noise,contrast", "--severities", "1,5", "--out", str(out)])
     assert rc == 0
     for f in ("calibration.json", "calibration.md", "reliability.png", "confidence_hist.png", "shift.png",
-              "shift_by_corruption.png"):
+              "shift_by_corruption.png", "metrics.png"):
         assert (out / f).stat().st_size > 0, f
     assert not list(tmp_path.glob(".*partial"))
     report = json.loads((out / "calibration.json").read_text())
@@ -196,6 +199,8 @@ def test_calibration_command_end_to_end(digits_runs, tmp_path, capsys):
         json.loads((digits_runs["deterministic"] / "summary.json").read_text())["test"]["mc_average"]["accuracy"])
     table = (out / "calibration.md").read_text()
     assert "| stoch | K=3 average |" in table and "Under shift" in table
+    assert report["baseline"] == "det" and list(report["comparisons"]) == ["clean", "shift"]
+    assert "## Differences from the baseline `det`" in table and "| ece | ensemble-2 +TS | det |" in table
     printed = capsys.readouterr().out
     assert "stoch +TS (K=3 average)" in printed and "shift ECE" in printed
 
@@ -213,3 +218,63 @@ def test_demo_reuses_finished_runs_and_prints_the_table(digits_runs, tmp_path, c
     assert printed.count("reusing finished run") == 2
     assert "stochastic (K=2 average)" in printed and "Stochastic (K=2 average) vs deterministic" in printed
     assert (tmp_path / "demo" / "calibration" / "calibration.json").exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory):
+    """Two copies of one deterministic run (identical predictions) and a stochastic run: 2 epochs each, seconds."""
+    tmp = tmp_path_factory.mktemp("tiny")
+    det = train(TrainConfig(epochs=2, eval_samples=2, stochastic=None), out=tmp / "a" / "det", quiet=True)
+    shutil.copytree(det, tmp / "b" / "det")
+    sto = train(TrainConfig(epochs=2, eval_samples=2), out=tmp / "c" / "stoch", quiet=True)
+    return [det, tmp / "b" / "det", sto]
+
+
+def test_calibration_compares_every_method_with_the_first_with_intervals(tiny_runs, tmp_path):
+    out = run_calibration(tiny_runs, samples=2, shift=True, corruptions=("contrast", "gaussian_noise"), severities=(2, 5),
+                          shift_limit=120, out=tmp_path / "rep", quiet=True, n_boot=300)
+    report = json.loads((out / "calibration.json").read_text())
+    names = list(report["methods"])
+    assert names == ["a/det", "a/det +TS", "b/det", "b/det +TS", "c/stoch", "c/stoch +TS"]
+    assert report["baseline"] == "a/det" and report["n_boot"] == 300
+    assert list(report["comparisons"]) == ["clean", "shift"]
+    for rows in report["comparisons"].values():
+        # every method after the first, on each of the four metrics of the K-sample average
+        assert [(r["method"], r["metric"]) for r in rows] == [(n, k) for n in names[1:] for k in CI_METRICS]
+        for r in rows:
+            assert r["baseline"] == "a/det" and r["low"] <= r["difference"] <= r["high"]
+            assert r["verdict"] in VERDICTS and r["seeds"] == [1, 1] and "paired percentile bootstrap" in r["interval"]
+            assert r["difference"] == pytest.approx(r["method_value"] - r["baseline_value"])
+        # a method against itself (a copy of the same deterministic run): no difference, and an interval of width 0
+        for r in (r for r in rows if r["method"] == "b/det"):
+            assert r["difference"] == 0 and r["low"] == 0 and r["high"] == 0, r
+            assert r["verdict"] == "no difference detected"
+    clean = {(r["method"], r["metric"]): r for r in report["comparisons"]["clean"]}
+    for name in names:
+        e = report["methods"][name]
+        ci = e["intervals"]
+        for k in CI_METRICS:
+            row = clean[(name, k)] if name != "a/det" else clean[("b/det", k)]
+            compared = row["method_value"] if name != "a/det" else row["baseline_value"]
+            assert compared == pytest.approx(e["test"]["mc_average"][k], abs=1e-5)  # the table's values are compared
+            # each interval contains its point estimate: clean, shift (mean over cells), each severity's mean
+            points = [(ci["test"][k], e["test"]["mc_average"][k]), (ci["shift"][k], e["shift_overall"][k])]
+            points += [(ci["shift_mean"][s][k], e["shift_mean"][s]["mc_average"][k]) for s in ("0", "2", "5")]
+            for (lo, hi), v in points:
+                assert lo < hi or k == "accuracy" and lo == hi, (name, k)
+                # ECE is biased upwards on resamples, so a near-0 ECE can fall below its percentile interval
+                assert (lo - 1e-9 <= v or k == "ece") and v <= hi + 1e-9, (name, k, lo, v, hi)
+        assert e["shift_overall"]["accuracy"] == pytest.approx(
+            sum(e["shift_mean"][s]["mc_average"]["accuracy"] for s in ("2", "5")) / 2, abs=1e-6)
+        for c in ("contrast", "gaussian_noise"):
+            for s in ("2", "5"):
+                lo, hi = ci["shift_ece"][c][s]
+                assert 0 <= lo < hi and e["shift"][c][s]["mc_average"]["ece"] <= hi + 1e-9
+    assert report["methods"]["a/det"]["intervals"] == report["methods"]["b/det"]["intervals"]
+    table = (out / "calibration.md").read_text()
+    assert "## 95% intervals (K-sample average)" in table and "## Differences from the baseline `a/det`" in table
+    assert "| accuracy | b/det | a/det |" in table and "**no difference detected (smallest detectable 0), 1 seed**" in table
+    assert table.count("| metric | method | baseline |") == 2
+    assert (out / "metrics.png").stat().st_size > 0 and (out / "shift.png").stat().st_size > 0
+    assert Comparison.__dataclass_fields__.keys() <= set(report["comparisons"]["clean"][0])
+    assert main(["calibration", str(tiny_runs[0]), "--n-boot", "10", "--out", str(tmp_path / "bad")]) == 2

@@ -4,6 +4,11 @@ on the clean test split and (with --shift) on CIFAR-10-C style corruptions at 5 
 Every method is reduced to per-pass probabilities (K, N, C) on val, test and each corrupted test copy; the
 metrics of `stochvit.calibration` are then taken per pass (mean ± std) and of the K-sample average through
 `stochvit.metrics.mc_metrics`. Temperatures are fitted on clean validation data and kept under shift.
+
+Intervals (`stochvit.stats`, one run per method, an ensemble counting as one): each method's accuracy, NLL, Brier
+and ECE of the K-sample average get a 95% percentile-bootstrap interval over the test images, and every method after
+the first gets its difference from the first (the baseline) with a paired image-bootstrap 95% CI and a verdict.
+Under shift the metric is the mean over the corruption x severity cells of the same images, resampled together.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import math
 import os
 import shutil
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
 
@@ -38,8 +43,10 @@ from ..layers import MCDropout, is_random, random_modules
 from ..metrics import mc_metrics
 from ..predict import dataset_probs
 from ..runs import Run, load_run, write_json
+from ..stats import Comparison, Scores, compare, comparison_table, interval
 from ..train import check_compatible, data_for
 
+CI_METRICS = ("accuracy", "nll", "brier", "ece")  # of the K-sample average: intervals and paired comparisons
 SHORT = dict(accuracy="acc", nll="NLL", brier="Brier", ece="ECE", adaptive_ece="aECE", mce="MCE", classwise_ece="cwECE",
              aurc="AURC", auroc="AUROC")
 
@@ -150,10 +157,12 @@ def run_calibration(run_dirs: list[str | Path], ensembles: list[list[str | Path]
                     data_dir: str | None = None, samples: int = 10, shift: bool = False,
                     corruptions: tuple[str, ...] = CORRUPTIONS, severities: tuple[int, ...] = SEVERITIES,
                     shift_limit: int | None = None, out: str | Path | None = None, precision: str = "auto",
-                    quiet: bool = False) -> Path:
+                    quiet: bool = False, n_boot: int = 1000) -> Path:
     """Evaluate runs (and ensembles of runs) with and without temperature scaling; write the report into `out`."""
     if samples < 1:
         raise UserError("--samples must be >= 1")
+    if n_boot < 100:
+        raise UserError(f"--n-boot {n_boot}: use at least 100 resamples")
     ensembles = [list(e) for e in ensembles or []]
     for e in ensembles:
         if len(e) < 2:
@@ -227,15 +236,81 @@ def run_calibration(run_dirs: list[str | Path], ensembles: list[list[str | Path]
                 s: {part: {k: _nanmean([_summary(per[c][s])[part][k] for c in corruptions]) for k in METRICS}
                     for part in ("single_pass", "mc_average")} for s in severities}
         results[m.name] = entry
+    cells = {m.name: _cells(m, test.labels, shift_test.labels, shift_idx, conditions) for m in methods}
+    for name, c in cells.items():
+        results[name]["intervals"] = method_intervals(c, corruptions if conditions else (), severities, n_boot)
+        if conditions:  # the value the shift intervals and comparisons are about: the mean over every cell
+            results[name]["shift_overall"] = {k: cell_scores(k, *_shift(c)).value() for k in CI_METRICS}
     report = dict(data=bundle.name, split="test", images=len(test), shift_images=len(shift_test) if conditions else 0,
                   samples=samples, ece_bins=15, corruptions=list(corruptions) if conditions else [],
                   severities=list(severities) if conditions else [], methods=results,
+                  baseline=methods[0].name, n_boot=n_boot,
+                  comparisons={cond: [c.as_dict() for c in rows] for cond, rows in compare_methods(cells, n_boot).items()},
                   command=" ".join(["stochvit", *sys.argv[1:]]))
     _write_outputs(out, report, methods, test.labels)
     if not quiet:
         print(format_console(report))
         print(f"wrote {out}/calibration.json, calibration.md and plots")
     return out
+
+
+# -- intervals and paired comparisons (stochvit.stats) ---------------------------------------------------------
+
+def cell_scores(metric: str, cells: list[torch.Tensor], labels: torch.Tensor) -> Scores:
+    """The mean of a metric over cells: (N, C) probabilities of the same N images (one per corruption x severity)."""
+    parts = [Scores.from_probs(metric, p, labels) for p in cells]
+    if len(parts) == 1:
+        return parts[0]
+    return Scores(lambda w: torch.stack([s(w) for s in parts]).mean(0), parts[0].n)
+
+
+def _cells(m: Method, test_labels: torch.Tensor, shift_labels: torch.Tensor, shift_idx: torch.Tensor | None,
+           conditions: list[tuple[str, int]]) -> dict:
+    """A method's K-sample-average probabilities: {"clean": ([probs], labels)} and, under shift, the shift subset's
+    clean copy ("shift_clean") and every (corruption, severity) cell, each with the labels they share."""
+    out = {"clean": ([m.scaled(m.test)[1]], test_labels)}
+    if conditions:
+        out["shift_clean"] = ([m.scaled(m.test if shift_idx is None else m.test[:, shift_idx])[1]], shift_labels)
+        out["cells"] = {cond: m.scaled(m.shift[cond])[1] for cond in conditions}
+        out["shift_labels"] = shift_labels
+    return out
+
+
+def _shift(cells: dict, keep=lambda cond: True) -> tuple[list[torch.Tensor], torch.Tensor]:
+    return [p for cond, p in cells["cells"].items() if keep(cond)], cells["shift_labels"]
+
+
+def method_intervals(cells: dict, corruptions: tuple[str, ...], severities: tuple[int, ...], n_boot: int) -> dict:
+    """[low, high] 95% intervals of one method's values: clean test, shift (mean over cells), per severity (mean over
+    corruptions; 0 = the shift subset clean) and the ECE of every corruption x severity."""
+    def bounds(probs: list[torch.Tensor], labels: torch.Tensor, metric: str) -> list[float]:
+        return list(interval(cell_scores(metric, probs, labels), n_boot=n_boot))
+
+    out = {"test": {k: bounds(*cells["clean"], k) for k in CI_METRICS}}
+    if corruptions:
+        out["shift"] = {k: bounds(*_shift(cells), k) for k in CI_METRICS}
+        out["shift_mean"] = {0: {k: bounds(*cells["shift_clean"], k) for k in CI_METRICS}} | {
+            s: {k: bounds(*_shift(cells, lambda cond, s=s: cond[1] == s), k) for k in CI_METRICS} for s in severities}
+        out["shift_ece"] = {c: {s: bounds(*_shift(cells, lambda cond, c=c, s=s: cond == (c, s)), "ece") for s in severities}
+                            for c in corruptions}
+    return out
+
+
+def compare_methods(cells: dict[str, dict], n_boot: int) -> dict[str, list[Comparison]]:
+    """Every method after the first minus the first, per condition ("clean"; "shift" = mean over the cells)."""
+    names = list(cells)
+    base = names[0]
+    conds = ["clean"] + (["shift"] if "cells" in cells[base] else [])
+    out = {}
+    for cond in conds:
+        get = (lambda c: c["clean"]) if cond == "clean" else _shift
+        out[cond] = [compare([cell_scores(k, *get(cells[name]))], [cell_scores(k, *get(cells[base]))], k, name, base,
+                             n_boot=n_boot) for name in names[1:] for k in CI_METRICS]
+    return out
+
+
+def _comparison(d: dict) -> Comparison:
+    return Comparison(**{f.name: tuple(d[f.name]) if f.name == "seeds" else d[f.name] for f in fields(Comparison)})
 
 
 def _nanmean(values: list[float]) -> float:
@@ -254,7 +329,8 @@ def _write_outputs(out: Path, report: dict, methods: list[Method], labels: torch
     tmp.mkdir(parents=True)
     write_json(tmp / "calibration.json", _clean(report))
     (tmp / "calibration.md").write_text(format_markdown(report))
-    plot_reliability(tmp / "reliability.png", methods, labels)
+    plot_reliability(tmp / "reliability.png", methods, labels, report)
+    plot_metrics(tmp / "metrics.png", report)
     plot_confidence_histograms(tmp / "confidence_hist.png", methods, labels)
     if report["corruptions"]:
         plot_shift(tmp / "shift.png", tmp / "shift_by_corruption.png", report)
@@ -280,7 +356,7 @@ def _grid(n: int, cols: int = 4) -> tuple[int, int]:
     return math.ceil(n / cols), cols
 
 
-def plot_reliability(path: Path, methods: list[Method], labels: torch.Tensor) -> None:
+def plot_reliability(path: Path, methods: list[Method], labels: torch.Tensor, report: dict | None = None) -> None:
     """Reliability diagram (accuracy per confidence bin, gap to the diagonal) over a confidence histogram, per method."""
     plt = _pyplot()
     rows, cols = _grid(len(methods))
@@ -300,7 +376,8 @@ def plot_reliability(path: Path, methods: list[Method], labels: torch.Tensor) ->
                 width=width[filled], color="tab:red", alpha=0.35, edgecolor="tab:red", linewidth=0.4, label="gap")
         top.plot([0, 1], [0, 1], "k--", linewidth=0.8)
         top.set(xlim=(0, 1), ylim=(0, 1), xticklabels=[], ylabel="accuracy")
-        top.set_title(f"{m.name}\nECE {binned_ece(conf, correct):.3f}", fontsize=9)
+        ci = (report or {}).get("methods", {}).get(m.name, {}).get("intervals", {}).get("test", {}).get("ece")
+        top.set_title(f"{m.name}\nECE {binned_ece(conf, correct):.3f}{_ci(ci)}", fontsize=9)
         if i == 0:
             top.legend(fontsize=7, loc="upper left")
         bottom.bar(centers, (r["count"] / r["count"].sum()).numpy(), width=width, color="tab:gray", edgecolor="k", linewidth=0.4)
@@ -309,6 +386,42 @@ def plot_reliability(path: Path, methods: list[Method], labels: torch.Tensor) ->
         bottom.set(xlim=(0, 1), xlabel="confidence", ylabel="fraction")
     fig.suptitle("Reliability diagrams (K-sample average, clean test)", fontsize=11)
     fig.savefig(path, dpi=90, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_metrics(path: Path, report: dict) -> None:
+    """Accuracy, NLL, Brier and ECE of every method's K-sample average, clean (and shift), with 95% error bars."""
+    plt = _pyplot()
+    names = list(report["methods"])
+    conds = [("test", "clean test")] + ([("shift", "shift (mean over cells)")] if report["corruptions"] else [])
+    fig, axes = plt.subplots(1, len(CI_METRICS), figsize=(3.2 * len(CI_METRICS), 1.2 + 0.32 * len(names) * len(conds)),
+                             squeeze=False)
+    height = 0.5 / len(conds)
+    for ax, key in zip(axes[0], CI_METRICS):
+        for j, (cond, label) in enumerate(conds):
+            vals, lo, hi = [], [], []
+            for name in names:
+                e = report["methods"][name]
+                v = e["test"]["mc_average"][key] if cond == "test" else e["shift_overall"][key]
+                b = e["intervals"][cond][key]
+                vals.append(v)
+                lo.append(max(v - b[0], 0.0))
+                hi.append(max(b[1] - v, 0.0))
+            y = [i + (j - (len(conds) - 1) / 2) * height for i in range(len(names))]
+            ax.errorbar(vals, y, xerr=[lo, hi], fmt="o", markersize=4, capsize=2, color=f"C{j}", label=label, linewidth=1)
+        ax.set_yticks(range(len(names)), names if key == CI_METRICS[0] else [""] * len(names), fontsize=7)
+        ax.invert_yaxis()
+        ax.set_title(f"{SHORT[key]} ({'higher' if key == 'accuracy' else 'lower'} is better)", fontsize=9)
+        ax.tick_params(axis="x", labelsize=7)
+        ax.locator_params(axis="x", nbins=5)
+        ax.grid(axis="x", alpha=0.3)
+    bottom = 0.0
+    if len(conds) > 1:
+        bottom = 0.5 / fig.get_figheight()
+        fig.legend(*axes[0][0].get_legend_handles_labels(), loc="lower center", ncol=len(conds), fontsize=7, frameon=False)
+    fig.suptitle(f"{report['data']}: K-sample average, 95% bootstrap intervals over the test images", fontsize=9)
+    fig.tight_layout(rect=(0, bottom, 1, 1))
+    fig.savefig(path, dpi=90)
     plt.close(fig)
 
 
@@ -345,13 +458,21 @@ def plot_shift(path: Path, by_corruption: Path, report: dict) -> None:
         return dict(color=colors[name.removesuffix(" +TS")], linestyle="--" if name.endswith(" +TS") else "-", marker="o",
                     markersize=3, label=name)
 
+    def band(ax, name: str, bounds: list[list[float]]) -> None:
+        """The 95% interval of each point as a shaded band around the curve."""
+        ax.fill_between(sev, [b[0] for b in bounds], [b[1] for b in bounds], color=colors[name.removesuffix(" +TS")],
+                        alpha=0.08 if name.endswith(" +TS") else 0.15, linewidth=0)
+
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for name in names:
-        sm = report["methods"][name]["shift_mean"]
+        sm, ci = report["methods"][name]["shift_mean"], report["methods"][name].get("intervals", {}).get("shift_mean")
         for ax, key in zip(axes, ("accuracy", "ece", "nll")):
             ax.plot(sev, [sm[s]["mc_average"][key] for s in sev], **style(name))
+            if ci:
+                band(ax, name, [ci[s][key] for s in sev])
     for ax, key in zip(axes, ("accuracy", "ece", "nll")):
         ax.set(xlabel="severity (0 = clean)", ylabel=SHORT[key], title=f"{SHORT[key]} vs severity (mean over corruptions)")
+    fig.suptitle("K-sample average; bands: 95% bootstrap intervals over the test images", fontsize=9)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
@@ -365,10 +486,13 @@ def plot_shift(path: Path, by_corruption: Path, report: dict) -> None:
             e = report["methods"][name]
             ax.plot(sev, [e["shift_mean"][0]["mc_average"]["ece"]] + [e["shift"][c][s]["mc_average"]["ece"] for s in sev[1:]],
                     **style(name))
+            if "intervals" in e:
+                band(ax, name, [e["intervals"]["shift_mean"][0]["ece"]] + [e["intervals"]["shift_ece"][c][s] for s in sev[1:]])
         ax.set(title=c, xlabel="severity", ylabel="ECE")
     for ax in list(axes.flat)[len(corruptions):]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=6)
+    fig.suptitle("ECE per corruption (K-sample average); bands: 95% bootstrap intervals", fontsize=9)
     fig.tight_layout()
     fig.savefig(by_corruption, dpi=90)
     plt.close(fig)
@@ -410,6 +534,7 @@ def format_markdown(report: dict) -> str:
     for name, pred, vals, std in _rows(report):
         cells = [_fmt(vals[k]) + (f" ± {_fmt(std[k])}" if std else "") for k in METRICS]
         lines.append(f"| {name} | {pred} | {_temperature(report['methods'][name], pred)} | " + " | ".join(cells) + " |")
+    lines += _interval_markdown(report)
     lines += ["", "## Training regime (last epoch)", "", "| run | epochs | train loss | val NLL | val ECE |",
               "|---|---|---|---|---|"]
     seen = set()
@@ -427,10 +552,48 @@ def format_markdown(report: dict) -> str:
                       "| method | " + " | ".join(map(str, [0] + sev)) + " | mean 1-5 |", "|---|" + "---|" * (len(sev) + 2)]
             for name, e in report["methods"].items():
                 vals = [e["shift_mean"][s]["mc_average"][key] for s in [0] + sev]
-                lines.append(f"| {name} | " + " | ".join(_fmt(v) for v in vals) + f" | {_fmt(sum(vals[1:]) / len(sev))} |")
+                ci = e.get("intervals", {})
+                bounds = [ci.get("shift_mean", {}).get(s, {}).get(key) for s in [0] + sev] + [ci.get("shift", {}).get(key)]
+                cells = [_fmt(v) + _ci(b) for v, b in zip(vals + [sum(vals[1:]) / len(sev)], bounds)]
+                lines.append(f"| {name} | " + " | ".join(cells) + " |")
             lines.append("")
+        if report.get("comparisons"):
+            lines += ["Cells: value [95% interval], percentile bootstrap over the shift subset's images.", ""]
     lines += ["", f"Command: `{report['command']}`", ""]
     return "\n".join(lines)
+
+
+def _ci(bounds: list[float] | None, digits: int = 3) -> str:
+    return "" if bounds is None else f" [{_fmt(bounds[0], digits)}, {_fmt(bounds[1], digits)}]"
+
+
+def _interval_markdown(report: dict) -> list[str]:
+    """Each method's value with its 95% interval, then every method minus the baseline with paired CIs and verdicts."""
+    if not report.get("comparisons"):
+        return []
+    n, conds = report["n_boot"], [("test", "clean test", report["images"])]
+    if report["corruptions"]:
+        conds.append(("shift", f"shift (mean over {len(report['corruptions'])} corruptions x severities "
+                               f"{', '.join(map(str, report['severities']))})", report["shift_images"]))
+    lines = ["", "## 95% intervals (K-sample average)", "",
+             f"One run per method (an ensemble counts as one), so the intervals cover test-set sampling only: a percentile "
+             f"bootstrap over the test images ({n} resamples). Under shift every resample draws images, each with all its "
+             "corrupted copies. ECE is biased upwards on finite samples, so its resampled values, and the interval, tend "
+             "to lie above the point value; the paired differences below largely cancel that bias.", ""]
+    for key, title, images in conds:
+        lines += [f"**{title}**, {images} images", "", "| method | " + " | ".join(SHORT[k] for k in CI_METRICS) + " |",
+                  "|---|" + "---|" * len(CI_METRICS)]
+        for name, e in report["methods"].items():
+            src = e[key]["mc_average"] if key == "test" else e["shift_overall"]
+            lines.append(f"| {name} | " + " | ".join(_fmt(src[k]) + _ci(e["intervals"][key][k]) for k in CI_METRICS) + " |")
+        lines.append("")
+    lines += [f"## Differences from the baseline `{report['baseline']}`", "",
+              "method - baseline on the same images; 95% CI from a paired bootstrap over the test images (both sides see "
+              f"the same resampled images, {n} resamples); verdicts from `stochvit.stats` (never from a point estimate).", ""]
+    for cond, rows in report["comparisons"].items():
+        lines += [f"**{'clean test' if cond == 'clean' else 'shift'}**", "",
+                  comparison_table([_comparison(d) for d in rows]), ""]
+    return lines
 
 
 def format_console(report: dict) -> str:
@@ -472,8 +635,9 @@ def add_parser(subparsers) -> None:
         description="Evaluate trained runs on the test split: accuracy, NLL, Brier, ECE, adaptive ECE, MCE, classwise ECE, "
                     "AURC and misclassification AUROC, single-pass (mean ± std over K passes) and K-sample average, each "
                     "without and with temperature scaling fitted on validation NLL. --ensemble adds a deep ensemble of runs; "
-                    "--shift adds CIFAR-10-C style corruptions at 5 severities. Writes calibration.json, calibration.md and "
-                    "PNG plots into --out.")
+                    "--shift adds CIFAR-10-C style corruptions at 5 severities. Every method after the first is compared with "
+                    "the first (paired bootstrap 95% CI and verdict); values and plots carry 95% intervals. Writes "
+                    "calibration.json, calibration.md and PNG plots into --out.")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="finished run directories, one table row group each")
     add_data_args(p, default=None)
     p.add_argument("--samples", type=int, default=10, help="K stochastic passes (deterministic runs use 1)")
@@ -484,6 +648,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--severities", type=int_list, default=list(SEVERITIES), help="comma-separated severities in 1..5")
     p.add_argument("--shift-limit", type=int, default=None, help="evaluate shift on a stratified subset of this many test images")
     p.add_argument("--precision", default="auto", choices=PRECISIONS)
+    p.add_argument("--n-boot", type=int, default=1000,
+                   help="bootstrap resamples for the 95%% intervals and the paired comparisons with the first method")
     p.add_argument("--out", default=None, help="output directory (default: runs/calibration-<timestamp>)")
     p.set_defaults(func=cmd_calibration)
 
@@ -493,4 +659,4 @@ def cmd_calibration(a: argparse.Namespace) -> None:
     if a.shift_limit is not None and a.shift_limit < 10:
         raise UserError("--shift-limit must be at least 10 images")
     run_calibration(a.run_dirs, a.ensemble, a.data, a.data_dir, a.samples, a.shift, corruptions, tuple(a.severities),
-                    a.shift_limit, a.out, a.precision)
+                    a.shift_limit, a.out, a.precision, n_boot=a.n_boot)
