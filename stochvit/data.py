@@ -12,6 +12,8 @@ a class subset, relabelled 0..k-1 in the order given, taken from the parent data
 
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -141,20 +143,69 @@ def _load_torchvision(name: str, data_dir: Path, download: bool, train: bool) ->
     return torch.from_numpy(np.ascontiguousarray(data)), torch.from_numpy(labels), names
 
 
-def _decode_folder(root: Path, img_size: int | None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    from torchvision.datasets import ImageFolder
+def _list_folder(root: Path, seen: dict[tuple[int, int], str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """Class folders of `root` and their image files, as (path, class name), without following symlinked folders.
+
+    torchvision's ImageFolder follows every symlink, so a link to a parent folder (`ln -s .. T/a/up`) lists each
+    image many times, in every split: test images end up in train. Symlinked folders below a class folder are
+    skipped (one warning line); a file reached twice (symlinked files, hard links, class folders linked to each
+    other, or the same file in two splits) is refused. `seen` maps (device, inode) to the first path, across splits.
+    """
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    try:
+        classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    except OSError as e:
+        raise UserError(f"{root}: not a class-folder tree of images ({e})") from None
+    if not classes:
+        raise UserError(f"{root}: not a class-folder tree of images (no class folders in it)")
+    samples: list[tuple[str, str]] = []
+    skipped: list[str] = []
+    empty: list[str] = []
+    for name in classes:
+        count = 0
+        for folder, subdirs, files in os.walk(root / name, onerror=_walk_error):  # followlinks=False: no loops
+            skipped += [os.path.join(folder, d) for d in subdirs if os.path.islink(os.path.join(folder, d))]
+            subdirs.sort()
+            for f in sorted(files):
+                if not f.lower().endswith(IMG_EXTENSIONS):
+                    continue
+                path = os.path.join(folder, f)
+                try:
+                    st = os.stat(path)
+                except OSError as e:
+                    raise UserError(f"cannot read image {path}: {e.strerror or e}") from None
+                key = (st.st_dev, st.st_ino)
+                if key in seen:
+                    raise UserError(f"{path} is the same file as {seen[key]} (a symlink or hard link): each image must "
+                                    "appear once across train, val and test; remove the duplicate")
+                seen[key] = path
+                samples.append((path, name))
+                count += 1
+        if count == 0:
+            empty.append(name)
+    if empty:
+        raise UserError(f"{root}: not a class-folder tree of images (no image files in class folder(s) "
+                        f"{', '.join(empty)}; supported extensions: {', '.join(IMG_EXTENSIONS)})")
+    if skipped:
+        print(f"stochvit: warning: {root}: not following {len(skipped)} symlinked folder(s), e.g. {skipped[0]}",
+              file=sys.stderr, flush=True)
+    return classes, samples
+
+
+def _walk_error(e: OSError) -> None:
+    raise UserError(f"cannot list {e.filename}: {e.strerror or e}")
+
+
+def _decode_folder(root: Path, samples: list[tuple[str, str]], class_index: dict[str, int],
+                   img_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode listed images; labels come from `class_index` (the train folder's), so every split agrees."""
     from torchvision.io import ImageReadMode, decode_image, read_file
     from tqdm import tqdm
 
-    try:
-        folder = ImageFolder(str(root), loader=lambda p: p)
-    except (FileNotFoundError, OSError) as e:
-        raise UserError(f"{root}: not a class-folder tree of images ({e})") from None
-    if len(folder) == 0:
-        raise UserError(f"{root} holds no images")
     resize = v2.Resize((img_size, img_size), antialias=True) if img_size else None
     images, size = [], None
-    for path, _ in tqdm(folder.samples, desc=f"decode {root.name}", unit="img", leave=False, mininterval=2):
+    for path, _ in tqdm(samples, desc=f"decode {root.name}", unit="img", leave=False, mininterval=2):
         try:
             img = decode_image(read_file(path), mode=ImageReadMode.RGB)
         except RuntimeError as e:
@@ -167,7 +218,32 @@ def _decode_folder(root: Path, img_size: int | None) -> tuple[torch.Tensor, torc
             raise UserError(f"{path} is {tuple(img.shape[1:])} but earlier images are {tuple(size[1:])}; "
                             "pass --img-size to resize all")
         images.append(img)
-    return torch.stack(images), torch.tensor(folder.targets), list(folder.classes)
+    return torch.stack(images), torch.tensor([class_index[c] for _, c in samples])
+
+
+def _load_folders(root: Path, img_size: int | None) -> tuple[tuple[torch.Tensor, torch.Tensor, list[str]], dict]:
+    """The train (or root) folder and any val/test folders, listed and checked before anything is decoded.
+
+    Class indices come from the train folder's class names: a val/ lacking a class keeps the others' labels,
+    and a split with a class that train lacks is refused up front (not after the whole training).
+    """
+    parts = {p: root / p for p in ("train", "val", "test") if (root / p).is_dir()}
+    if parts and "train" not in parts:  # the root's class folders would include val/ or test/ themselves
+        raise UserError(f"{root} has {' and '.join(p + '/' for p in parts)} but no train/ folder; put the training "
+                        "images in train/<class>/, or use only class folders at the top")
+    seen: dict[tuple[int, int], str] = {}
+    train_root = parts.pop("train", root)
+    names, samples = _list_folder(train_root, seen)
+    listed = {p: _list_folder(d, seen) for p, d in parts.items()}
+    for p, (classes, _) in listed.items():
+        unknown = [c for c in classes if c not in names]
+        if unknown:
+            raise UserError(f"{parts[p]} has class folder(s) {', '.join(unknown)} that {train_root} lacks "
+                            f"(its classes: {', '.join(names)}); every split must use the train folder's classes")
+    index = {c: i for i, c in enumerate(names)}
+    images, labels = _decode_folder(train_root, samples, index, img_size)
+    others = {p: _decode_folder(parts[p], s, index, img_size or images.shape[-1]) for p, (_, s) in listed.items()}
+    return (images, labels, names), others
 
 
 def load_data(
@@ -205,12 +281,8 @@ def load_data(
         root = Path(spec.split(":", 1)[1]).expanduser()
         if not root.is_dir():
             raise UserError(f"imagefolder path {root} does not exist or is not a directory")
-        parts = {p: root / p for p in ("train", "val", "test") if (root / p).is_dir()}
-        images, labels, names = _decode_folder(parts.get("train", root), img_size)
-        if "test" in parts:
-            test = _decode_folder(parts["test"], img_size or images.shape[-1])[:2]
-        if "val" in parts:
-            val = _decode_folder(parts["val"], img_size or images.shape[-1])[:2]
+        (images, labels, names), parts = _load_folders(root, img_size)
+        test, val = parts.get("test"), parts.get("val")
         flip = True
     else:
         raise UserError(f"unknown dataset {spec!r}; expected {SPECS_HELP}")
