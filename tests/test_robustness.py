@@ -98,3 +98,36 @@ def test_attacks_skip_examples_no_clean_pass_gets_right():
     assert torch.equal(x_adv[~active], x[~active])
     moved = (x_adv[active] - x[active]).abs()
     assert moved.amax() <= 0.1 + 1e-6 and moved.amax() > 0.05
+
+
+def test_robust_accuracy_carries_intervals_from_kept_per_example_outcomes(tmp_path):
+    from stochvit.stats import Scores, interval
+    from stochvit.suites.robustness import write_outputs
+    from stochvit.train import TrainConfig, train
+
+    run = load_run(train(TrainConfig(epochs=2, eval_samples=2), out=tmp_path / "stoch", quiet=True))
+    s = Settings(eps=[2 / 255, 16 / 255, 64 / 255], attacks=["fgsm", "pgd"], steps=3, n_examples=80, passes=3,
+                 sanity=False, n_boot=300)
+    result, grid = evaluate_robustness(run, s, quiet=True)
+    per = result["per_example"]
+    assert len(per["index"]) == 80 and len(per["clean"]) == 80
+    assert set(per) == {"index", "clean", "fgsm", "pgd", "worst_case"}
+    cells = [("clean", None, result["clean"])] + [(a, lb, c) for a, v in result["attacks"].items() for lb, c in v.items()]
+    cells += [("worst_case", lb, c) for lb, c in result["worst_case"].items()]
+    for name, lb, cell in cells:
+        outcome = torch.tensor(per[name] if lb is None else per[name][lb], dtype=torch.float64)
+        assert len(outcome) == 80 and outcome.mean().item() == pytest.approx(cell["mean"], abs=1e-6)
+        assert (outcome == 1).double().mean().item() == pytest.approx(cell["all_pass"], abs=1e-6)
+        for key, values in (("mean", outcome), ("all_pass", (outcome == 1).double())):
+            lo, hi = cell["ci"][key]
+            assert 0 <= lo <= cell[key] + 1e-9 <= hi + 2e-9 <= 1 + 2e-9, (name, lb, key)
+            assert [lo, hi] == pytest.approx(list(interval(Scores.per_image(values), n_boot=300)))
+            if 0.1 < cell[key] < 0.9:
+                assert hi - lo > 0.05  # 80 examples: a real interval (about +-0.1 at 0.5)
+    md = markdown(result)
+    assert "95% intervals: percentile bootstrap over the 80 attacked examples (300 resamples)" in md
+    wc = result["worst_case"]["16/255"]
+    assert "| **worst case (all-pass)** |" in md and f"{wc['mean']:.3f} [{wc['ci']['mean'][0]:.3f}, " in md
+    out = write_outputs(result, grid, tmp_path / "rob", s.passes)
+    assert json.loads((out / "robustness.json").read_text())["per_example"]["index"] == per["index"]
+    assert (out / "robust_accuracy.png").stat().st_size > 0

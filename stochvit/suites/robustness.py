@@ -5,6 +5,11 @@ checklists of Athalye et al. 2018 and Carlini et al. 2019: naive and EOT gradien
 and a transfer attack are all run, and the report FLAGs any ordering between them that only gradient masking
 (or a broken evaluation) can produce. Outputs: robustness.json, robustness.md, robust_accuracy.png and
 adversarial_examples.png, written into a temporary folder and renamed into place when complete.
+
+Every robust accuracy (clean, each attack, the worst case; mean and all-pass) carries a 95% percentile-bootstrap
+interval over the attacked examples (`stochvit.stats.interval` on the per-example outcomes, which robustness.json
+keeps under "per_example" so that runs attacked on the same examples can be compared pairwise with
+`stochvit.stats.compare`). One run: the interval covers the sampling of test examples, not of training.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from ..errors import UserError
 from ..layers import is_random
 from ..precision import default_device
 from ..runs import Run, load_run, write_json
+from ..stats import Scores, interval
 from ..train import check_compatible, data_for
 
 ATTACKS = ("fgsm", "pgd", "eot-pgd", "apgd-ce", "apgd-dlr", "aa-rand", "square", "transfer")
@@ -79,11 +85,12 @@ class Settings:
     batch_size: int = 250
     seed: int = 0
     sanity: bool = True
+    n_boot: int = 1000  # bootstrap resamples of the 95% intervals
 
     def validate(self) -> None:
         if self.norm not in A.NORMS:
             raise UserError(f"--norm {self.norm!r} is not one of {', '.join(A.NORMS)}")
-        for name in ("eot", "steps", "restarts", "queries", "passes", "n_examples", "batch_size"):
+        for name in ("eot", "steps", "restarts", "queries", "passes", "n_examples", "batch_size", "n_boot"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')}={getattr(self, name)} must be >= 1")
         if not self.eps:
@@ -149,8 +156,13 @@ def _fractions(model, x_adv: torch.Tensor, y: torch.Tensor, clean: torch.Tensor,
     return torch.minimum(clean, _correct(model, x_adv, y, s))
 
 
-def _summary(frac: torch.Tensor) -> dict:
-    return dict(mean=frac.mean().item(), all_pass=(frac == 1).float().mean().item())
+def _summary(frac: torch.Tensor, n_boot: int | None = None) -> dict:
+    """Mean and all-pass robust accuracy of per-example pass fractions; with n_boot, their 95% intervals ("ci")."""
+    out = dict(mean=frac.mean().item(), all_pass=(frac == 1).float().mean().item())
+    if n_boot:
+        values = dict(mean=frac.double().cpu(), all_pass=(frac == 1).double().cpu())
+        out["ci"] = {k: list(interval(Scores.per_image(v), n_boot=n_boot)) for k, v in values.items()}
+    return out
 
 
 def _pick_examples(n_total: int, n: int, seed: int) -> torch.Tensor:
@@ -184,7 +196,7 @@ def evaluate_robustness(run: Run, s: Settings, data_spec: str | None = None, dat
     clean = _correct(model, x, y, s)
     result: dict = dict(
         run=str(run.path), data=data.name, split="test", n_examples=n, norm=s.norm, randomized=random,
-        settings=asdict(s), rule=rule_text(s.passes, random), clean=_summary(clean),
+        settings=asdict(s), rule=rule_text(s.passes, random), clean=_summary(clean, s.n_boot),
         clean_seconds=time.perf_counter() - t0, attacks={}, worst_case={}, descriptions={a: DESCRIPTIONS[a] for a in attacks},
     )
     if not random:
@@ -221,18 +233,23 @@ def evaluate_robustness(run: Run, s: Settings, data_spec: str | None = None, dat
             _check_ball(x_adv, x, eps, s.norm, name)
             frac = _fractions(model, x_adv, y, clean, s)
             fractions[name][eps] = frac
-            result["attacks"][name][eps_label(eps, s.norm)] = dict(eps=eps, **_summary(frac), seconds=seconds)
+            result["attacks"][name][eps_label(eps, s.norm)] = dict(eps=eps, **_summary(frac, s.n_boot), seconds=seconds)
             if name in WHITE_BOX and (eps not in shown or name == "aa-rand"):
                 shown[eps], shown_by = x_adv[grid_ids].cpu(), name
             bar.update()
     bar.close()
     for eps in s.eps:
         worst = torch.stack([fractions[a][eps] for a in attacks]).amin(0) if attacks else clean
-        result["worst_case"][eps_label(eps, s.norm)] = dict(eps=eps, **_summary(worst))
+        fractions.setdefault("worst_case", {})[eps] = worst
+        result["worst_case"][eps_label(eps, s.norm)] = dict(eps=eps, **_summary(worst, s.n_boot))
     if s.sanity:
         large = LARGE_EPS[s.norm] or 0.5 * math.sqrt(dims)
         result["sanity"] = sanity_checks(result, model, x, y, clean, s, large, fractions, quiet)
     result["seconds"] = time.perf_counter() - t0
+    # per example (test-split index): the fraction of fresh passes it survives, clean and per attack and epsilon;
+    # robust under the all-pass rule where it is 1
+    result["per_example"] = dict(index=idx.tolist(), clean=clean.cpu().tolist(), **{
+        a: {eps_label(e, s.norm): f.cpu().tolist() for e, f in per.items()} for a, per in fractions.items()})
     grid = dict(x=x[grid_ids].cpu(), y=y[grid_ids].cpu(), adv=shown, attack=shown_by, model=model)
     return result, grid
 
@@ -341,6 +358,7 @@ def markdown(result: dict) -> str:
     w = result["worst_case"]
     cells = [f"**{w[lb]['mean']:.3f} / {w[lb]['all_pass']:.3f}**" for lb in labels]
     lines.append("| **worst case** | " + " | ".join(cells) + " | |")
+    lines += _interval_table(result)
     lines += ["", "Attacks: " + "; ".join(f"`{k}` {v}" for k, v in result["descriptions"].items()) + "."]
     if "note" in result:
         lines += ["", f"Note: {result['note']}."]
@@ -355,6 +373,31 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _ci(cell: dict, key: str) -> str:
+    lo, hi = cell["ci"][key]
+    return f"{cell[key]:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def _interval_table(result: dict) -> list[str]:
+    """Robust accuracy with 95% intervals (mean rule per attack; both rules for the worst case)."""
+    if "ci" not in result["clean"]:
+        return []  # a report written before intervals existed
+    labels = list(result["worst_case"])
+    n_boot = result["settings"].get("n_boot")
+    lines = ["", f"Robust accuracy with 95% intervals: percentile bootstrap over the {result['n_examples']} attacked "
+             f"examples ({n_boot} resamples) of their per-example outcomes. One run, so the interval covers the sampling "
+             "of test examples only, not training seeds.", "",
+             "| attack | " + " | ".join(f"eps {lb}" for lb in labels) + " |", "|---|" + "---|" * len(labels)]
+    c = result["clean"]
+    lines.append("| clean (mean) | " + " | ".join(_ci(c, "mean") for _ in labels) + " |")
+    for name, per in result["attacks"].items():
+        lines.append(f"| {name} (mean) | " + " | ".join(_ci(per[lb], "mean") for lb in labels) + " |")
+    w = result["worst_case"]
+    for key, rule in (("mean", "mean"), ("all_pass", "all-pass")):
+        lines.append(f"| **worst case ({rule})** | " + " | ".join(f"**{_ci(w[lb], key)}**" for lb in labels) + " |")
+    return lines
+
+
 def plot(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -363,17 +406,32 @@ def plot(result: dict, path: Path) -> None:
 
     labels = list(result["worst_case"])
     eps = [result["worst_case"][lb]["eps"] for lb in labels]
+    w, c = result["worst_case"], result["clean"]
+    has_ci = "ci" in c
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for name, per in result["attacks"].items():
-        ax.plot(eps, [per[lb]["mean"] for lb in labels], marker="o", label=name)
-    ax.plot(eps, [result["worst_case"][lb]["mean"] for lb in labels], "k--", lw=2, label="worst case (mean)")
-    ax.plot(eps, [result["worst_case"][lb]["all_pass"] for lb in labels], "k:", lw=2, label="worst case (all-pass)")
-    ax.axhline(result["clean"]["mean"], color="grey", lw=1, label="clean")
+    step = 0.012 * ((max(eps) - min(eps)) or max(eps))
+    for i, (name, per) in enumerate(result["attacks"].items()):
+        cells = [per[lb] for lb in labels]
+        if has_ci:  # 95% error bars, the attacks nudged apart on the x axis so that the bars stay readable
+            shift = (i - (len(result["attacks"]) - 1) / 2) * step
+            err = [[v["mean"] - v["ci"]["mean"][0] for v in cells], [v["ci"]["mean"][1] - v["mean"] for v in cells]]
+            ax.errorbar([e + shift for e in eps], [v["mean"] for v in cells], yerr=err, marker="o", markersize=4,
+                        capsize=2, elinewidth=0.7, label=name)
+        else:
+            ax.plot(eps, [v["mean"] for v in cells], marker="o", label=name)
+    for key, style, rule in (("mean", "--", "mean"), ("all_pass", ":", "all-pass")):
+        ax.plot(eps, [w[lb][key] for lb in labels], "k" + style, lw=2, label=f"worst case ({rule})")
+        if has_ci:
+            ax.fill_between(eps, [w[lb]["ci"][key][0] for lb in labels], [w[lb]["ci"][key][1] for lb in labels],
+                            color="k", alpha=0.12 if key == "mean" else 0.06, linewidth=0)
+    ax.axhline(c["mean"], color="grey", lw=1, label="clean")
+    if has_ci:
+        ax.axhspan(*c["ci"]["mean"], color="grey", alpha=0.12, linewidth=0)
     ax.set_xticks(eps, labels, rotation=45 if len(eps) > 5 else 0)
     ax.set_xlabel(f"epsilon ({result['norm']})")
     ax.set_ylabel("robust accuracy")
     ax.set_ylim(-0.02, 1.02)
-    ax.set_title(Path(result["run"]).name)
+    ax.set_title(Path(result["run"]).name + ("; bars and bands: 95% bootstrap intervals" if has_ci else ""), fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -434,7 +492,7 @@ def cmd_robustness(a: argparse.Namespace) -> None:
     attacks = a.attacks or list(DEFAULT_ATTACKS) + (["transfer"] if surrogate is not None else [])
     s = Settings(norm=a.norm, eps=a.eps or ([1 / 255, 2 / 255, 4 / 255, 8 / 255] if a.norm == "linf" else [0.1, 0.25, 0.5, 1.0]),
                  attacks=attacks, eot=a.eot, steps=a.steps, restarts=a.restarts, queries=a.square_queries, passes=a.passes,
-                 n_examples=a.n_examples, batch_size=a.batch_size, seed=a.seed, sanity=not a.no_sanity)
+                 n_examples=a.n_examples, batch_size=a.batch_size, seed=a.seed, sanity=not a.no_sanity, n_boot=a.n_boot)
     result, grid = evaluate_robustness(run, s, a.data, a.data_dir, surrogate)
     out = write_outputs(result, grid, Path(a.out) if a.out else run.path / f"robustness-{a.norm}", s.passes)
     print(markdown(result))
@@ -466,6 +524,7 @@ def add_parser(subparsers) -> None:
     g.add_argument("--passes", type=int, default=10, help="fresh stochastic passes for the final robust accuracy")
     g.add_argument("--batch-size", type=int, default=250, help="images attacked together")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples of the 95%% intervals")
     g.add_argument("--no-sanity", action="store_true", help="skip the sanity report (saves the long-run and large-eps attacks)")
     g.add_argument("--out", default=None, help="output folder (default: RUN_DIR/robustness-NORM)")
     p.set_defaults(func=cmd_robustness)
