@@ -206,7 +206,13 @@ def test_cli_end_to_end(digits_runs, tmp_path):
                                                         max(("on", "mean"), key=lambda m: e["attacks"]["optimization"]
                                                             ["per_mode"][m]["psnr"]["mean"]))
     assert len(result["matched_utility"]) == 4
-    assert "| block k |" in (out / "privacy.md").read_text()
+    for e in result["entries"]:
+        for r in e["attacks"].values():
+            assert len(r["per_image"]["psnr"]) == 4 and r["ci"]["psnr"][0] <= r["psnr"]["mean"] <= r["ci"]["psnr"][1]
+    for row in result["matched_utility"]:
+        if row["noise_psnr_at_matched_accuracy"] is not None:
+            assert row["psnr_comparison"]["baseline_value"] == pytest.approx(row["noise_psnr_at_matched_accuracy"])
+    assert "| block k |" in (out / "privacy.md").read_text() and "PSNR diff [95% CI]" in (out / "privacy.md").read_text()
     for png in ("reconstructions.png", "privacy_utility.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     assert not list(out.glob(".*tmp"))
@@ -249,3 +255,57 @@ def test_interrupted_run_resumes_without_recomputing_finished_configs(digits_run
     assert len(calls) == 1, "the finished configuration was recomputed"
     assert without_seconds(tmp_path / "resumed") == without_seconds(tmp_path / "whole")
     assert not (tmp_path / "resumed" / ".partial").exists()
+
+
+def _entry(name, kind, sigma, accuracy, psnr, ssim):
+    from stochvit.stats import Scores, interval
+    from stochvit.suites.privacy import N_BOOT
+
+    def summary(v):
+        t = torch.tensor(v, dtype=torch.float64)
+        return dict(mean=t.mean().item(), std=t.std().item())
+
+    per = dict(psnr=psnr, ssim=ssim)
+    attack = dict(psnr=summary(psnr), ssim=summary(ssim), per_image=per,
+                  ci={k: list(interval(Scores.per_image(v), n_boot=N_BOOT)) for k, v in per.items()})
+    return dict(run=name, name=name, kind=kind, block=1, defence="noise" if sigma else "none", sigma=sigma,
+                accuracy=dict(mean=accuracy, std=0.0), attacks=dict(decoder=attack))
+
+
+def test_matched_accuracy_comparison_is_paired_over_victims_with_a_verdict():
+    from stochvit.suites.privacy import markdown, matched_utility, per_image_metrics
+
+    gen = torch.Generator().manual_seed(0)
+    base = (20 + 3 * torch.randn(60, generator=gen)).tolist()  # victims differ a lot in how well they invert
+    ssim = (0.5 + 0.1 * torch.randn(60, generator=gen)).tolist()
+    low, high = [v - 4 for v in base], [s - 0.2 for s in ssim]
+    det = [_entry("det", "deterministic", 0.0, 0.9, base, ssim), _entry("det", "deterministic", 1.0, 0.7, low, high)]
+    # at accuracy 0.8 the noise curve is half-way: per victim the mean of the two levels, 2 dB below the clean one
+    halfway = [(a + b) / 2 for a, b in zip(base, low)]
+    leaks_less = _entry("sto", "stochastic", 0.0, 0.8, [v - 1 for v in halfway], [v - 0.02 for v in ssim])
+    same = _entry("sto2", "stochastic", 0.0, 0.8, halfway, [(a + b) / 2 for a, b in zip(ssim, high)])
+    rows = matched_utility(det + [leaks_less, same], ["decoder"])
+    by = {r["stochastic"]: r for r in rows}
+    c = by["sto"]["psnr_comparison"]
+    assert c["baseline_value"] == pytest.approx(by["sto"]["noise_psnr_at_matched_accuracy"])
+    assert c["difference"] == pytest.approx(-1.0) and c["low"] == pytest.approx(-1.0) and c["high"] == pytest.approx(-1.0)
+    assert c["verdict"] == "better" and by["sto"]["verdict"] == "stochastic leaks less"
+    # identical to the matched noise point on every victim: no difference, however far the victims spread
+    same_c = by["sto2"]["psnr_comparison"]
+    assert same_c["difference"] == pytest.approx(0, abs=1e-9) and same_c["verdict"] == "no difference detected"
+    assert by["sto2"]["verdict"].startswith("no difference detected")
+    # a noisy per-victim gap: the paired interval is far narrower than the victims' spread
+    gap = (-0.3 + 0.5 * torch.randn(60, generator=gen)).tolist()
+    noisy = _entry("sto3", "stochastic", 0.0, 0.8, [v + g for v, g in zip(halfway, gap)], ssim)
+    c3 = matched_utility(det + [noisy], ["decoder"])[0]["psnr_comparison"]
+    assert c3["high"] - c3["low"] < 0.5 and "paired" in c3["interval"]
+    result = dict(data="digits", runs=[], settings=dict(attacks=["decoder"], n_victims=60, n_aux=0),
+                  entries=det + [leaks_less], matched_utility=rows)
+    md = markdown(result)
+    assert "PSNR diff [95% CI]" in md and "| -1.00 [-1.00, -1.00] |" in md and "percentile bootstrap over the victims" in md
+    # the per-image values are those reconstruction_metrics summarises
+    original = torch.rand(5, 1, 16, 16, generator=gen)
+    recon = (original + 0.1 * torch.randn(5, 1, 16, 16, generator=gen)).clamp(0, 1)
+    per, summary = per_image_metrics(recon, original), reconstruction_metrics(recon, original)
+    for k in ("psnr", "ssim"):
+        assert sum(per[k]) / 5 == pytest.approx(summary[k]["mean"], rel=1e-5)

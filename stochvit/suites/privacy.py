@@ -11,6 +11,11 @@ reconstructions.png (originals against reconstructions per run, block, defence a
 privacy_utility.png (attack PSNR/SSIM against accuracy, per block; lower-right is better).
 A CIFAR-10 run takes hours on CPU, so each finished configuration is kept in --out/.partial/ until the end:
 rerunning the same command after an interruption resumes where it stopped (other settings start over).
+
+Intervals (`stochvit.stats`): every PSNR/SSIM carries a 95% percentile-bootstrap interval over the victim images
+(their per-image values are kept in privacy.json), and each stochastic-vs-noise comparison at matched accuracy is a
+paired bootstrap over the same victims (the noise side interpolated image by image with np.interp's weights), with
+a verdict. One run per side: the intervals cover the sampling of victims, not of training or of the accuracy match.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from ..privacy import (
     split_accuracy,
 )
 from ..runs import Run, atomic_write_bytes, load_run, read_json, write_json
+from ..stats import Scores, compare, interval
 from ..train import check_compatible, data_for
 
 ATTACKS = ("decoder", "optimization")
@@ -102,6 +108,24 @@ class _Partial:
         shutil.rmtree(self.dir)
 
 
+N_BOOT = 1000
+
+
+def per_image_metrics(recon: torch.Tensor, original: torch.Tensor) -> dict[str, list[float]]:
+    """PSNR (dB) and SSIM of each reconstruction: the per-image values `reconstruction_metrics` summarises."""
+    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+    recon, original = recon.float().clamp(0, 1), original.float()
+    return dict(psnr=peak_signal_noise_ratio(recon, original, data_range=1.0, reduction="none", dim=(1, 2, 3)).tolist(),
+                ssim=structural_similarity_index_measure(recon, original, data_range=1.0, reduction="none").tolist())
+
+
+def _with_intervals(result: dict, recon: torch.Tensor, victims: torch.Tensor, n_boot: int = N_BOOT) -> dict:
+    """Adds per-image PSNR/SSIM and their 95% intervals ("ci") to an attack's result."""
+    per = per_image_metrics(recon, victims)
+    return dict(result, per_image=per, ci={k: list(interval(Scores.per_image(v), n_boot=n_boot)) for k, v in per.items()})
+
+
 def _run_kind(run: Run) -> str:
     return "stochastic" if is_random(run.model) else "deterministic"
 
@@ -148,7 +172,7 @@ def evaluate_privacy(runs: list[Run], aux: torch.Tensor, victims: torch.Tensor, 
             t0 = time.perf_counter()
             if attack == "decoder":
                 recon = decoder_inversion(view, observed, cfg)
-                result = reconstruction_metrics(recon.cpu(), victims)
+                result = _with_intervals(reconstruction_metrics(recon.cpu(), victims), recon.cpu(), victims)
             else:
                 per_mode, recons = {}, {}
                 for mode in attacker_modes(view):
@@ -157,7 +181,7 @@ def evaluate_privacy(runs: list[Run], aux: torch.Tensor, victims: torch.Tensor, 
                     per_mode[mode] = reconstruction_metrics(recons[mode], victims)
                 best = max(per_mode, key=lambda m: per_mode[m]["psnr"]["mean"])
                 recon = recons[best]
-                result = dict(per_mode[best], mode=best, per_mode=per_mode)
+                result = _with_intervals(dict(per_mode[best], mode=best, per_mode=per_mode), recon, victims)
             result["seconds"] = time.perf_counter() - t0
             entry["attacks"][attack] = result
             shown[f"{label} {attack}"] = recon[:SHOW].cpu()
@@ -185,25 +209,45 @@ def matched_utility(entries: list[dict], attacks: list[str]) -> list[dict]:
             for attack in attacks:
                 row = dict(block=s["block"], attack=attack, stochastic=s["name"], deterministic=curve[0]["name"],
                            stochastic_accuracy=s["accuracy"]["mean"], noise_accuracy_range=[float(acc.min()), float(acc.max())])
+                inside = acc.min() <= row["stochastic_accuracy"] <= acc.max()
+                # np.interp's weight of each noise level at the stochastic accuracy: applied image by image below
+                weights = np.array([np.interp(row["stochastic_accuracy"], acc, np.eye(len(curve))[j]) for j in range(len(curve))])
                 for metric in ("psnr", "ssim"):
                     row[f"stochastic_{metric}"] = s["attacks"][attack][metric]["mean"]
                     values = np.array([e["attacks"][attack][metric]["mean"] for e in curve])
-                    inside = acc.min() <= row["stochastic_accuracy"] <= acc.max()
                     matched = float(np.interp(row["stochastic_accuracy"], acc, values)) if inside else None
                     row[f"noise_{metric}_at_matched_accuracy"] = matched
+                    mine = s["attacks"][attack].get("per_image", {}).get(metric)
+                    theirs = [e["attacks"][attack].get("per_image", {}).get(metric) for e in curve]
+                    if inside and mine is not None and all(t is not None for t in theirs):
+                        noise = weights @ np.array(theirs)  # per victim: the noise curve at the matched accuracy
+                        # leakage: a lower attack PSNR/SSIM is better for the defender ("better" = leaks less)
+                        c = compare([Scores.per_image(mine)], [Scores.per_image(noise)], metric, f"{s['name']} (stochastic)",
+                                    f"{curve[0]['name']} + noise at matched accuracy", higher_is_better=False, n_boot=N_BOOT)
+                        row[f"{metric}_comparison"] = c.as_dict()
                 if row["noise_psnr_at_matched_accuracy"] is None:
                     side = "above" if row["stochastic_accuracy"] > acc.max() else "below"
                     row["verdict"] = f"no match: stochastic accuracy is {side} the noise curve's range"
                 else:
                     gap = row["stochastic_psnr"] - row["noise_psnr_at_matched_accuracy"]
                     row["psnr_gap_db"] = gap
-                    row["verdict"] = "stochastic leaks less" if gap < 0 else "stochastic leaks more"
+                    if "psnr_comparison" in row:  # the verdict of the paired PSNR interval, never of the point gap
+                        c = row["psnr_comparison"]
+                        row["verdict"] = {"better": "stochastic leaks less", "worse": "stochastic leaks more"}.get(
+                            c["verdict"], c["verdict_text"])
+                    else:  # entries resumed from before per-image values were kept: the point estimate only
+                        row["verdict"] = ("stochastic leaks less" if gap < 0 else "stochastic leaks more") + " (no interval)"
                 out.append(row)
     return out
 
 
-def _fmt(m: dict) -> str:
-    return f"{m['mean']:.3f} ± {m['std']:.3f}" if abs(m["mean"]) < 2 else f"{m['mean']:.2f} ± {m['std']:.2f}"
+def _fmt(m: dict, ci: list[float] | None = None) -> str:
+    d = 3 if abs(m["mean"]) < 2 else 2
+    return f"{m['mean']:.{d}f} ± {m['std']:.{d}f}" + ("" if ci is None else f" [{ci[0]:.{d}f}, {ci[1]:.{d}f}]")
+
+
+def _diff(c: dict | None, d: int) -> str:
+    return "—" if c is None else f"{c['difference']:+.{d}f} [{c['low']:+.{d}f}, {c['high']:+.{d}f}]"
 
 
 def markdown(result: dict) -> str:
@@ -211,25 +255,31 @@ def markdown(result: dict) -> str:
     head = ["run", "kind", "block k", "defence", "accuracy"] + [f"{a} {m}" for a in attacks for m in ("PSNR (dB)", "SSIM")]
     lines = [f"# Feature privacy: {', '.join(r['name'] for r in result['runs'])} on {result['data']}", "",
              f"{result['settings']['n_victims']} victim test images, {result['settings']['n_aux']} auxiliary training images; "
-             "PSNR/SSIM mean ± std over victims (higher = more leakage); accuracy = single pass on the test split, "
-             "mean ± std over passes.", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+             "PSNR/SSIM mean ± std over victims [95% interval: percentile bootstrap over the victims] (higher = more "
+             "leakage); accuracy = single pass on the test split, mean ± std over passes.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for e in result["entries"]:
         defence = "none" if e["defence"] == "none" else f"noise σ={e['sigma']:g}×RMS"
         cells = [e["name"], e["kind"], str(e["block"]), defence, _fmt(e["accuracy"])]
         for a in attacks:
             r = e["attacks"][a]
             mode = f" ({r['mode']})" if "mode" in r else ""
-            cells += [_fmt(r["psnr"]) + mode, _fmt(r["ssim"])]
+            ci = r.get("ci", {})
+            cells += [_fmt(r["psnr"], ci.get("psnr")) + mode, _fmt(r["ssim"], ci.get("ssim"))]
         lines.append("| " + " | ".join(cells) + " |")
     if result["matched_utility"]:
         lines += ["", "## At matched accuracy: stochastic run vs deterministic run + feature noise", "",
-                  "| block k | attack | stochastic acc | stochastic PSNR | noise PSNR at same acc | stochastic SSIM | "
-                  "noise SSIM at same acc | verdict |", "|---|---|---|---|---|---|---|---|"]
+                  "Differences are stochastic - noise on the same victims, 95% CI from a paired bootstrap over the victims "
+                  f"({N_BOOT} resamples; the noise side interpolated per victim between noise levels). The verdict rests on "
+                  "the PSNR interval; the accuracy match itself is taken as exact.", "",
+                  "| block k | attack | stochastic acc | stochastic PSNR | noise PSNR at same acc | PSNR diff [95% CI] | "
+                  "stochastic SSIM | noise SSIM at same acc | SSIM diff [95% CI] | verdict |", "|---" * 10 + "|"]
         for r in result["matched_utility"]:
             def num(v, f): return "—" if v is None else format(v, f)
             lines.append(f"| {r['block']} | {r['attack']} | {r['stochastic_accuracy']:.3f} | {r['stochastic_psnr']:.2f} | "
-                         f"{num(r['noise_psnr_at_matched_accuracy'], '.2f')} | {r['stochastic_ssim']:.3f} | "
-                         f"{num(r['noise_ssim_at_matched_accuracy'], '.3f')} | {r['verdict']} |")
+                         f"{num(r['noise_psnr_at_matched_accuracy'], '.2f')} | {_diff(r.get('psnr_comparison'), 2)} | "
+                         f"{r['stochastic_ssim']:.3f} | {num(r['noise_ssim_at_matched_accuracy'], '.3f')} | "
+                         f"{_diff(r.get('ssim_comparison'), 3)} | {r['verdict']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -282,17 +332,22 @@ def plot_privacy_utility(entries: list[dict], attacks: list[str], path: Path) ->
                     x = [e["accuracy"]["mean"] for e in points]
                     y = [e["attacks"][attack][metric]["mean"] for e in points]
                     kind = points[0]["kind"]
-                    ax.plot(x, y, ls, marker="*" if kind == "stochastic" else marker, ms=12 if kind == "stochastic" else 5,
-                            color=colours[name], label=f"{name} ({kind}) {attack}")
+                    cis = [e["attacks"][attack].get("ci", {}).get(metric) for e in points]
+                    err = None if None in cis else [[v - c[0] for v, c in zip(y, cis)], [c[1] - v for v, c in zip(y, cis)]]
+                    ax.errorbar(x, y, yerr=err, ls=ls, marker="*" if kind == "stochastic" else marker,
+                                ms=12 if kind == "stochastic" else 5, capsize=3, elinewidth=0.8, color=colours[name],
+                                label=f"{name} ({kind}) {attack}")
                     for e, xi, yi in zip(points, x, y):
                         if e["sigma"]:
                             ax.annotate(f"σ={e['sigma']:g}", (xi, yi), fontsize=7, textcoords="offset points", xytext=(3, 3))
             ax.set_xlabel("accuracy (single pass)")
             ax.set_ylabel(f"attack {metric.upper()}" + (" (dB)" if metric == "psnr" else ""))
             ax.set_title(f"split after block {k}")
+            ax.locator_params(axis="x", nbins=5)
             ax.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=7)
-    fig.suptitle("privacy vs utility (lower leakage and higher accuracy = better: bottom right)")
+    fig.suptitle("privacy vs utility (lower leakage and higher accuracy = better: bottom right)\n"
+                 "bars: 95% bootstrap intervals of the attack's PSNR/SSIM over the victims", fontsize=10)
     fig.tight_layout()
     _save_figure(fig, path)
 
