@@ -10,9 +10,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import platform
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,9 +29,52 @@ from .models import Normalized, create_model
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write via a temp file and rename, so a reader or a kill never sees half a file.
+
+    A failed write (full disk, read-only mount) removes its temp file and is a one-line UserError.
+    """
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError as e:
+        with suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+    except BaseException:  # e.g. Ctrl-C mid-write
+        with suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
+
+
+LOCK_FILE = ".lock"  # inside a run directory; held (flock) by the one process writing the run
+
+
+@contextmanager
+def run_lock(path: Path) -> Iterator[Path]:
+    """Hold an exclusive lock on run directory `path` (created if missing) while one process writes it.
+
+    Two `stochvit train --out D` at once used to interleave their files (config.json of one run beside the
+    weights of the other). `flock` is released by the kernel when its process dies, so the `.lock` a killed
+    run leaves behind never blocks `--resume`. Train, resume, transfer and federated all take it.
+    """
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)  # the umask applies, as for every run file
+    except OSError as e:
+        raise UserError(f"cannot write run directory {path}: {e.strerror or e}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UserError(f"run directory {path} is in use by another stochvit process; wait for it to end "
+                        "or choose another --out") from None
+    try:
+        yield path
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -16,6 +16,7 @@ import random
 import signal
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -34,7 +35,7 @@ from .mlp import set_fused
 from .models import stochastic_config, timm_config
 from .precision import autocast, default_device, resolve_precision
 from .predict import dataset_probs
-from .runs import atomic_write_bytes, build_model, load_weights, read_json, versions, write_json
+from .runs import LOCK_FILE, atomic_write_bytes, build_model, load_weights, read_json, run_lock, versions, write_json
 
 KILL_ENV = "STOCHVIT_KILL_AT_STEP"  # fault injection for the resume test: SIGKILL self at this global step
 
@@ -285,15 +286,46 @@ def new_run_dir() -> Path:
     return Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
+def _is_unused(path: Path) -> bool:
+    """True for a run directory that holds nothing but (perhaps) the lock file of a run that never started."""
+    return not path.exists() or all(p.name == LOCK_FILE for p in path.iterdir())
+
+
+def _discard_unstarted(path: Path, created: bool) -> None:
+    """Remove what a fresh run wrote before its first checkpoint (config.json, metrics, temp files, .lock).
+
+    The directory was empty when the lock was taken and the lock is still held, so every file in it is this run's.
+    A directory the run created goes too; one the user gave (empty) stays, empty.
+    """
+    for f in path.iterdir():
+        if f.is_file() or f.is_symlink():
+            f.unlink(missing_ok=True)
+    if created:
+        try:
+            path.rmdir()
+        except OSError:
+            pass
+
+
 def train(cfg: TrainConfig | None = None, out: str | Path | None = None, resume: str | Path | None = None,
           quiet: bool = False) -> Path:
     """Train (or resume) a run and return its directory.
 
     With `cfg.adv` set, each batch is replaced by adversarial examples from `stochvit.attacks.adversarial_step`;
     the attack draws from the global RNGs, which the checkpoint saves, so adversarial runs resume exactly too.
+    The writing process holds the run directory's lock (`stochvit.runs.run_lock`) throughout; a fresh run that
+    fails before its first checkpoint leaves nothing behind, a later failure leaves it resumable.
     """
+    with ExitStack() as stack:
+        return _train(stack, cfg, out, resume, quiet)
+
+
+def _train(stack: ExitStack, cfg: TrainConfig | None, out: str | Path | None, resume: str | Path | None,
+           quiet: bool) -> Path:
     if resume is not None:
         path = Path(resume)
+        if not path.is_dir():
+            raise UserError(f"--resume {path}: not a run directory (give the directory of an interrupted run)")
         config = read_json(path / "config.json", f"{path} is not a run directory to resume")
         if (path / "summary.json").exists():
             raise UserError(f"run {path} already finished")
@@ -302,9 +334,15 @@ def train(cfg: TrainConfig | None = None, out: str | Path | None = None, resume:
         cfg = cfg or TrainConfig()
         cfg.validate()
         path = Path(out) if out else new_run_dir()
-        if path.exists() and any(path.iterdir()):
+        if path.exists() and not path.is_dir():
+            raise UserError(f"--out {path} is a file, not a directory; choose a new --out")
+        if not _is_unused(path):
             raise UserError(f"output directory {path} is not empty; choose a new --out or continue with --resume {path}")
     rank, world = _distributed()
+    if resume is not None and rank == 0:
+        stack.enter_context(run_lock(path))
+        if (path / "summary.json").exists():  # finished by another process meanwhile
+            raise UserError(f"run {path} already finished")
     device = default_device() if world == 1 else torch.device("cuda", rank % max(1, torch.cuda.device_count())) \
         if torch.cuda.is_available() else torch.device("cpu")
     data = load_data(cfg.data, cfg.data_dir, cfg.download, cfg.split_seed, train_limit=cfg.train_limit, img_size=cfg.img_size)
@@ -327,7 +365,12 @@ def train(cfg: TrainConfig | None = None, out: str | Path | None = None, resume:
     if cfg.init_weights and not ckpt:  # before the run directory is written: weights that do not fit leave nothing
         load_weights(model.net, path / cfg.init_weights)
     if resume is None and rank == 0:
-        path.mkdir(parents=True, exist_ok=True)
+        created = not path.exists()
+        stack.enter_context(run_lock(path))
+        if not _is_unused(path):  # another run wrote here since the check above
+            raise UserError(f"output directory {path} is not empty; choose a new --out or continue with --resume {path}")
+        stack.push(lambda kind, *_: _discard_unstarted(path, created)
+                   if kind is not None and not (path / "checkpoint.pt").exists() else None)
         write_json(path / "config.json", config)
     steps_per_epoch = math.ceil(len(data.train) / (cfg.batch_size * world))
     total = steps_per_epoch * cfg.epochs
@@ -367,8 +410,11 @@ def train(cfg: TrainConfig | None = None, out: str | Path | None = None, resume:
                 logits = net(x)
                 loss = loss_fn(logits.float(), y)
             if not torch.isfinite(loss):
+                kept = ("no epoch had finished, so the run directory was removed"
+                        if resume is None and not (path / "checkpoint.pt").exists()
+                        else "the run stays resumable from its last epoch")
                 raise UserError(f"loss became {loss.item()} at epoch {epoch + 1}, step {step}: lower --lr "
-                                f"(now {cfg.lr}) or keep --clip-grad; the run stays resumable from its last epoch")
+                                f"(now {cfg.lr}) or keep --clip-grad; {kept}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.clip_grad:

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import errno
+import json
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from torchvision.io import encode_png, write_file
 
+from stochvit.cli import main
 from stochvit.data import load_data
 from stochvit.errors import UserError
+from stochvit.runs import atomic_write_bytes, run_lock
+from stochvit.train import TrainConfig, train
 
 
 def _keys(images: torch.Tensor) -> set[bytes]:
@@ -105,3 +113,99 @@ def test_val_or_test_without_train_is_refused(tmp_path):
     make_folder(tmp_path / "test", {"a": 2, "b": 2}, seed=1)
     with pytest.raises(UserError, match="no train/ folder"):
         load_data(f"imagefolder:{tmp_path}")
+
+
+# --- one writer per run directory -----------------------------------------------------------------------------
+
+QUICK = dict(epochs=1, train_limit=100, batch_size=50, eval_samples=1, warmup_epochs=0.5)
+
+
+def _resumable_run(path: Path) -> Path:
+    """A finished 1-epoch run made resumable again: its checkpoint is there, its summary is not."""
+    train(TrainConfig(**QUICK), out=path, quiet=True)
+    (path / "summary.json").unlink()
+    return path
+
+
+def test_a_second_writer_is_refused_while_the_lock_is_held(tmp_path):
+    out = tmp_path / "run"
+    with run_lock(out):
+        with pytest.raises(UserError, match="in use by another stochvit process"):
+            train(TrainConfig(**QUICK), out=out, quiet=True)
+        assert [p.name for p in out.iterdir()] == [".lock"], "the refused run wrote nothing"
+    assert (train(TrainConfig(**QUICK), out=out, quiet=True) / "summary.json").exists()  # free again
+
+
+def test_resume_is_refused_while_locked_and_a_killed_holders_lock_does_not_block(tmp_path):
+    run = _resumable_run(tmp_path / "run")
+    with run_lock(run):
+        with pytest.raises(UserError, match="in use"):
+            train(resume=run, quiet=True)
+    assert not (run / "summary.json").exists()
+    # a process that took the lock and was SIGKILLed: its .lock stays, but the kernel released the flock
+    code = ("import os, signal, sys; from stochvit.runs import run_lock\n"
+            "with run_lock(sys.argv[1]):\n    os.kill(os.getpid(), signal.SIGKILL)")
+    proc = subprocess.run([sys.executable, "-c", code, str(run)], timeout=120)
+    assert proc.returncode == -signal.SIGKILL and (run / ".lock").exists()
+    assert (train(resume=run, quiet=True) / "summary.json").exists()
+
+
+def test_lock_is_released_after_an_error_inside(tmp_path):
+    with pytest.raises(RuntimeError), run_lock(tmp_path):
+        raise RuntimeError("boom")
+    with run_lock(tmp_path):
+        pass
+
+
+# --- nothing half-written ---------------------------------------------------------------------------------------
+
+
+def test_nan_loss_in_the_first_epoch_removes_the_run(tmp_path, capsys):
+    out = tmp_path / "nan"
+    args = ["train", "--lr", "1e30", "--epochs", "2", "--train-limit", "100", "--eval-samples", "1"]
+    assert main([*args, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "loss became nan at epoch 1" in err and "run directory was removed" in err, err
+    assert not out.exists()
+    given = tmp_path / "given"  # an empty --out the user made stays, empty
+    given.mkdir()
+    assert main([*args, "--out", str(given)]) == 2
+    assert given.is_dir() and not list(given.iterdir())
+
+
+def test_a_failure_after_the_first_checkpoint_stays_resumable(tmp_path, monkeypatch, capsys):
+    real = torch.nn.CrossEntropyLoss
+    steps = {"n": 0}
+
+    class NanAfterTwoSteps(real):
+        def forward(self, logits, y):
+            steps["n"] += 1
+            loss = super().forward(logits, y)
+            return loss * float("nan") if steps["n"] > 2 else loss
+
+    monkeypatch.setattr(torch.nn, "CrossEntropyLoss", NanAfterTwoSteps)
+    out = tmp_path / "run"
+    cfg = dict(epochs=2, train_limit=100, batch_size=50, eval_samples=1)  # 2 steps per epoch: NaN in epoch 2
+    with pytest.raises(UserError, match="epoch 2.*stays resumable"):
+        train(TrainConfig(**cfg), out=out, quiet=True)
+    assert {"config.json", "metrics.jsonl", "checkpoint.pt"} <= {p.name for p in out.iterdir()}
+    assert not (out / "summary.json").exists()
+    monkeypatch.setattr(torch.nn, "CrossEntropyLoss", real)
+    assert json.loads((train(resume=out, quiet=True) / "summary.json").read_text())["epochs"] == 2
+
+
+def test_a_failed_atomic_write_removes_its_temp_file(tmp_path, monkeypatch):
+    target = tmp_path / "checkpoint.pt"
+    target.write_bytes(b"old")
+    real = Path.write_bytes
+
+    def disk_full(self, data):
+        real(self, data[:3])  # half written, then the disk is full
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Path, "write_bytes", disk_full)
+    with pytest.raises(UserError, match="cannot write .*checkpoint.pt: No space left on device"):
+        atomic_write_bytes(target, b"new contents")
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
+    assert target.read_bytes() == b"old"
