@@ -56,7 +56,8 @@ def run_lock(path: Path) -> Iterator[Path]:
 
     Two `stochvit train --out D` at once used to interleave their files (config.json of one run beside the
     weights of the other). `flock` is released by the kernel when its process dies, so the `.lock` a killed
-    run leaves behind never blocks `--resume`. Train, resume, transfer and federated all take it.
+    run leaves behind never blocks `--resume`. `stochvit.train.train` takes it for fresh and resumed runs (so
+    transfer's training too); any other writer of run directories (federated) should wrap its writes in it.
     """
     path = Path(path)
     try:

@@ -37,6 +37,7 @@ from .precision import autocast, default_device, resolve_precision
 from .predict import dataset_probs
 from .runs import LOCK_FILE, atomic_write_bytes, build_model, load_weights, read_json, run_lock, versions, write_json
 
+MAX_SCALE = 1e4  # largest |--low| / |--high| accepted: a scale of 1e308 made the sampler's range infinite
 KILL_ENV = "STOCHVIT_KILL_AT_STEP"  # fault injection for the resume test: SIGKILL self at this global step
 
 
@@ -75,14 +76,40 @@ class TrainConfig:
     norm: dict | None = None  # {"mean": [...], "std": [...]} input normalisation instead of the data's (the source's)
 
     def validate(self) -> None:
-        checks = [("epochs", self.epochs >= 1), ("batch_size", self.batch_size >= 1), ("lr", self.lr > 0),
-                  ("label_smoothing", 0 <= self.label_smoothing < 1), ("drop_rate", 0 <= self.drop_rate < 1),
-                  ("eval_samples", self.eval_samples >= 1), ("val_every", self.val_every >= 1),
-                  ("warmup_epochs", self.warmup_epochs >= 0),
-                  ("backbone_lr_scale", self.backbone_lr_scale > 0)]
-        for name, ok in checks:
-            if not ok:
-                raise UserError(f"invalid --{name.replace('_', '-')}={getattr(self, name)}")
+        """Refuse bad settings naming their flag, before the data is loaded or the run directory exists.
+
+        Each check states its rule: a negative seed or `--train-limit 0` used to surface as sklearn's or numpy's
+        text, and `--weight-decay nan` as a NaN loss blamed on `--lr`. Wrong types (an edited config.json) too.
+        """
+        def fail(name: str, rule: str) -> None:
+            raise UserError(f"invalid --{name.replace('_', '-')}={getattr(self, name)}: must be {rule}")
+
+        ints = [("epochs", 1), ("batch_size", 1), ("eval_samples", 1), ("val_every", 1), ("workers", 0),
+                ("seed", 0), ("split_seed", 0), ("train_limit", 1), ("img_size", 1)]
+        for name, lowest in ints:
+            v = getattr(self, name)
+            if v is None and name in ("train_limit", "img_size"):
+                continue
+            seed = name in ("seed", "split_seed")  # numpy and sklearn take seeds in [0, 2**32)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lowest or (seed and v >= 2**32):
+                fail(name, f"an integer >= {lowest}" + (" and < 2**32" if seed else ""))
+        floats = [("lr", lambda x: x > 0, "> 0"), ("weight_decay", lambda x: x >= 0, ">= 0"),
+                  ("label_smoothing", lambda x: 0 <= x < 1, "in [0, 1)"), ("drop_rate", lambda x: 0 <= x < 1, "in [0, 1)"),
+                  ("warmup_epochs", lambda x: x >= 0, ">= 0"), ("backbone_lr_scale", lambda x: x > 0, "> 0"),
+                  ("clip_grad", lambda x: x > 0, "> 0 (0 on the command line disables clipping)")]
+        for name, ok, rule in floats:
+            v = getattr(self, name)
+            if v is None and name == "clip_grad":
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not ok(v):
+                fail(name, f"a finite number {rule}")
+        layer = self.stochastic if isinstance(self.stochastic, dict) else {}
+        for side in ("low", "high"):
+            v = layer.get(side)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+                                  or abs(v) > MAX_SCALE):
+                raise UserError(f"invalid --{side}={v}: must be a finite number within +-{MAX_SCALE:g} (scales that "
+                                "large overflow the activations; the default range is 0.5..1.5)")
         if self.augment not in AUGMENTS:
             raise UserError(f"invalid --augment={self.augment}; expected one of {', '.join(AUGMENTS)}")
         if self.mc_dropout and self.drop_rate <= 0:
@@ -307,6 +334,21 @@ def _discard_unstarted(path: Path, created: bool) -> None:
             pass
 
 
+def _resumed_config(path: Path, config: Any) -> TrainConfig:
+    """The TrainConfig stored in a run's config.json, checked like fresh flags (it may have been edited)."""
+    from dataclasses import fields
+
+    settings = config.get("train") if isinstance(config, dict) else None
+    if not isinstance(settings, dict):
+        raise UserError(f"{path / 'config.json'} has no `train` settings; it is not a stochvit run to resume")
+    unknown = sorted(set(settings) - {f.name for f in fields(TrainConfig)})
+    if unknown:
+        raise UserError(f"{path / 'config.json'}: unknown training settings {unknown} (from another stochvit version?)")
+    cfg = TrainConfig(**settings)
+    cfg.validate()
+    return cfg
+
+
 def train(cfg: TrainConfig | None = None, out: str | Path | None = None, resume: str | Path | None = None,
           quiet: bool = False) -> Path:
     """Train (or resume) a run and return its directory.
@@ -329,7 +371,7 @@ def _train(stack: ExitStack, cfg: TrainConfig | None, out: str | Path | None, re
         config = read_json(path / "config.json", f"{path} is not a run directory to resume")
         if (path / "summary.json").exists():
             raise UserError(f"run {path} already finished")
-        cfg = TrainConfig(**config["train"])
+        cfg = _resumed_config(path, config)
     else:
         cfg = cfg or TrainConfig()
         cfg.validate()

@@ -209,3 +209,41 @@ def test_a_failed_atomic_write_removes_its_temp_file(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
     assert target.read_bytes() == b"old"
+
+
+# --- flags refused before anything is written ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flags,named", [
+    (["--weight-decay", "-1"], "--weight-decay=-1.0: must be a finite number >= 0"),
+    (["--weight-decay", "nan"], "--weight-decay=nan: must be a finite number >= 0"),
+    (["--seed", "-1"], "--seed=-1: must be an integer >= 0"),
+    (["--seed", str(2**32)], "--seed=4294967296: must be an integer >= 0 and < 2**32"),
+    (["--workers", "-1"], "--workers=-1: must be an integer >= 0"),
+    (["--img-size", "-5"], "--img-size=-5: must be an integer >= 1"),
+    (["--low=-1e308", "--high", "1e308"], "--low=-1e+308: must be a finite number within"),
+    (["--high", "inf"], "--high=inf: must be a finite number"),
+    (["--split-seed", "-1"], "--split-seed=-1: must be an integer >= 0"),
+    (["--train-limit", "0"], "--train-limit=0: must be an integer >= 1"),
+    (["--lr", "inf"], "--lr=inf: must be a finite number > 0"),
+    (["--clip-grad", "-1"], "--clip-grad=-1.0: must be a finite number > 0"),
+])
+def test_bad_flags_are_refused_naming_the_flag_and_nothing_is_written(tmp_path, capsys, flags, named):
+    out = tmp_path / "run"
+    assert main(["train", "--epochs", "1", "--train-limit", "100", *flags, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and named in err, err
+    assert not out.exists()
+
+
+def test_a_resumed_config_with_wrong_types_is_refused(tmp_path):
+    run = _resumable_run(tmp_path / "run")
+    config = json.loads((run / "config.json").read_text())
+    config["train"]["epochs"] = "3"
+    (run / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="--epochs=3: must be an integer"):
+        train(resume=run, quiet=True)
+    config["train"]["nonsense"] = 1
+    (run / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="unknown.*nonsense"):
+        train(resume=run, quiet=True)
