@@ -149,10 +149,24 @@ def train_config_from_args(a: argparse.Namespace):
     )
 
 
+def flags_given_with(a: argparse.Namespace, command: str, keep: tuple[str, ...] = ()) -> list[str]:
+    """The flags of `command` whose value differs from its default (given on the command line), as --names.
+
+    `--resume` used to ignore `--epochs`, `--lr` and `--out` silently; this names them instead.
+    """
+    defaults = vars(build_parser().parse_args([command]))
+    return [f"--{k.replace('_', '-')}" for k, v in vars(a).items()
+            if k not in (*keep, "func", "command") and k in defaults and v != defaults[k]]
+
+
 def cmd_train(a: argparse.Namespace) -> None:
     from .train import is_main_process, train
 
     if a.resume:
+        ignored = flags_given_with(a, "train", keep=("resume",))
+        if ignored:
+            raise UserError(f"--resume continues a run with its own settings and directory; remove {', '.join(ignored)} "
+                            f"(a different schedule or --lr needs a new run)")
         path = train(resume=a.resume)
     else:
         cfg = train_config_from_args(a)
@@ -185,7 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a ViT with token-consistent stochastic MLP layers (or a deterministic baseline).")
     add_train_args(p)
     p.add_argument("--out", default=None, help="run directory (default: runs/<timestamp>)")
-    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted run (its own settings are used)")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help="continue an interrupted run with its own settings (other flags are refused)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="accuracy, NLL, Brier, ECE of a run (single-pass and K-sample)",

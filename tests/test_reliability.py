@@ -247,3 +247,20 @@ def test_a_resumed_config_with_wrong_types_is_refused(tmp_path):
     (run / "config.json").write_text(json.dumps(config))
     with pytest.raises(UserError, match="unknown.*nonsense"):
         train(resume=run, quiet=True)
+
+
+# --- --resume takes no settings ----------------------------------------------------------------------------------
+
+
+def test_resume_with_settings_is_refused_naming_them(tmp_path, capsys):
+    run = _resumable_run(tmp_path / "run")
+    before = sorted(p.name for p in run.iterdir())
+    code = main(["train", "--resume", str(run), "--epochs", "5", "--lr", "1e-4", "--out", str(tmp_path / "other")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "remove --epochs, --lr, --out" in err, err
+    assert sorted(p.name for p in run.iterdir()) == before and not (tmp_path / "other").exists()
+    assert main(["train", "--resume", str(run), "--seed", "3"]) == 2
+    assert "remove --seed" in capsys.readouterr().err
+    assert main(["train", "--resume", str(run)]) == 0  # alone it continues the run
+    assert (run / "summary.json").exists()
