@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
+
+import torch
 
 from .layers import sampling
 from .metrics import mc_metrics
@@ -18,8 +21,23 @@ def evaluate(run: Run, data_spec: str | None = None, data_dir: str | None = None
     data = data_for(run.config, data_spec, data_dir)
     check_compatible(run.config, data)
     with sampling(run.model, mode):
-        result = mc_metrics(*dataset_probs(run.model, getattr(data, split), samples, precision=precision))
-    return dict(run=str(run.path), data=data.name, split=split, mode=mode, **result)
+        probs, labels = dataset_probs(run.model, getattr(data, split), samples, precision=precision)
+    non_finite = warn_non_finite(probs, f"{run.path} on {data.name} ({split})")
+    result = mc_metrics(probs, labels)
+    return dict(run=str(run.path), data=data.name, split=split, mode=mode, **result,
+                **(dict(non_finite_fraction=non_finite) if non_finite else {}))
+
+
+def warn_non_finite(probs: torch.Tensor, what: str) -> float:
+    """Fraction of predictions (pass x image) that are not finite, warned about in one stderr line when > 0.
+
+    NaN weights used to evaluate silently to chance accuracy (argmax of NaN is 0) with NLL nan.
+    """
+    bad = (~torch.isfinite(probs)).any(dim=-1).float().mean().item()
+    if bad:
+        print(f"stochvit: warning: {what}: {bad:.1%} of the model's outputs are NaN or infinite (NaN or overflowing "
+              "weights?); its accuracy and calibration figures are meaningless", file=sys.stderr, flush=True)
+    return bad
 
 
 def format_table(result: dict) -> str:

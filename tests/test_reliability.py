@@ -264,3 +264,27 @@ def test_resume_with_settings_is_refused_naming_them(tmp_path, capsys):
     assert "remove --seed" in capsys.readouterr().err
     assert main(["train", "--resume", str(run)]) == 0  # alone it continues the run
     assert (run / "summary.json").exists()
+
+
+# --- NaN weights ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("poison", ["all", "head_bias"])
+def test_evaluating_nan_weights_warns_in_one_line(tmp_path, capsys, poison):
+    from safetensors.torch import load_file, save_file
+
+    run = train(TrainConfig(**QUICK), out=tmp_path / "run", quiet=True)
+    assert main(["evaluate", str(run), "--samples", "2"]) == 0
+    assert "warning" not in capsys.readouterr().err, "finite weights: no warning"
+    weights = load_file(str(run / "model.safetensors"))
+    for name, t in weights.items():
+        if poison == "all" or name == "head.bias":
+            t.fill_(float("nan"))
+    save_file(weights, str(run / "model.safetensors"))
+    assert main(["evaluate", str(run), "--samples", "2"]) == 0  # the table is still printed and written
+    captured = capsys.readouterr()
+    warnings = [line for line in captured.err.splitlines() if line.strip()]
+    assert len(warnings) == 1 and "100.0% of the model's outputs are NaN or infinite" in warnings[0], warnings
+    assert "nll" in captured.out
+    result = json.loads(next(run.glob("eval-*.json")).read_text())
+    assert result["non_finite_fraction"] == 1.0
