@@ -6,6 +6,7 @@
     metrics.jsonl      one line per epoch
     summary.json       final metrics; its presence marks a finished run
     curves.png         training curves
+    .lock              flock'ed by the one process writing the run (`run_lock`); left behind, it blocks nothing
 """
 
 from __future__ import annotations
