@@ -267,12 +267,12 @@ def shift_set(test, images: int, seed: int = 0):
 
 def cached_predictions(run_path: Path, data, shifted, samples: int, shift_images: int, precision: str) -> dict:
     """Per-pass probabilities on val, test and the shifted set, computed once and kept in the run directory."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file, save
 
     from .calibration import log_probs
     from .precision import default_device
     from .predict import dataset_probs
-    from .runs import load_run
+    from .runs import atomic_write_bytes, load_run
 
     path = run_path / f"predictions-K{samples}-shift{shift_images}.safetensors"
     if path.exists():
@@ -282,10 +282,8 @@ def cached_predictions(run_path: Path, data, shifted, samples: int, shift_images
     out = {}
     for split, dataset in (("val", data.val), ("test", data.test), ("shift", shifted)):
         out[split] = dataset_probs(model, dataset, samples, precision=precision)[0]
-    tmp = path.with_name(f".{path.name}.tmp")
     # log-probabilities in float16 (probabilities would underflow): ~1.2 MB a run at K=5, small enough to commit
-    save_file({k: log_probs(v).half().contiguous() for k, v in out.items()}, str(tmp))
-    os.replace(tmp, path)
+    atomic_write_bytes(path, save({k: log_probs(v).half().contiguous() for k, v in out.items()}))
     return {k: v.float().softmax(-1) for k, v in load_file(str(path)).items()}
 
 
