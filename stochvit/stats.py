@@ -133,6 +133,8 @@ class Comparison:
             text += f" (smallest detectable {self.half_width:.3g})"
         if max(self.seeds) == 1:
             text += ", 1 seed"
+        elif min(self.seeds) == 1:
+            text += ", one side 1 run"  # an ensemble, or a method with one seed so far: its spread is borrowed
         return text
 
     def as_dict(self) -> dict:
