@@ -83,6 +83,12 @@ def write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, default=float) + "\n").encode())
 
 
+def read_metrics(path: Path) -> list[dict]:
+    """The rows of a run's metrics.jsonl (one per epoch or round); [] when there is none yet. The one reader."""
+    f = Path(path) / "metrics.jsonl"
+    return [json.loads(line) for line in f.read_text().splitlines() if line.strip()] if f.exists() else []
+
+
 def pyplot():
     """matplotlib.pyplot on the non-interactive Agg backend: every plot stochvit writes goes to a file."""
     import matplotlib

@@ -262,7 +262,7 @@ def shift_set(test, images: int, seed: int = 0):
         where = torch.from_numpy(np.flatnonzero(cell_of == i))
         if len(where):
             out[where] = corrupt(x[where], c, s, seed)
-    return ImageSet(to_uint8(out), y.clone()), [f"{cells[i][0]}-{cells[i][1]}" for i in cell_of]
+    return ImageSet(to_uint8(out), y.clone())
 
 
 def cached_predictions(run_path: Path, data, shifted, samples: int, shift_images: int, precision: str) -> dict:

@@ -35,7 +35,17 @@ from .mlp import set_fused
 from .models import stochastic_config, timm_config
 from .precision import autocast, default_device, resolve_precision
 from .predict import dataset_probs
-from .runs import LOCK_FILE, atomic_write_bytes, build_model, load_weights, read_json, run_lock, versions, write_json
+from .runs import (
+    LOCK_FILE,
+    atomic_write_bytes,
+    build_model,
+    load_weights,
+    read_json,
+    read_metrics,
+    run_lock,
+    versions,
+    write_json,
+)
 
 MAX_SCALE = 1e4  # largest |--low| / |--high| accepted: a scale of 1e308 made the sampler's range infinite
 KILL_ENV = "STOCHVIT_KILL_AT_STEP"  # fault injection for the resume test: SIGKILL self at this global step
@@ -218,8 +228,7 @@ class _Curves:
         self.path = path
 
     def rows(self) -> list[dict]:
-        f = self.path / "metrics.jsonl"
-        return [json.loads(line) for line in f.read_text().splitlines() if line.strip()] if f.exists() else []
+        return read_metrics(self.path)
 
     def append(self, row: dict) -> None:
         rows = [r for r in self.rows() if r["epoch"] < row["epoch"]] + [row]  # a resumed epoch replaces its old line

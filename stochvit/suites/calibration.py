@@ -42,7 +42,7 @@ from ..errors import UserError
 from ..layers import MCDropout, is_random, random_modules
 from ..metrics import mc_metrics
 from ..predict import dataset_probs
-from ..runs import Run, load_run, write_json
+from ..runs import Run, load_run, read_metrics, write_json
 from ..stats import Comparison, Scores, compare, comparison_table, interval
 from ..train import check_compatible, data_for
 
@@ -145,8 +145,7 @@ def _clean(obj):
 
 def _regime(run: Run) -> dict:
     """Last-epoch train loss and val NLL: train loss well below val NLL marks the over-confident regime."""
-    f = run.path / "metrics.jsonl"
-    rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()] if f.exists() else []
+    rows = read_metrics(run.path)
     if not rows:
         return {}
     last = rows[-1]

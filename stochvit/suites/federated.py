@@ -75,16 +75,12 @@ def federated_run_config(a: argparse.Namespace) -> dict:
     return rc
 
 
-def _rows(path: Path) -> list[dict]:
-    f = path / "metrics.jsonl"
-    return [json.loads(line) for line in f.read_text().splitlines() if line.strip()] if f.exists() else []
-
-
 def run_federated(a: argparse.Namespace) -> Path:
     import tomli_w
     from tqdm import tqdm
 
     from ..federated.launch import FINISHED, Federation
+    from ..runs import read_metrics
 
     if a.cpus_per_client < 1:
         raise UserError("--cpus-per-client must be a positive integer")
@@ -101,7 +97,7 @@ def run_federated(a: argparse.Namespace) -> Path:
 
     def progress() -> bool:
         nonlocal shown
-        rows = _rows(out)
+        rows = read_metrics(out)
         for r in rows[shown:]:
             bar.update(1)
             tqdm.write(f"round {r['round']:3d}/{a.rounds}  val acc {r['val_accuracy']:.4f}  NLL {r['val_nll']:.4f}  "

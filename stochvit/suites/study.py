@@ -7,7 +7,6 @@ cached predictions) and `stochvit.stats` (intervals and verdicts); this module t
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ import torch
 
 from ..calibration import apply_temperature, fit_temperature
 from ..errors import UserError
+from ..runs import read_json, read_metrics
 from ..stats import Comparison, Scores, compare, comparison_table
 from ..study import StudySpec, cached_predictions, load_spec, run_status, shift_set, train_missing
 
@@ -51,7 +51,7 @@ def _plan(spec: StudySpec) -> list[dict]:
         status = run_status(spec, m, s)
         row = dict(method=m, seed=s, run=str(path), status=status)
         if status == "finished":
-            summary = json.loads((path / "summary.json").read_text())
+            summary = read_json(path / "summary.json", "run summary")
             row.update(train_seconds=summary["train_seconds"], epochs=summary["epochs"])
         rows.append(row)
     return rows
@@ -59,7 +59,7 @@ def _plan(spec: StudySpec) -> list[dict]:
 
 def _last_rows(path: Path) -> dict:
     """The last epoch's training loss and validation NLL (the over-confidence criterion)."""
-    rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = read_metrics(path)
     last = rows[-1]
     val = next(r for r in reversed(rows) if "val_nll" in r)
     return dict(train_loss=last["train_loss"], val_nll=val["val_nll"], train_accuracy=last["train_accuracy"])
@@ -67,13 +67,12 @@ def _last_rows(path: Path) -> dict:
 
 def _predictors(spec: StudySpec, log) -> tuple[dict, dict]:
     """Per method, per seed, per condition: deployed probabilities (N, C), and single-pass ones (K, N, C) if random."""
-    from ..runs import read_json
     from ..train import data_for
 
     claim = spec.calibration
     first = spec.run_dir(*spec.runs()[0])
     data = data_for(read_json(first / "config.json", "run config"))
-    shifted, _ = shift_set(data.test, claim.shift_images)
+    shifted = shift_set(data.test, claim.shift_images)
     labels = dict(val=data.val.labels, clean=data.test.labels, shift=shifted.labels)
     probs: dict[str, list[dict]] = {}
     for m, s in spec.runs():
@@ -159,7 +158,7 @@ def _regime(spec: StudySpec) -> dict:
         path = spec.run_dir(base, s)
         if not (path / "summary.json").exists():
             continue
-        summary = json.loads((path / "summary.json").read_text())
+        summary = read_json(path / "summary.json", "run summary")
         rows.append(dict(seed=s, test_ece=summary["test"]["single_pass"]["ece"]["mean"],
                          test_accuracy=summary["test_accuracy"], **_last_rows(path)))
     ece = sum(r["test_ece"] for r in rows) / len(rows)
