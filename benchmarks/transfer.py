@@ -31,9 +31,9 @@ from pathlib import Path
 import torch
 
 from stochvit.data import load_data
+from stochvit.eval.transfer import transfer
 from stochvit.runs import read_json, write_json
 from stochvit.train import TrainConfig, train
-from stochvit.transfer import transfer
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"

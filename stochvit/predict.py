@@ -8,7 +8,7 @@ from torch import nn
 from .layers import StochasticLinear, is_random, random_modules
 
 
-def _passes_can_batch(model: nn.Module) -> bool:
+def passes_can_batch(model: nn.Module) -> bool:
     """Repeating images along the batch gives independent draws unless a layer shares one per batch."""
     return not any(isinstance(m, StochasticLinear) and m.sharing == "batch" for m in random_modules(model))
 
@@ -24,7 +24,7 @@ def sample_probs(model: nn.Module, x: torch.Tensor, samples: int = 1, max_batch:
         raise ValueError(f"samples={samples} must be >= 1")
     k = samples if is_random(model) else 1
     b = x.shape[0]
-    per_chunk = max(1, max_batch // max(b, 1)) if _passes_can_batch(model) else 1
+    per_chunk = max(1, max_batch // max(b, 1)) if passes_can_batch(model) else 1
     out = []
     done = 0
     while done < k:

@@ -3,7 +3,7 @@
     config.json        every setting (model, stochastic layer, data, training, versions)
     model.safetensors  final weights of the timm model (plain timm keys; no code executed on load)
     checkpoint.pt      training state, written atomically each epoch (loaded with weights_only=True)
-    metrics.jsonl      one line per epoch
+    metrics.jsonl      one line per epoch (written by `Curves`, read by `read_metrics`), and the same rows as metrics.csv
     summary.json       final metrics; its presence marks a finished run
     curves.png         training curves
     .lock              flock'ed by the one process writing the run (`run_lock`); left behind, it blocks nothing
@@ -11,22 +11,28 @@
 
 from __future__ import annotations
 
+import csv
 import fcntl
+import io
 import json
 import os
 import platform
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from .data import DataBundle, load_data
 from .errors import UserError
 from .layers import MCDropout
-from .models import Normalized, create_model
+from .models import Normalized, create_model, stochastic_config, timm_config
+
+if TYPE_CHECKING:
+    from .train import TrainConfig
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -183,3 +189,118 @@ def load_run(path: str | Path) -> Run:
         raise UserError(f"{path}/config.json is incomplete or from an incompatible version ({e!r})") from None
     load_weights(model.net, path / "model.safetensors")
     return Run(path=path, config=config, model=model.eval(), summary=read_json(path / "summary.json", "run summary"))
+
+
+# -- the run directory's contents: config, data, metrics log and curves, finalisation -----------------------------
+
+def run_config(cfg: TrainConfig, data: DataBundle) -> dict:
+    """The run's config.json from a `TrainConfig` and its data: enough to rebuild the model without the training code."""
+    kwargs = dict(num_classes=data.num_classes, in_chans=data.in_chans, img_size=data.img_size, act_layer=cfg.act)
+    if cfg.drop_rate:
+        kwargs.update(drop_rate=cfg.drop_rate, proj_drop_rate=cfg.drop_rate)
+    mean, std = (cfg.norm or {}).get("mean", data.mean), (cfg.norm or {}).get("std", data.std)
+    return dict(
+        model=dict(name=cfg.model, kwargs=kwargs, mc_dropout=cfg.mc_dropout),
+        stochastic=stochastic_config(cfg.stochastic),
+        data=dict(spec=cfg.data, data_dir=cfg.data_dir, mean=mean, std=std, class_names=data.class_names,
+                  **data.describe()),
+        train=asdict(cfg),
+        versions=versions(),
+        # timm's own config.json keys (architecture, num_classes, model_args, pretrained_cfg): plain timm loads the run
+        **timm_config(cfg.model, kwargs, mean, std, data.class_names),
+    )
+
+
+def data_for(config: dict, spec: str | None = None, data_dir: str | None = None) -> DataBundle:
+    """Reload the data a run was trained on (same split), or another spec with the run's image size."""
+    t = config["train"]
+    if spec is None or spec == t["data"]:
+        return load_data(t["data"], t.get("data_dir") if data_dir is None else data_dir, False, t["split_seed"],
+                         train_limit=t.get("train_limit"), img_size=t.get("img_size"))
+    return load_data(spec, data_dir, False, t["split_seed"], img_size=config["model"]["kwargs"]["img_size"])
+
+
+def check_compatible(config: dict, data: DataBundle) -> None:
+    """Clear error when images do not fit the model (size, channels, classes)."""
+    k = config["model"]["kwargs"]
+    for what, want, got in (("image size", k["img_size"], data.img_size), ("channels", k["in_chans"], data.in_chans),
+                            ("classes", k["num_classes"], data.num_classes)):
+        if want != got:
+            raise UserError(f"data {data.name!r} has {what} {got} but the model expects {want}")
+
+
+def _csv(rows: list[dict]) -> bytes:
+    """metrics.jsonl's rows as CSV (Lightning's CSVLogger / timm's summary.csv shape): a header of every key seen,
+    in first-seen order, an empty cell where a row lacks a key (e.g. epochs without validation); lists as JSON."""
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=keys, restval="", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in r.items()} for r in rows)
+    return buf.getvalue().encode()
+
+
+class Curves:
+    """The one per-epoch metrics writer (metrics.jsonl, the record read back, and metrics.csv) and the curves plot."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def rows(self) -> list[dict]:
+        return read_metrics(self.path)
+
+    def append(self, row: dict) -> None:
+        rows = [r for r in self.rows() if r["epoch"] < row["epoch"]] + [row]  # a resumed epoch replaces its old line
+        atomic_write_bytes(self.path / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
+        atomic_write_bytes(self.path / "metrics.csv", _csv(rows))
+
+    def plot(self) -> None:
+        plt = pyplot()
+        rows = self.rows()
+        ep = [r["epoch"] for r in rows]
+        val_rows = [r for r in rows if "val_nll" in r]  # --val-every N leaves epochs without validation
+        fig, ax = plt.subplots(1, 3, figsize=(13, 3.6))
+        for a, key, title in zip(ax, ("loss", "accuracy", "ece"), ("loss / NLL", "accuracy", "ECE (val)")):
+            if key != "ece":
+                a.plot(ep, [r[f"train_{key}"] for r in rows], label="train")
+            a.plot([r["epoch"] for r in val_rows], [r[f"val_{'nll' if key == 'loss' else key}"] for r in val_rows],
+                   "o-" if len(val_rows) < len(rows) else "-", label="val")
+            a.set_title(title)
+            a.set_xlabel("epoch")
+            a.legend()
+        fig.tight_layout()
+        fig.savefig(self.path / "curves.png", dpi=90)
+        plt.close(fig)
+
+
+
+
+def finalize_run(path: Path, model: nn.Module, data: DataBundle, eval_samples: int = 10, precision: str = "auto",
+                 **extra_summary) -> None:
+    """Evaluate on val/test, write model.safetensors, curves.png, the model card README.md and (last) summary.json.
+
+    `path/config.json` must already exist; any producer of run directories (trainer, federated,
+    transfer) ends with this call, so every run directory looks the same to `load_run`.
+    """
+    from safetensors.torch import save
+
+    from .card import provenance, write_model_card
+    from .eval.metrics import mc_metrics
+    from .precision import resolve_precision
+    from .predict import dataset_probs
+
+    model.eval()
+    test = mc_metrics(*dataset_probs(model, data.test, eval_samples, precision=precision))
+    val = mc_metrics(*dataset_probs(model, data.val, eval_samples, precision=precision))
+    curves = Curves(path)
+    rows = curves.rows()
+    summary = dict(test_accuracy=test["single_pass"]["accuracy"]["mean"], test=test, val=val, epochs=len(rows),
+                   train_seconds=sum(r.get("epoch_seconds", 0.0) for r in rows), precision=resolve_precision(precision,
+                   next(model.parameters()).device, model), **extra_summary,
+                   provenance=provenance(next(model.parameters()).device))
+    # through the writer of every other run file: same permissions (safetensors' save_file makes 0600 files)
+    atomic_write_bytes(path / "model.safetensors", save({k: v.contiguous() for k, v in model.net.state_dict().items()}))
+    if rows:
+        curves.plot()
+    write_model_card(path, read_json(path / "config.json", "the run's settings"), summary, model.net)
+    write_json(path / "summary.json", summary)  # last: marks the run finished

@@ -7,9 +7,7 @@ DDP is used when launched with `torchrun` (WORLD_SIZE > 1); rank 0 writes the ru
 
 from __future__ import annotations
 
-import csv
 import io
-import json
 import math
 import os
 import random
@@ -17,7 +15,7 @@ import signal
 import sys
 import time
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -28,22 +26,23 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from .data import AUGMENTS, DataBundle, load_data
+from .data import AUGMENTS, load_data
 from .errors import UserError
-from .metrics import classification_metrics, mc_metrics
+from .eval.metrics import classification_metrics
 from .mlp import set_fused
-from .models import stochastic_config, timm_config
+from .models import stochastic_config
 from .precision import autocast, default_device, resolve_precision
 from .predict import dataset_probs
 from .runs import (
     LOCK_FILE,
+    Curves,
     atomic_write_bytes,
     build_model,
+    finalize_run,
     load_weights,
     read_json,
-    read_metrics,
+    run_config,
     run_lock,
-    versions,
     write_json,
 )
 
@@ -79,7 +78,7 @@ class TrainConfig:
     val_every: int = 1  # validate every N epochs (and always after the last): per-epoch val costs a lot on CPU
     fused: bool = False  # compile the default layer's scale into the activation (stochvit.mlp.set_fused)
     adv: dict | None = None  # adversarial training settings, filled by the robustness suite
-    # transfer learning, filled by `stochvit transfer` (stochvit.transfer)
+    # transfer learning, filled by `stochvit transfer` (stochvit.eval.transfer)
     init_weights: str | None = None  # safetensors to start from (a relative path is inside the run directory)
     freeze_backbone: bool = False  # linear probe: only the classifier head trains
     backbone_lr_scale: float = 1.0  # fine-tuning: the backbone's learning rate is lr * this
@@ -168,94 +167,6 @@ def warn_long_warmup(cfg: TrainConfig) -> str | None:
     if os.environ.get("RANK", "0") == "0":
         print(msg, file=sys.stderr, flush=True)
     return msg
-
-
-def run_config(cfg: TrainConfig, data: DataBundle) -> dict:
-    """The run's config.json: enough to rebuild the model without the training code.
-
-    Every fresh or resumed training builds it once, so it also checks the schedule (`warn_long_warmup`).
-    """
-    warn_long_warmup(cfg)
-    kwargs = dict(num_classes=data.num_classes, in_chans=data.in_chans, img_size=data.img_size, act_layer=cfg.act)
-    if cfg.drop_rate:
-        kwargs.update(drop_rate=cfg.drop_rate, proj_drop_rate=cfg.drop_rate)
-    mean, std = (cfg.norm or {}).get("mean", data.mean), (cfg.norm or {}).get("std", data.std)
-    return dict(
-        model=dict(name=cfg.model, kwargs=kwargs, mc_dropout=cfg.mc_dropout),
-        stochastic=stochastic_config(cfg.stochastic),
-        data=dict(spec=cfg.data, data_dir=cfg.data_dir, mean=mean, std=std, class_names=data.class_names,
-                  **data.describe()),
-        train=asdict(cfg),
-        versions=versions(),
-        # timm's own config.json keys (architecture, num_classes, model_args, pretrained_cfg): plain timm loads the run
-        **timm_config(cfg.model, kwargs, mean, std, data.class_names),
-    )
-
-
-def data_for(config: dict, spec: str | None = None, data_dir: str | None = None) -> DataBundle:
-    """Reload the data a run was trained on (same split), or another spec with the run's image size."""
-    t = config["train"]
-    if spec is None or spec == t["data"]:
-        return load_data(t["data"], t.get("data_dir") if data_dir is None else data_dir, False, t["split_seed"],
-                         train_limit=t.get("train_limit"), img_size=t.get("img_size"))
-    return load_data(spec, data_dir, False, t["split_seed"], img_size=config["model"]["kwargs"]["img_size"])
-
-
-def check_compatible(config: dict, data: DataBundle) -> None:
-    """Clear error when images do not fit the model (size, channels, classes)."""
-    k = config["model"]["kwargs"]
-    for what, want, got in (("image size", k["img_size"], data.img_size), ("channels", k["in_chans"], data.in_chans),
-                            ("classes", k["num_classes"], data.num_classes)):
-        if want != got:
-            raise UserError(f"data {data.name!r} has {what} {got} but the model expects {want}")
-
-
-def _csv(rows: list[dict]) -> bytes:
-    """metrics.jsonl's rows as CSV (Lightning's CSVLogger / timm's summary.csv shape): a header of every key seen,
-    in first-seen order, an empty cell where a row lacks a key (e.g. epochs without validation); lists as JSON."""
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=keys, restval="", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in r.items()} for r in rows)
-    return buf.getvalue().encode()
-
-
-class _Curves:
-    """The one per-epoch metrics writer (metrics.jsonl, the record read back, and metrics.csv) and the curves plot."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def rows(self) -> list[dict]:
-        return read_metrics(self.path)
-
-    def append(self, row: dict) -> None:
-        rows = [r for r in self.rows() if r["epoch"] < row["epoch"]] + [row]  # a resumed epoch replaces its old line
-        atomic_write_bytes(self.path / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
-        atomic_write_bytes(self.path / "metrics.csv", _csv(rows))
-
-    def plot(self) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        rows = self.rows()
-        ep = [r["epoch"] for r in rows]
-        val_rows = [r for r in rows if "val_nll" in r]  # --val-every N leaves epochs without validation
-        fig, ax = plt.subplots(1, 3, figsize=(13, 3.6))
-        for a, key, title in zip(ax, ("loss", "accuracy", "ece"), ("loss / NLL", "accuracy", "ECE (val)")):
-            if key != "ece":
-                a.plot(ep, [r[f"train_{key}"] for r in rows], label="train")
-            a.plot([r["epoch"] for r in val_rows], [r[f"val_{'nll' if key == 'loss' else key}"] for r in val_rows],
-                   "o-" if len(val_rows) < len(rows) else "-", label="val")
-            a.set_title(title)
-            a.set_xlabel("epoch")
-            a.legend()
-        fig.tight_layout()
-        fig.savefig(self.path / "curves.png", dpi=90)
-        plt.close(fig)
 
 
 def _lr_lambda(total_steps: int, warmup_steps: int):
@@ -362,7 +273,7 @@ def train(cfg: TrainConfig | None = None, out: str | Path | None = None, resume:
           quiet: bool = False) -> Path:
     """Train (or resume) a run and return its directory.
 
-    With `cfg.adv` set, each batch is replaced by adversarial examples from `stochvit.attacks.adversarial_step`;
+    With `cfg.adv` set, each batch is replaced by adversarial examples from `stochvit.eval.attacks.adversarial_step`;
     the attack draws from the global RNGs, which the checkpoint saves, so adversarial runs resume exactly too.
     The writing process holds the run directory's lock (`stochvit.runs.run_lock`) throughout; a fresh run that
     fails before its first checkpoint leaves nothing behind, a later failure leaves it resumable.
@@ -399,6 +310,7 @@ def _train(stack: ExitStack, cfg: TrainConfig | None, out: str | Path | None, re
     data = load_data(cfg.data, cfg.data_dir, cfg.download, cfg.split_seed, train_limit=cfg.train_limit, img_size=cfg.img_size)
     if cfg.augment == "none":
         data.train.transform = None
+    warn_long_warmup(cfg)
     config = run_config(cfg, data)
     _seed_everything(cfg.seed + rank)
     try:
@@ -439,11 +351,11 @@ def _train(stack: ExitStack, cfg: TrainConfig | None, out: str | Path | None, re
     loader = torch.utils.data.DataLoader(data.train, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
                                          num_workers=cfg.workers, drop_last=False, persistent_workers=cfg.workers > 0)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    curves = _Curves(path)
+    curves = Curves(path)
     kill_at = int(os.environ.get(KILL_ENV, "-1"))
     extra_step = None
     if cfg.adv:
-        from .attacks import adversarial_step
+        from .eval.attacks import adversarial_step
 
         extra_step = adversarial_step(cfg.adv)
     step = start * steps_per_epoch
@@ -503,31 +415,3 @@ def _train(stack: ExitStack, cfg: TrainConfig | None, out: str | Path | None, re
 def _single(result: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     probs, labels = result
     return probs[0], labels
-
-
-def finalize_run(path: Path, model: nn.Module, data: DataBundle, eval_samples: int = 10, precision: str = "auto",
-                 **extra_summary) -> None:
-    """Evaluate on val/test, write model.safetensors, curves.png, the model card README.md and (last) summary.json.
-
-    `path/config.json` must already exist; any producer of run directories (trainer, federated,
-    transfer) ends with this call, so every run directory looks the same to `load_run`.
-    """
-    from safetensors.torch import save
-
-    from .card import provenance, write_model_card
-
-    model.eval()
-    test = mc_metrics(*dataset_probs(model, data.test, eval_samples, precision=precision))
-    val = mc_metrics(*dataset_probs(model, data.val, eval_samples, precision=precision))
-    curves = _Curves(path)
-    rows = curves.rows()
-    summary = dict(test_accuracy=test["single_pass"]["accuracy"]["mean"], test=test, val=val, epochs=len(rows),
-                   train_seconds=sum(r.get("epoch_seconds", 0.0) for r in rows), precision=resolve_precision(precision,
-                   next(model.parameters()).device, model), **extra_summary,
-                   provenance=provenance(next(model.parameters()).device))
-    # through the writer of every other run file: same permissions (safetensors' save_file makes 0600 files)
-    atomic_write_bytes(path / "model.safetensors", save({k: v.contiguous() for k, v in model.net.state_dict().items()}))
-    if rows:
-        curves.plot()
-    write_model_card(path, read_json(path / "config.json", "the run's settings"), summary, model.net)
-    write_json(path / "summary.json", summary)  # last: marks the run finished

@@ -6,11 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from stochvit import attacks as A
 from stochvit.errors import UserError
+from stochvit.eval import attacks as A
 from stochvit.models import Normalized, create_model
-from stochvit.runs import load_run
-from stochvit.train import data_for
+from stochvit.runs import data_for, load_run
 
 TOL = 1e-5  # float32 rounding of x + delta
 

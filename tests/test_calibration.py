@@ -12,7 +12,9 @@ from sklearn.metrics import roc_auc_score
 from torchmetrics.functional.classification import binary_calibration_error, multiclass_calibration_error
 from torchmetrics.functional.classification.calibration_error import _ce_compute
 
-from stochvit.calibration import (
+from stochvit.cli import main
+from stochvit.data import load_data
+from stochvit.eval.calibration import (
     METRICS,
     apply_temperature,
     aurc,
@@ -25,11 +27,9 @@ from stochvit.calibration import (
     misclassification_auroc,
     reliability,
 )
-from stochvit.cli import main
-from stochvit.corruptions import CORRUPTIONS, SEVERITIES, corrupt, corrupt_set
-from stochvit.data import load_data
-from stochvit.metrics import classification_metrics
-from stochvit.stats import VERDICTS, Comparison
+from stochvit.eval.corruptions import CORRUPTIONS, SEVERITIES, corrupt, corrupt_set
+from stochvit.eval.metrics import classification_metrics
+from stochvit.eval.stats import VERDICTS, Comparison
 from stochvit.suites.calibration import CI_METRICS, run_calibration
 from stochvit.train import TrainConfig, train
 

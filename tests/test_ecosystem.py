@@ -23,8 +23,8 @@ import torch
 
 import stochvit
 from stochvit.cli import main
-from stochvit.runs import load_run
-from stochvit.train import TrainConfig, _Curves, train, warn_long_warmup
+from stochvit.runs import Curves, load_run
+from stochvit.train import TrainConfig, train, warn_long_warmup
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -170,7 +170,7 @@ def test_metrics_csv_mirrors_metrics_jsonl(tiny_run: Path, tmp_path: Path):
     assert len(table) == len(rows) == 1 and list(table[0]) == list(rows[0])
     assert all(math.isclose(float(table[0][k]), v) for k, v in rows[0].items())
 
-    curves = _Curves(tmp_path)
+    curves = Curves(tmp_path)
     curves.append(dict(epoch=0, train_loss=1.0))  # --val-every 2: no validation keys yet
     curves.append(dict(epoch=1, train_loss=0.5, val_nll=0.7, errors=["node 3 timed out"]))
     curves.append(dict(epoch=1, train_loss=0.4, val_nll=0.6, errors=[]))  # the resumed epoch 1 again

@@ -30,8 +30,11 @@ from stochvit.federated.launch import APP_DIR, processes_with  # noqa: E402
 from stochvit.federated.partition import dirichlet, histogram, iid, label_skew, parse_partition, partition, save_summary  # noqa: E402
 from stochvit.federated.server_app import initial_model  # noqa: E402
 from stochvit.federated.settings import from_run_config, to_run_config  # noqa: E402
-from stochvit.runs import load_run  # noqa: E402
-from stochvit.train import TrainConfig, run_config  # noqa: E402
+from stochvit.runs import (
+    load_run,  # noqa: E402
+    run_config,  # noqa
+)
+from stochvit.train import TrainConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MARKER = "STOCHVIT_FED_TEST"

@@ -12,9 +12,7 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 
 from stochvit.data import load_data
 from stochvit.errors import UserError
-from stochvit.layers import StochasticLinear, is_random
-from stochvit.models import Normalized, create_model
-from stochvit.privacy import (
+from stochvit.eval.privacy import (
     AttackConfig,
     AttackerView,
     Device,
@@ -28,6 +26,8 @@ from stochvit.privacy import (
     server_logits,
     split_accuracy,
 )
+from stochvit.layers import StochasticLinear, is_random
+from stochvit.models import Normalized, create_model
 from stochvit.runs import load_run
 
 FAST = AttackConfig(decoder_steps=150, decoder_batch=64, decoder_lr=2e-2, decoder_width=16, opt_steps=80, opt_lr=0.05,
@@ -258,7 +258,7 @@ def test_interrupted_run_resumes_without_recomputing_finished_configs(digits_run
 
 
 def _entry(name, kind, sigma, accuracy, psnr, ssim):
-    from stochvit.stats import Scores, interval
+    from stochvit.eval.stats import Scores, interval
     from stochvit.suites.privacy import N_BOOT
 
     def summary(v):

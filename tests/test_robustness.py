@@ -101,7 +101,7 @@ def test_attacks_skip_examples_no_clean_pass_gets_right():
 
 
 def test_robust_accuracy_carries_intervals_from_kept_per_example_outcomes(tmp_path):
-    from stochvit.stats import Scores, interval
+    from stochvit.eval.stats import Scores, interval
     from stochvit.suites.robustness import write_outputs
     from stochvit.train import TrainConfig, train
 

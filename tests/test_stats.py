@@ -1,12 +1,12 @@
-"""stochvit.stats: metric values against torchmetrics, interval coverage by simulation, pairing, verdicts."""
+"""stochvit.eval.stats: metric values against torchmetrics, interval coverage by simulation, pairing, verdicts."""
 
 import numpy as np
 import pytest
 import torch
 from scipy.stats import norm
 
-from stochvit.metrics import classification_metrics
-from stochvit.stats import Scores, bootstrap_weights, compare, compare_probs, comparison_table, interval
+from stochvit.eval.metrics import classification_metrics
+from stochvit.eval.stats import Scores, bootstrap_weights, compare, compare_probs, comparison_table, interval
 
 
 def _probs(n=400, c=5, seed=0, sharp=3.0):

@@ -12,8 +12,8 @@ import pytest
 
 from stochvit.cli import main
 from stochvit.errors import UserError
-from stochvit.study import load_spec
 from stochvit.suites.study import Settings, report, run
+from stochvit.suites.study_runs import load_spec
 
 SPEC = """
 name = "mini"

@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 
 from stochvit.cli import main
 from stochvit.errors import UserError
-from stochvit.evaluate import evaluate
 from stochvit.runs import load_run
+from stochvit.suites.evaluate import evaluate
 from stochvit.train import KILL_ENV, TrainConfig, _lr_lambda, train
 
 RUN_FILES = ("config.json", "model.safetensors", "checkpoint.pt", "metrics.jsonl", "summary.json", "curves.png")

@@ -13,12 +13,12 @@ from safetensors.torch import load_file, save_file
 from stochvit.cli import main
 from stochvit.data import load_data
 from stochvit.errors import UserError
+from stochvit.eval.transfer import adapt_state_dict, prepare, read_weights
 from stochvit.layers import StochasticLinear
 from stochvit.mlp import StochasticMlp
 from stochvit.models import create_model
 from stochvit.runs import build_model, load_run, read_json
 from stochvit.train import TrainConfig, _param_groups
-from stochvit.transfer import adapt_state_dict, prepare, read_weights
 
 TASK = "digits:classes=5-9"
 

@@ -27,11 +27,10 @@ from flwr.clientapp import ClientApp
 from torch import nn
 
 from ..data import DataBundle, ImageSet
-from ..metrics import classification_metrics
+from ..eval.metrics import classification_metrics
 from ..precision import autocast, default_device, resolve_precision
 from ..predict import dataset_probs
-from ..runs import build_model
-from ..train import data_for
+from ..runs import build_model, data_for
 from .partition import partition
 
 CONFIG_KEY = "stochvit-config"  # ConfigRecord entry holding the run's config.json

@@ -101,10 +101,9 @@ def save_summary(out: Path, labels: np.ndarray, shards: list[np.ndarray], class_
 
 
 def _plot(path: Path, counts: np.ndarray, class_names: list[str], title: str) -> None:
-    import matplotlib
+    from ...runs import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(max(4.0, 0.7 * len(counts) + 2), 3.6))
     bottom = np.zeros(len(counts))

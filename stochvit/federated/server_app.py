@@ -6,7 +6,7 @@ The ServerApp owns the output directory (`out-dir` in the run config):
     metrics.jsonl            one line per round: global val accuracy / NLL / ECE, client train metrics,
                              clients sampled, replied and failed (rounds with fewer clients are visible here)
     rounds.png               those curves and the participation per round
-    model.safetensors, summary.json, curves.png   via stochvit.train.finalize_run (summary.json last)
+    model.safetensors, summary.json, curves.png   via stochvit.runs.finalize_run (summary.json last)
 so `stochvit evaluate`, `calibration`, `robustness` and `privacy` load the result like any trained run.
 
 `FedAvg` comes from `flwr.serverapp.strategy`; `TrackedFedAvg` only records who took part in each round.
@@ -27,12 +27,12 @@ from flwr.serverapp.strategy import FedAvg
 
 from ..data import load_data
 from ..errors import UserError
-from ..metrics import classification_metrics
+from ..eval.metrics import classification_metrics
 from ..models import Normalized
 from ..precision import default_device
 from ..predict import dataset_probs
-from ..runs import build_model, write_json
-from ..train import _Curves, finalize_run, run_config
+from ..runs import Curves, build_model, finalize_run, run_config, write_json
+from ..train import warn_long_warmup
 from .client_app import CONFIG_KEY
 from .partition import partition, save_summary
 from .settings import from_run_config
@@ -82,10 +82,9 @@ def _wait_for_nodes(grid: Grid, expected: int, minimum: int, seconds: float) -> 
 
 def plot_rounds(path: Path, rows: list[dict]) -> None:
     """rounds.png: global val accuracy, NLL, ECE and clients per round (atomic write)."""
-    import matplotlib
+    from ...runs import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from matplotlib.ticker import MaxNLocator
 
     r = [row["round"] for row in rows]
@@ -122,6 +121,7 @@ def main(grid: Grid, context: Context) -> None:
         raise UserError(f"{out} already holds a run; choose a new out-dir")
     out.mkdir(parents=True, exist_ok=True)
     data = load_data(cfg.data, cfg.data_dir, False, cfg.split_seed, train_limit=cfg.train_limit, img_size=cfg.img_size)
+    warn_long_warmup(cfg)
     config = run_config(cfg, data)
     config["federated"] = {k: v for k, v in fed.items() if k != "out-dir"}
     write_json(out / "config.json", config)
@@ -129,7 +129,7 @@ def main(grid: Grid, context: Context) -> None:
     save_summary(out, labels, partition(labels, fed["clients"], fed["partition"], cfg.seed), data.class_names,
                  fed["partition"], cfg.seed)
     model = initial_model(config).to(default_device())
-    curves = _Curves(out)
+    curves = Curves(out)
     strategy = TrackedFedAvg(fraction_train=fed["fraction-train"], fraction_evaluate=fed["fraction-evaluate"],
                              min_train_nodes=fed["min-clients"], min_evaluate_nodes=fed["min-clients"],
                              min_available_nodes=fed["min-clients"])

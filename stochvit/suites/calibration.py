@@ -2,10 +2,10 @@
 on the clean test split and (with --shift) on CIFAR-10-C style corruptions at 5 severities.
 
 Every method is reduced to per-pass probabilities (K, N, C) on val, test and each corrupted test copy; the
-metrics of `stochvit.calibration` are then taken per pass (mean ± std) and of the K-sample average through
-`stochvit.metrics.mc_metrics`. Temperatures are fitted on clean validation data and kept under shift.
+metrics of `stochvit.eval.calibration` are then taken per pass (mean ± std) and of the K-sample average through
+`stochvit.eval.metrics.mc_metrics`. Temperatures are fitted on clean validation data and kept under shift.
 
-Intervals (`stochvit.stats`, one run per method, an ensemble counting as one): each method's accuracy, NLL, Brier
+Intervals (`stochvit.eval.stats`, one run per method, an ensemble counting as one): each method's accuracy, NLL, Brier
 and ECE of the K-sample average get a 95% percentile-bootstrap interval over the test images, and every method after
 the first gets its difference from the first (the baseline) with a paired image-bootstrap 95% CI and a verdict.
 Under shift the metric is the mean over the corruption x severity cells of the same images, resampled together.
@@ -26,7 +26,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..calibration import (
+from ..data import DataBundle, ImageSet
+from ..errors import UserError
+from ..eval.calibration import (
     LOWER_IS_BETTER,
     METRICS,
     apply_temperature,
@@ -36,15 +38,12 @@ from ..calibration import (
     fit_temperature,
     reliability,
 )
-from ..corruptions import CORRUPTIONS, SEVERITIES, check, corrupt_set
-from ..data import DataBundle, ImageSet
-from ..errors import UserError
+from ..eval.corruptions import CORRUPTIONS, SEVERITIES, check, corrupt_set
+from ..eval.metrics import mc_metrics
+from ..eval.stats import Comparison, Scores, compare, comparison_table, interval
 from ..layers import MCDropout, is_random, random_modules
-from ..metrics import mc_metrics
 from ..predict import dataset_probs
-from ..runs import Run, load_run, read_metrics, write_json
-from ..stats import Comparison, Scores, compare, comparison_table, interval
-from ..train import check_compatible, data_for
+from ..runs import Run, check_compatible, data_for, load_run, pyplot, read_metrics, write_json
 
 CI_METRICS = ("accuracy", "nll", "brier", "ece")  # of the K-sample average: intervals and paired comparisons
 SHORT = dict(accuracy="acc", nll="NLL", brier="Brier", ece="ECE", adaptive_ece="aECE", mce="MCE", classwise_ece="cwECE",
@@ -253,7 +252,7 @@ def run_calibration(run_dirs: list[str | Path], ensembles: list[list[str | Path]
     return out
 
 
-# -- intervals and paired comparisons (stochvit.stats) ---------------------------------------------------------
+# -- intervals and paired comparisons (stochvit.eval.stats) ---------------------------------------------------------
 
 def cell_scores(metric: str, cells: list[torch.Tensor], labels: torch.Tensor) -> Scores:
     """The mean of a metric over cells: (N, C) probabilities of the same N images (one per corruption x severity)."""
@@ -341,15 +340,6 @@ def _write_outputs(out: Path, report: dict, methods: list[Method], labels: torch
 
 # -- plots (matplotlib, Agg) -------------------------------------------------------------------------------------
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _grid(n: int, cols: int = 4) -> tuple[int, int]:
     cols = min(cols, n)
     return math.ceil(n / cols), cols
@@ -357,7 +347,7 @@ def _grid(n: int, cols: int = 4) -> tuple[int, int]:
 
 def plot_reliability(path: Path, methods: list[Method], labels: torch.Tensor, report: dict | None = None) -> None:
     """Reliability diagram (accuracy per confidence bin, gap to the diagonal) over a confidence histogram, per method."""
-    plt = _pyplot()
+    plt = pyplot()
     rows, cols = _grid(len(methods))
     fig = plt.figure(figsize=(3.3 * cols, 4.4 * rows))
     outer = fig.add_gridspec(rows, cols, hspace=0.45, wspace=0.3)
@@ -390,7 +380,7 @@ def plot_reliability(path: Path, methods: list[Method], labels: torch.Tensor, re
 
 def plot_metrics(path: Path, report: dict) -> None:
     """Accuracy, NLL, Brier and ECE of every method's K-sample average, clean (and shift), with 95% error bars."""
-    plt = _pyplot()
+    plt = pyplot()
     names = list(report["methods"])
     conds = [("test", "clean test")] + ([("shift", "shift (mean over cells)")] if report["corruptions"] else [])
     fig, axes = plt.subplots(1, len(CI_METRICS), figsize=(3.2 * len(CI_METRICS), 1.2 + 0.32 * len(names) * len(conds)),
@@ -426,7 +416,7 @@ def plot_metrics(path: Path, report: dict) -> None:
 
 def plot_confidence_histograms(path: Path, methods: list[Method], labels: torch.Tensor) -> None:
     """Confidence of correct vs wrong predictions: a good model separates them (the AUROC column)."""
-    plt = _pyplot()
+    plt = pyplot()
     rows, cols = _grid(len(methods))
     fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols, 2.6 * rows), squeeze=False)
     bins = torch.linspace(0, 1, 21).numpy()
@@ -447,7 +437,7 @@ def plot_confidence_histograms(path: Path, methods: list[Method], labels: torch.
 
 def plot_shift(path: Path, by_corruption: Path, report: dict) -> None:
     """Accuracy and ECE against severity (mean over corruptions), and ECE per corruption."""
-    plt = _pyplot()
+    plt = pyplot()
     sev = [0] + report["severities"]
     names = list(report["methods"])
     base = [n for n in names if not n.endswith(" +TS")]
@@ -587,8 +577,9 @@ def _interval_markdown(report: dict) -> list[str]:
             lines.append(f"| {name} | " + " | ".join(_fmt(src[k]) + _ci(e["intervals"][key][k]) for k in CI_METRICS) + " |")
         lines.append("")
     lines += [f"## Differences from the baseline `{report['baseline']}`", "",
-              "method - baseline on the same images; 95% CI from a paired bootstrap over the test images (both sides see "
-              f"the same resampled images, {n} resamples); verdicts from `stochvit.stats` (never from a point estimate).", ""]
+              "method - baseline on the same images; 95% CI from a paired bootstrap over the test images "
+              f"(both sides see the same resampled images, {n} resamples); verdicts from `stochvit.eval.stats` "
+              "(never from a point estimate).", ""]
     for cond, rows in report["comparisons"].items():
         lines += [f"**{'clean test' if cond == 'clean' else 'shift'}**", "",
                   comparison_table([_comparison(d) for d in rows]), ""]

@@ -3,7 +3,7 @@
 For every run, split point k and defence (none, or Gaussian noise on the transmitted features of a
 deterministic run at relative levels sigma x RMS of the clean features), the suite measures the
 model's accuracy with that defence and the PSNR/SSIM of the decoder and optimisation inversions of
-victim test images (threat model and attacks: `stochvit.privacy`). The auxiliary images of the
+victim test images (threat model and attacks: `stochvit.eval.privacy`). The auxiliary images of the
 attacker are the training split; the victims are drawn from the test split, so the two are disjoint.
 
 Outputs (in --out, each written to a temporary name then renamed): privacy.json, privacy.md,
@@ -12,7 +12,7 @@ privacy_utility.png (attack PSNR/SSIM against accuracy, per block; lower-right i
 A CIFAR-10 run takes hours on CPU, so each finished configuration is kept in --out/.partial/ until the end:
 rerunning the same command after an interruption resumes where it stopped (other settings start over).
 
-Intervals (`stochvit.stats`): every PSNR/SSIM carries a 95% percentile-bootstrap interval over the victim images
+Intervals (`stochvit.eval.stats`): every PSNR/SSIM carries a 95% percentile-bootstrap interval over the victim images
 (their per-image values are kept in privacy.json), and each stochastic-vs-noise comparison at matched accuracy is a
 paired bootstrap over the same victims (the noise side interpolated image by image with np.interp's weights), with
 a verdict. One run per side: the intervals cover the sampling of victims, not of training or of the accuracy match.
@@ -33,9 +33,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from ..errors import UserError
-from ..layers import is_random
-from ..precision import default_device
-from ..privacy import (
+from ..eval.privacy import (
     AttackConfig,
     Device,
     attacker_modes,
@@ -48,9 +46,10 @@ from ..privacy import (
     reconstruction_metrics,
     split_accuracy,
 )
-from ..runs import Run, atomic_write_bytes, load_run, read_json, write_json
-from ..stats import Scores, compare, interval
-from ..train import check_compatible, data_for
+from ..eval.stats import Scores, compare, interval
+from ..layers import is_random
+from ..precision import default_device
+from ..runs import Run, atomic_write_bytes, check_compatible, data_for, load_run, read_json, write_json
 
 ATTACKS = ("decoder", "optimization")
 SHOW = 8  # victims shown in the reconstruction grid
@@ -293,10 +292,9 @@ def _save_figure(fig, path: Path) -> None:
 
 
 def plot_grid(originals: torch.Tensor, shown: dict[str, torch.Tensor], path: Path) -> None:
-    import matplotlib
+    from ...runs import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from torchvision.utils import make_grid
 
     rows = {"original": originals[:SHOW], **shown}
@@ -312,10 +310,9 @@ def plot_grid(originals: torch.Tensor, shown: dict[str, torch.Tensor], path: Pat
 
 
 def plot_privacy_utility(entries: list[dict], attacks: list[str], path: Path) -> None:
-    import matplotlib
+    from ...runs import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     blocks = sorted({e["block"] for e in entries})
     names = list(dict.fromkeys(e["name"] for e in entries))

@@ -7,9 +7,9 @@ and a transfer attack are all run, and the report FLAGs any ordering between the
 adversarial_examples.png, written into a temporary folder and renamed into place when complete.
 
 Every robust accuracy (clean, each attack, the worst case; mean and all-pass) carries a 95% percentile-bootstrap
-interval over the attacked examples (`stochvit.stats.interval` on the per-example outcomes, which robustness.json
+interval over the attacked examples (`stochvit.eval.stats.interval` on the per-example outcomes, which robustness.json
 keeps under "per_example" so that runs attacked on the same examples can be compared pairwise with
-`stochvit.stats.compare`). One run: the interval covers the sampling of test examples, not of training.
+`stochvit.eval.stats.compare`). One run: the interval covers the sampling of test examples, not of training.
 """
 
 from __future__ import annotations
@@ -25,14 +25,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .. import attacks as A
 from ..cli import parse_eps
 from ..errors import UserError
+from ..eval import attacks as A
+from ..eval.stats import Scores, interval
 from ..layers import is_random
 from ..precision import default_device
-from ..runs import Run, load_run, write_json
-from ..stats import Scores, interval
-from ..train import check_compatible, data_for
+from ..runs import Run, check_compatible, data_for, load_run, write_json
 
 ATTACKS = ("fgsm", "pgd", "eot-pgd", "apgd-ce", "apgd-dlr", "aa-rand", "square", "transfer")
 WHITE_BOX = ("fgsm", "pgd", "eot-pgd", "apgd-ce", "apgd-dlr", "aa-rand")
@@ -399,10 +398,9 @@ def _interval_table(result: dict) -> list[str]:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
+    from ...runs import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     labels = list(result["worst_case"])
     eps = [result["worst_case"][lb]["eps"] for lb in labels]
@@ -439,10 +437,9 @@ def plot(result: dict, path: Path) -> None:
 
 
 def plot_grid(grid: dict, result: dict, path: Path, passes: int) -> None:
-    import matplotlib
+    from ...runs import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     from ..predict import predict_proba
 

@@ -1,7 +1,7 @@
 """`stochvit study SPEC.toml`: train a study's missing runs, measure its claims, and write one report with intervals.
 
-Settings -> run(settings) -> StudyResult -> report(result, out). The measurement lives in `stochvit.study` (training,
-cached predictions) and `stochvit.stats` (intervals and verdicts); this module turns them into tables and plots.
+Settings -> run(settings) -> StudyResult -> report(result, out). The measurement lives in `stochvit.suites.study_runs` (training,
+cached predictions) and `stochvit.eval.stats` (intervals and verdicts); this module turns them into tables and plots.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
-from ..calibration import apply_temperature, fit_temperature
 from ..errors import UserError
+from ..eval.calibration import apply_temperature, fit_temperature
+from ..eval.stats import Comparison, Scores, compare, comparison_table
 from ..runs import read_json, read_metrics
-from ..stats import Comparison, Scores, compare, comparison_table
-from ..study import StudySpec, cached_predictions, load_spec, run_status, shift_set, train_missing
+from .study_runs import StudySpec, cached_predictions, load_spec, run_status, shift_set, train_missing
 
 CONDITIONS = ("clean", "shift")
 # the over-confident regime (issue 15): test ECE at least this, and the final training loss "well below" the
@@ -67,7 +67,7 @@ def _last_rows(path: Path) -> dict:
 
 def _predictors(spec: StudySpec, log) -> tuple[dict, dict]:
     """Per method, per seed, per condition: deployed probabilities (N, C), and single-pass ones (K, N, C) if random."""
-    from ..train import data_for
+    from ..runs import data_for
 
     claim = spec.calibration
     first = spec.run_dir(*spec.runs()[0])
@@ -208,7 +208,7 @@ def format_markdown(result: StudyResult) -> str:
     lines += ["## Calibration", "",
               f"Deployed predictor: the K={claim.samples}-sample average for random models, `(1 pass)` a single pass. "
               f"`+TS`: temperature fitted on validation NLL per run. Shift: {claim.shift_images} test images, each under "
-              "one of 8 corruptions x 5 severities (balanced, seeded). Intervals: see `stochvit.stats`.", ""]
+              "one of 8 corruptions x 5 severities (balanced, seeded). Intervals: see `stochvit.eval.stats`.", ""]
     for cond, rows in result.comparisons.items():
         lines += [f"### {cond} test", "", comparison_table(rows), f"![{cond}](comparisons-{cond}.png)", ""]
     lines += ["## Values (mean over seeds)", "", "| method | " + " | ".join(f"{c} {m}" for c in CONDITIONS for m in claim.metrics)

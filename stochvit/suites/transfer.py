@@ -19,7 +19,7 @@ Class-split tasks: --data digits:classes=5-9 (or imagefolder:PATH:classes=dog,fr
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    from ..transfer import MODES, STOCHASTIC_MODES
+    from ..eval.transfer import MODES, STOCHASTIC_MODES
 
     p = subparsers.add_parser("transfer", help="fine-tune / linear-probe pretrained weights (run or timm) on a new task",
                               description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -55,8 +55,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_transfer(a: argparse.Namespace) -> None:
+    from ..eval.transfer import transfer
     from ..runs import read_json
-    from ..transfer import transfer
 
     layer = dict(kind=a.kind, distribution=a.distribution, low=a.low, high=a.high, sharing=a.sharing, position=a.position,
                  blocks=a.blocks)

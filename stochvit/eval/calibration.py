@@ -1,4 +1,4 @@
-"""Calibration metrics beyond `stochvit.metrics`, and temperature scaling.
+"""Calibration metrics beyond `stochvit.eval.metrics`, and temperature scaling.
 
 From torchmetrics: ECE (15 equal-width bins, L1), MCE (same bins, max norm), classwise ECE (the mean over
 classes of the binary calibration error of p_c against 1[y = c]) and the AUROC of confidence for telling
@@ -84,7 +84,7 @@ def misclassification_auroc(probs: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def calibration_metrics(probs: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """All of METRICS for (N, C) probabilities; pass as `metric_fn` to `stochvit.metrics.mc_metrics`."""
+    """All of METRICS for (N, C) probabilities; pass as `metric_fn` to `stochvit.eval.metrics.mc_metrics`."""
     probs = probs.float()
     out = classification_metrics(probs, labels)
     out.update(

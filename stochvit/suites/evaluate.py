@@ -7,11 +7,10 @@ from pathlib import Path
 
 import torch
 
-from .layers import sampling
-from .metrics import mc_metrics
-from .predict import dataset_probs
-from .runs import Run, load_run, write_json
-from .train import check_compatible, data_for
+from ..eval.metrics import mc_metrics
+from ..layers import sampling
+from ..predict import dataset_probs
+from ..runs import Run, check_compatible, data_for, load_run, write_json
 
 SPLITS = ("test", "val")
 

@@ -14,7 +14,7 @@ Stochastic layers during transfer: `keep` them as the source had them, turn them
 this when fine-tuning), or `add` them to a deterministic source. They have no parameters, so all three
 load the same weights.
 
-The run directory is prepared here (config.json from `stochvit.train.run_config` plus the adapted weights in
+The run directory is prepared here (config.json from `stochvit.runs.run_config` plus the adapted weights in
 init.safetensors) and trained by `stochvit.train.train(resume=...)`, the ordinary trainer, which ends with
 `finalize_run`: the result is a normal run directory, and an interrupted transfer continues with
 `stochvit train --resume RUN_DIR`.
@@ -38,11 +38,11 @@ from timm.layers import Mlp
 from timm.models import adapt_input_conv
 from torch import nn
 
-from .data import load_data
-from .errors import UserError
-from .models import stochastic_config
-from .runs import build_model, load_run, read_json, write_json
-from .train import TrainConfig, run_config, train
+from ..data import load_data
+from ..errors import UserError
+from ..models import stochastic_config
+from ..runs import build_model, load_run, read_json, run_config, write_json
+from ..train import TrainConfig, train
 
 MODES = ("finetune", "linear-probe")
 STOCHASTIC_MODES = ("keep", "off", "add")
@@ -292,7 +292,7 @@ def transfer(source: str, out: str | Path, quiet: bool = False, **kwargs: Any) -
     """Prepare the run directory, train it with the ordinary trainer, and write transfer.md into it."""
     path = prepare(source, out, **kwargs)
     train(resume=path, quiet=quiet)
-    from .runs import atomic_write_bytes
+    from ..runs import atomic_write_bytes
 
     atomic_write_bytes(path / "transfer.md", report(path).encode())
     return path

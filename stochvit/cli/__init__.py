@@ -12,11 +12,11 @@ import math
 import sys
 from pathlib import Path
 
-from .data import AUGMENTS, SPECS_HELP
-from .errors import UserError
-from .layers import DISTRIBUTIONS, MODES, SHARINGS
-from .mlp import POSITIONS
-from .precision import PRECISIONS
+from ..data import AUGMENTS, SPECS_HELP
+from ..errors import UserError
+from ..layers import DISTRIBUTIONS, MODES, SHARINGS
+from ..mlp import POSITIONS
+from ..precision import PRECISIONS
 
 SUITES = ("demo", "calibration", "robustness", "privacy", "federated", "transfer", "study")
 
@@ -131,7 +131,7 @@ def train_config_from_args(a: argparse.Namespace):
     """A TrainConfig from `train`'s flags; commands that share only some of them (federated) get the defaults."""
     from dataclasses import fields
 
-    from .train import TrainConfig
+    from ..train import TrainConfig
 
     base = a.data.split(":classes=")[0]  # a class subset keeps its parent dataset's recipe
     recipe = RECIPES.get(base, RECIPES[None])
@@ -160,7 +160,7 @@ def flags_given_with(a: argparse.Namespace, command: str, keep: tuple[str, ...] 
 
 
 def cmd_train(a: argparse.Namespace) -> None:
-    from .train import is_main_process, train
+    from ..train import is_main_process, train
 
     if a.resume:
         ignored = flags_given_with(a, "train", keep=("resume",))
@@ -175,7 +175,7 @@ def cmd_train(a: argparse.Namespace) -> None:
         path = train(cfg, out=a.out)
     if not is_main_process():  # under torchrun only rank 0 reports
         return
-    from .runs import read_json
+    from ..runs import read_json
 
     s = read_json(path / "summary.json", "summary")
     t = s["test"]
@@ -184,7 +184,7 @@ def cmd_train(a: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(a: argparse.Namespace) -> None:
-    from .evaluate import run_evaluate
+    from ..suites.evaluate import run_evaluate
 
     if a.samples < 1:
         raise UserError("--samples must be >= 1")
@@ -215,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name in SUITES:
         try:
-            module = importlib.import_module(f".suites.{name}", __package__)
+            module = importlib.import_module(f"stochvit.suites.{name}")
         except ModuleNotFoundError as e:
             if e.name and e.name.startswith(("flwr", "stochvit.suites")):
                 continue  # optional extra not installed, or suite not built yet

@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import UserError
-from .layers import is_random
-from .predict import _passes_can_batch, sample_probs
+from ..errors import UserError
+from ..layers import is_random
+from ..predict import passes_can_batch, sample_probs
 
 Norm = Literal["linf", "l2"]
 NORMS = ("linf", "l2")
@@ -118,7 +118,7 @@ def eot_loss_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: Loss
     """
     passes = eot if is_random(model) else 1
     b = len(x)
-    per_chunk = max(1, max_batch // max(b, 1)) if _passes_can_batch(model) else 1
+    per_chunk = max(1, max_batch // max(b, 1)) if passes_can_batch(model) else 1
     x = x.detach()
     loss_sum = torch.zeros(b, device=x.device)
     correct = torch.zeros(b, device=x.device)
@@ -384,7 +384,7 @@ def adversarial_step(adv: dict) -> Callable[[nn.Module, torch.Tensor, torch.Tens
     The attack runs on the model as it trains (train mode), so a stochastic layer draws fresh parameters in
     every attack pass, exactly like any forward pass.
     """
-    from .precision import autocast
+    from ..precision import autocast
 
     method, eps, steps = adv.get("method"), float(adv.get("eps", 8 / 255)), int(adv.get("steps", 7))
     if method not in TRAINING_METHODS:

@@ -21,8 +21,8 @@ import torchvision.transforms.v2.functional as TF
 from kornia.color import hsv_to_rgb, rgb_to_hsv
 from kornia.filters import gaussian_blur2d
 
-from .data import ImageSet
-from .errors import UserError
+from ..data import ImageSet
+from ..errors import UserError
 
 SEVERITIES = (1, 2, 3, 4, 5)
 

@@ -8,7 +8,7 @@ of it), the seeds, the ensembles and the claims to measure. The driver
 2. caches each run's per-pass predictions (val, test, and a shifted test set) in the run directory, named by
    their settings, so that a second call only rebuilds the report;
 3. writes the report: per claim, each method against its baselines with differences, 95% intervals
-   (`stochvit.stats`) and verdicts, plus the plots.
+   (`stochvit.eval.stats`) and verdicts, plus the plots.
 
 Everything is written atomically per run or per file, so the driver can be killed at any moment and started again.
 Relative paths in a spec (data, out) are relative to the spec file's folder.
@@ -29,8 +29,8 @@ from typing import Any
 
 import torch
 
-from .errors import UserError
-from .train import TrainConfig
+from ..errors import UserError
+from ..train import TrainConfig
 
 # settings that do not change what a run learns, so a finished run is reused even if they differ
 UNMATCHED = {"workers", "eval_samples", "val_every", "data_dir"}
@@ -179,8 +179,8 @@ def _child_dies_with_parent() -> None:  # preexec_fn: SIGKILL of the driver must
 def _train_command(spec: StudySpec, method: str, seed: int, status: str) -> list[str]:
     path = str(spec.run_dir(method, seed))
     if status == "partial":
-        return [sys.executable, "-m", "stochvit.study", "resume", path]
-    return [sys.executable, "-m", "stochvit.study", "train", json.dumps(asdict(spec.config(method, seed))), path]
+        return [sys.executable, "-m", "stochvit.suites.study_runs", "resume", path]
+    return [sys.executable, "-m", "stochvit.suites.study_runs", "train", json.dumps(asdict(spec.config(method, seed))), path]
 
 
 def train_missing(spec: StudySpec, log=print) -> dict[str, float]:
@@ -223,8 +223,8 @@ def train_missing(spec: StudySpec, log=print) -> dict[str, float]:
 
 
 def _worker(argv: list[str]) -> int:
-    """`python -m stochvit.study train CONFIG_JSON OUT | resume OUT`: one training, run by the driver."""
-    from .train import train
+    """`python -m stochvit.suites.study_runs train CONFIG_JSON OUT | resume OUT`: one training, run by the driver."""
+    from ..train import train
 
     try:
         if argv[0] == "train":
@@ -248,8 +248,8 @@ def shift_set(test, images: int, seed: int = 0):
     import numpy as np
     from sklearn.model_selection import train_test_split
 
-    from .corruptions import CORRUPTIONS, SEVERITIES, corrupt, to_uint8
-    from .data import ImageSet
+    from ..data import ImageSet
+    from ..eval.corruptions import CORRUPTIONS, SEVERITIES, corrupt, to_uint8
 
     idx = np.arange(len(test))
     if images < len(test):
@@ -269,10 +269,10 @@ def cached_predictions(run_path: Path, data, shifted, samples: int, shift_images
     """Per-pass probabilities on val, test and the shifted set, computed once and kept in the run directory."""
     from safetensors.torch import load_file, save
 
-    from .calibration import log_probs
-    from .precision import default_device
-    from .predict import dataset_probs
-    from .runs import atomic_write_bytes, load_run
+    from ..eval.calibration import log_probs
+    from ..precision import default_device
+    from ..predict import dataset_probs
+    from ..runs import atomic_write_bytes, load_run
 
     path = run_path / f"predictions-K{samples}-shift{shift_images}.safetensors"
     if path.exists():

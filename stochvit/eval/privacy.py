@@ -54,10 +54,10 @@ import torch
 from torch import nn
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
-from .errors import UserError
-from .layers import is_random, random_modules, sampling
+from ..errors import UserError
+from ..layers import is_random, random_modules, sampling
+from ..models import Normalized
 from .metrics import mc_metrics
-from .models import Normalized
 
 BLOCK_NAMES = ("first", "mid", "last")
 
