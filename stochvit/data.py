@@ -23,12 +23,11 @@ from sklearn.model_selection import train_test_split
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
+from .defaults import SPECS_HELP
 from .errors import UserError
 
 TORCHVISION_SETS = ("cifar10", "cifar100", "svhn")
-SPECS_HELP = "digits | cifar10 | cifar100 | svhn | imagefolder:PATH, optionally with :classes=5-9 (indices or names)"
 CLASS_FILTER = ":classes="
-AUGMENTS = ("crop-flip", "none")  # training augmentation: random crop with padding and flip, or the raw images
 
 
 class ImageSet(Dataset):

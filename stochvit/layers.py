@@ -18,16 +18,12 @@ from typing import Literal
 import torch
 from torch import nn
 
+from .defaults import DISTRIBUTIONS, MODES, SHARINGS
+
 Kind = Literal["diagonal", "full"]
 Sharing = Literal["image", "batch", "token"]
 Mode = Literal["on", "mean", "off"]
 
-DISTRIBUTIONS: dict[str, tuple[str, ...]] = {
-    "diagonal": ("uniform", "gaussian", "bernoulli"),
-    "full": ("uniform", "gaussian", "orthogonal"),
-}
-SHARINGS = ("image", "batch", "token")
-MODES = ("on", "mean", "off")
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> str:

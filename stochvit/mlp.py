@@ -14,10 +14,10 @@ import torch
 from timm.layers import Mlp
 from torch import nn
 
+from .defaults import POSITIONS
 from .layers import StochasticLinear
 
 Position = Literal["pre_act", "post_act", "output"]
-POSITIONS = ("pre_act", "post_act", "output")
 
 
 class StochasticMlp(Mlp):

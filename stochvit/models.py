@@ -17,13 +17,9 @@ from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from .defaults import DEFAULT_STOCHASTIC, POSITIONS
 from .errors import UserError
 from .layers import StochasticLinear
-from .mlp import POSITIONS, stochastify
-
-DEFAULT_STOCHASTIC: dict[str, Any] = dict(
-    kind="diagonal", distribution="uniform", low=0.5, high=1.5, sharing="image", position="pre_act", blocks=None
-)
 
 _SMALL_VITS: dict[str, dict[str, Any]] = {
     "vit_digits_patch2_8": dict(img_size=8, patch_size=2, in_chans=1, embed_dim=64, depth=4, num_heads=4, mlp_ratio=4.0),
@@ -127,13 +123,15 @@ def create_model(name: str, stochastic: bool | dict | None = True, **timm_kwargs
         raise UserError(
             f"pretrained weights for {name} would be downloaded, and nothing is downloaded at run time: "
             "pass a local file, e.g. pretrained_cfg_overlay=dict(file='weights.safetensors') "
-            "(or `stochvit transfer --weights PATH`)"
+            "(or transfer from a local weights file: stochvit.eval.transfer)"
         )
     if name not in timm.list_models(name) and name not in timm.list_models():
         raise UserError(f"unknown timm model {name!r}")
     model = timm.create_model(name, **timm_kwargs)
     cfg = stochastic_config(stochastic)
     if cfg is not None:
+        from .mlp import stochastify  # here, not above: mlp imports timm, whose import hook imports this module
+
         if stochastify(model, **cfg) == 0:
             raise ValueError(f"{name} has no timm Mlp to make stochastic")
     return model

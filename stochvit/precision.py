@@ -20,7 +20,8 @@ from functools import lru_cache
 
 import torch
 
-PRECISIONS = ("auto", "fp32", "bf16")
+from .defaults import PRECISIONS
+
 CPU_BF16_MIN_WIDTH = 128  # between the digits model (width 64: little gain, see above) and vit_tiny (192)
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -58,3 +61,11 @@ def dataset_probs(
             labels.append(y)
     model.train(was_training)
     return torch.cat(probs, dim=1), torch.cat(labels)
+
+
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Draw the stochastic layers' samples from `seed`, restoring the caller's random state afterwards."""
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if torch.cuda.is_initialized() else []):
+        torch.manual_seed(seed)
+        yield

@@ -17,6 +17,7 @@ import io
 import json
 import os
 import platform
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
@@ -77,7 +78,7 @@ def run_lock(path: Path) -> Iterator[Path]:
     except BlockingIOError:
         os.close(fd)
         raise UserError(f"run directory {path} is in use by another stochvit process; wait for it to end "
-                        "or choose another --out") from None
+                        "or choose another out") from None
     try:
         yield path
     finally:
@@ -87,6 +88,66 @@ def run_lock(path: Path) -> Iterator[Path]:
 
 def write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, default=float) + "\n").encode())
+
+
+SETTINGS_FILE = "settings.json"  # in a report folder: the settings that made it
+
+
+def check_overwrite(record_path: Path, settings: dict, overwrite: bool = False) -> None:
+    """Refuse to replace a report (a JSON file with a "settings" key, or a folder's settings.json) made with other settings.
+
+    The same settings give the same numbers (evaluation is seeded), so replacing such a report loses nothing.
+    """
+    if overwrite or not record_path.exists():
+        return
+    try:
+        old = json.loads(record_path.read_text())
+    except (OSError, ValueError):
+        old = None
+    old = old.get("settings", old) if isinstance(old, dict) and record_path.name != SETTINGS_FILE else old
+    if old != json.loads(json.dumps(settings)):
+        changed = sorted(k for k in set(old or {}) | set(settings) if (old or {}).get(k) != settings.get(k)) \
+            if isinstance(old, dict) else ["(unknown)"]
+        raise UserError(f"{record_path} holds a report made with other settings (differing: {', '.join(changed)}); "
+                        "choose another output folder or allow replacing it (overwrite)")
+
+
+@contextmanager
+def atomic_output_dir(out: str | Path, settings: dict, marker: str, overwrite: bool = False) -> Iterator[Path]:
+    """Write a report folder all at once: the caller fills a hidden sibling, which then replaces `out`.
+
+    `out` is replaced only when it is empty or a report of this kind (its settings.json, or `marker` from an older
+    version); a folder holding anything else is refused, never deleted. settings.json records `settings`.
+    """
+    out = Path(out)
+    check_output_dir(out, settings, marker, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        write_json(tmp / SETTINGS_FILE, settings)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_output_dir(out: Path, settings: dict, marker: str, overwrite: bool = False) -> None:
+    """`atomic_output_dir`'s refusals, to be called before the work as well as after it."""
+    if out.exists():
+        if not out.is_dir():
+            raise UserError(f"{out} is a file; choose a folder for the report")
+        recorded, older = (out / SETTINGS_FILE).exists(), (out / marker).exists()
+        if any(out.iterdir()) and not (recorded or older):
+            raise UserError(f"{out} is a folder with other contents; choose a new or empty folder for the report")
+        if recorded:
+            check_overwrite(out / SETTINGS_FILE, settings, overwrite)
+        elif older and not overwrite:
+            raise UserError(f"{out} holds a report without a settings record; choose another output or allow "
+                            "replacing it (overwrite)")
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -132,7 +193,7 @@ def build_model(config: dict) -> Normalized:
     net = create_model(m["name"], stochastic=config.get("stochastic") or False, **m.get("kwargs", {}))
     if m.get("mc_dropout"):
         if enable_mc_dropout(net) == 0:
-            raise UserError("mc_dropout needs a positive dropout rate (--drop-rate)")
+            raise UserError("mc_dropout needs a positive dropout rate (drop_rate)")
     data = config["data"]
     return Normalized(net, data["mean"], data["std"])
 

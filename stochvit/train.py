@@ -26,7 +26,8 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from .data import AUGMENTS, load_data
+from .data import load_data
+from .defaults import AUGMENTS
 from .errors import UserError
 from .eval.metrics import classification_metrics
 from .mlp import set_fused
@@ -91,7 +92,7 @@ class TrainConfig:
         text, and `--weight-decay nan` as a NaN loss blamed on `--lr`. Wrong types (an edited config.json) too.
         """
         def fail(name: str, rule: str) -> None:
-            raise UserError(f"invalid --{name.replace('_', '-')}={getattr(self, name)}: must be {rule}")
+            raise UserError(f"invalid {name}={getattr(self, name)}: must be {rule}")
 
         ints = [("epochs", 1), ("batch_size", 1), ("eval_samples", 1), ("val_every", 1), ("workers", 0),
                 ("seed", 0), ("split_seed", 0), ("train_limit", 1), ("img_size", 1)]
@@ -117,12 +118,12 @@ class TrainConfig:
             v = layer.get(side)
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
                                   or abs(v) > MAX_SCALE):
-                raise UserError(f"invalid --{side}={v}: must be a finite number within +-{MAX_SCALE:g} (scales that "
+                raise UserError(f"invalid {side}={v}: must be a finite number within +-{MAX_SCALE:g} (scales that "
                                 "large overflow the activations; the default range is 0.5..1.5)")
         if self.augment not in AUGMENTS:
-            raise UserError(f"invalid --augment={self.augment}; expected one of {', '.join(AUGMENTS)}")
+            raise UserError(f"invalid augment={self.augment}; expected one of {', '.join(AUGMENTS)}")
         if self.mc_dropout and self.drop_rate <= 0:
-            raise UserError("--mc-dropout needs --drop-rate > 0")
+            raise UserError("mc_dropout needs drop_rate > 0")
         try:
             self.stochastic = stochastic_config(self.stochastic)
         except ValueError as e:
@@ -287,7 +288,7 @@ def _train(stack: ExitStack, cfg: TrainConfig | None, out: str | Path | None, re
     if resume is not None:
         path = Path(resume)
         if not path.is_dir():
-            raise UserError(f"--resume {path}: not a run directory (give the directory of an interrupted run)")
+            raise UserError(f"resume {path}: not a run directory (give the directory of an interrupted run)")
         config = read_json(path / "config.json", f"{path} is not a run directory to resume")
         if (path / "summary.json").exists():
             raise UserError(f"run {path} already finished")
@@ -297,9 +298,9 @@ def _train(stack: ExitStack, cfg: TrainConfig | None, out: str | Path | None, re
         cfg.validate()
         path = Path(out) if out else new_run_dir()
         if path.exists() and not path.is_dir():
-            raise UserError(f"--out {path} is a file, not a directory; choose a new --out")
+            raise UserError(f"out {path} is a file, not a directory; choose a new out")
         if not _is_unused(path):
-            raise UserError(f"output directory {path} is not empty; choose a new --out or continue with --resume {path}")
+            raise UserError(f"output directory {path} is not empty; choose a new out or continue with resume={path}")
     rank, world = _distributed()
     if resume is not None and rank == 0:
         stack.enter_context(run_lock(path))
@@ -320,7 +321,7 @@ def _train(stack: ExitStack, cfg: TrainConfig | None, out: str | Path | None, re
     patch = getattr(getattr(model.net, "patch_embed", None), "patch_size", None)
     if patch is not None and data.img_size < max(patch):
         raise UserError(f"{cfg.data}: images of {data.img_size}x{data.img_size} are smaller than {cfg.model}'s "
-                        f"{max(patch)}-pixel patches; pass a larger --img-size or choose another --model")
+                        f"{max(patch)}-pixel patches; pass a larger img_size or choose another model")
     precision = resolve_precision(cfg.precision, device, model)
     if cfg.fused:
         set_fused(model.net)
@@ -331,7 +332,7 @@ def _train(stack: ExitStack, cfg: TrainConfig | None, out: str | Path | None, re
         created = not path.exists()
         stack.enter_context(run_lock(path))
         if not _is_unused(path):  # another run wrote here since the check above
-            raise UserError(f"output directory {path} is not empty; choose a new --out or continue with --resume {path}")
+            raise UserError(f"output directory {path} is not empty; choose a new out or continue with resume={path}")
         stack.push(lambda kind, *_: _discard_unstarted(path, created)
                    if kind is not None and not (path / "checkpoint.pt").exists() else None)
         write_json(path / "config.json", config)
@@ -376,8 +377,8 @@ def _train(stack: ExitStack, cfg: TrainConfig | None, out: str | Path | None, re
                 kept = ("no epoch had finished, so the run directory was removed"
                         if resume is None and not (path / "checkpoint.pt").exists()
                         else "the run stays resumable from its last epoch")
-                raise UserError(f"loss became {loss.item()} at epoch {epoch + 1}, step {step}: lower --lr "
-                                f"(now {cfg.lr}) or keep --clip-grad; {kept}")
+                raise UserError(f"loss became {loss.item()} at epoch {epoch + 1}, step {step}: lower lr "
+                                f"(now {cfg.lr}) or keep clip_grad; {kept}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.clip_grad:

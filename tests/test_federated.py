@@ -225,6 +225,7 @@ def test_loopback_deployment_survives_a_killed_supernode(tmp_path, marker):
 def test_relative_data_paths_reach_the_flower_apps_absolute(tmp_path, monkeypatch):
     """The ServerApp and ClientApps run in Flower's own working directory, so a relative imagefolder path would break."""
     from stochvit.cli import build_parser
+    from stochvit.cli.federated import settings_from_args
     from stochvit.federated.settings import from_run_config
     from stochvit.suites.federated import federated_run_config
 
@@ -232,6 +233,6 @@ def test_relative_data_paths_reach_the_flower_apps_absolute(tmp_path, monkeypatc
     monkeypatch.chdir(tmp_path)
     a = build_parser().parse_args(["federated", "--data", "imagefolder:imgs:classes=0-1", "--data-dir", "tv",
                                    "--out", "out"])
-    cfg, _ = from_run_config(federated_run_config(a))
+    cfg, _ = from_run_config(federated_run_config(settings_from_args(a)))
     assert cfg.data == f"imagefolder:{tmp_path / 'imgs'}:classes=0-1"
     assert cfg.data_dir == str(tmp_path / "tv")

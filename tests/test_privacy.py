@@ -174,16 +174,10 @@ def test_split_model_and_noise_baseline(digits_runs):
 
 
 def privacy_cli(argv: list[str]) -> None:
-    """`stochvit privacy ARGS` through this suite's own parser (other suites' import problems cannot interfere)."""
-    import argparse
+    """`stochvit privacy ARGS` through the command line's parser, raising (not printing) a UserError."""
+    from stochvit.cli import build_parser
 
-    from stochvit.cli import SUITES
-    from stochvit.suites.privacy import add_parser
-
-    assert "privacy" in SUITES
-    parser = argparse.ArgumentParser(prog="stochvit")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     args.func(args)
 
 

@@ -241,7 +241,7 @@ def test_a_resumed_config_with_wrong_types_is_refused(tmp_path):
     config = json.loads((run / "config.json").read_text())
     config["train"]["epochs"] = "3"
     (run / "config.json").write_text(json.dumps(config))
-    with pytest.raises(UserError, match="--epochs=3: must be an integer"):
+    with pytest.raises(UserError, match="epochs=3: must be an integer"):
         train(resume=run, quiet=True)
     config["train"]["nonsense"] = 1
     (run / "config.json").write_text(json.dumps(config))

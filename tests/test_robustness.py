@@ -10,8 +10,9 @@ import torch
 from test_attacks import Quantized
 
 from stochvit.cli import main
+from stochvit.cli.common import eps_list, parse_eps
 from stochvit.runs import Run, load_run, read_json
-from stochvit.suites.robustness import Settings, eps_list, evaluate_robustness, markdown, parse_eps
+from stochvit.suites.robustness import Settings, evaluate_robustness, markdown
 
 
 def test_parse_eps():

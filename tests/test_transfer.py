@@ -160,7 +160,7 @@ def test_bad_weights_give_clear_errors(tmp_path: Path) -> None:
     fails(tmp_path / "evil.pth", "could run code")
     assert not marker.exists()
 
-    with pytest.raises(UserError, match="--weights PATH"):
+    with pytest.raises(UserError, match="weights=PATH"):
         prepare("vit_tiny_patch16_224", tmp_path / "out", data=TASK)
     with pytest.raises(UserError, match="neither a run directory nor a timm model"):
         prepare("no_such_model_xyz", tmp_path / "out", data=TASK, weights=str(good))

@@ -31,12 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..defaults import NORMS
 from ..errors import UserError
 from ..layers import is_random
 from ..predict import passes_can_batch, sample_probs
 
 Norm = Literal["linf", "l2"]
-NORMS = ("linf", "l2")
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 TRAINING_METHODS = ("pgd", "fgsm-rs")
 
@@ -390,9 +390,9 @@ def adversarial_step(adv: dict) -> Callable[[nn.Module, torch.Tensor, torch.Tens
     if method not in TRAINING_METHODS:
         raise UserError(f"adversarial training method {method!r} is not one of {', '.join(TRAINING_METHODS)}")
     if not (0 < eps <= 1):
-        raise UserError(f"--adv-eps={eps} must be in (0, 1] (pixel units; e.g. 8/255 = {8 / 255:.4f})")
+        raise UserError(f"adversarial eps={eps} must be in (0, 1] (pixel units; e.g. 8/255 = {8 / 255:.4f})")
     if method == "pgd" and steps < 1:
-        raise UserError(f"--adv-steps={steps} must be >= 1")
+        raise UserError(f"adversarial steps={steps} must be >= 1")
 
     def step(net: nn.Module, x: torch.Tensor, y: torch.Tensor, precision: str) -> torch.Tensor:
         model = getattr(net, "module", net)  # attack the bare model, not a DDP wrapper (no gradient sync)

@@ -22,9 +22,8 @@ from kornia.color import hsv_to_rgb, rgb_to_hsv
 from kornia.filters import gaussian_blur2d
 
 from ..data import ImageSet
+from ..defaults import CORRUPTIONS, SEVERITIES
 from ..errors import UserError
-
-SEVERITIES = (1, 2, 3, 4, 5)
 
 # CIFAR-10-C's parameters (make_cifar_c.py), severity 1..5
 PARAMS: dict[str, tuple[float, ...]] = {
@@ -37,7 +36,7 @@ PARAMS: dict[str, tuple[float, ...]] = {
     "jpeg": (80, 65, 58, 50, 40),  # JPEG quality
     "pixelate": (0.95, 0.9, 0.85, 0.75, 0.65),  # downscale factor
 }
-CORRUPTIONS = tuple(PARAMS)
+assert tuple(PARAMS) == CORRUPTIONS  # the names the command line offers (stochvit.defaults)
 
 
 def _gaussian_noise(x: torch.Tensor, c: float, g: torch.Generator) -> torch.Tensor:

@@ -54,12 +54,13 @@ import torch
 from torch import nn
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
+from ..defaults import SPLIT_NAMES, AttackConfig
 from ..errors import UserError
 from ..layers import is_random, random_modules, sampling
 from ..models import Normalized
 from .metrics import mc_metrics
 
-BLOCK_NAMES = ("first", "mid", "last")
+BLOCK_NAMES = SPLIT_NAMES
 
 
 # -- the split ------------------------------------------------------------------------------------
@@ -85,12 +86,12 @@ def parse_blocks(text: str, n: int) -> list[int]:
         try:
             k = int(token)
         except ValueError:
-            raise UserError(f"--blocks: {token!r} is neither a block count nor one of {', '.join(BLOCK_NAMES)}") from None
+            raise UserError(f"split_blocks: {token!r} is neither a block count nor one of {', '.join(BLOCK_NAMES)}") from None
         if not 0 <= k <= n:
-            raise UserError(f"--blocks: {k} is out of range for a model with {n} blocks (use 0..{n})")
+            raise UserError(f"split_blocks: {k} is out of range for a model with {n} blocks (use 0..{n})")
         out.add(k)
     if not out:
-        raise UserError("--blocks is empty")
+        raise UserError("split_blocks is empty")
     return sorted(out)
 
 
@@ -225,19 +226,6 @@ class InversionDecoder(nn.Module):
         lin = self.linear(t).transpose(1, 2).reshape(b, -1, self.grid, self.grid)
         h = self.proj(t.transpose(1, 2).reshape(b, c, self.grid, self.grid))
         return self.shuffle(lin + self.out(h + self.body(h)))
-
-
-@dataclass
-class AttackConfig:
-    """Budgets of the two attacks (defaults sized for 8x8 digits on a CPU)."""
-
-    decoder_steps: int = 1000
-    decoder_batch: int = 64
-    decoder_lr: float = 2e-3
-    decoder_width: int = 64
-    opt_steps: int = 300
-    opt_lr: float = 0.05
-    tv_weight: float = 0.01
 
 
 def decoder_inversion(view: AttackerView, observed: torch.Tensor, cfg: AttackConfig | None = None,

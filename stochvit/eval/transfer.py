@@ -39,13 +39,13 @@ from timm.models import adapt_input_conv
 from torch import nn
 
 from ..data import load_data
+from ..defaults import STOCHASTIC_TARGETS, TRANSFER_MODES
 from ..errors import UserError
 from ..models import stochastic_config
 from ..runs import build_model, load_run, read_json, run_config, write_json
 from ..train import TrainConfig, train
 
-MODES = ("finetune", "linear-probe")
-STOCHASTIC_MODES = ("keep", "off", "add")
+MODES, STOCHASTIC_MODES = TRANSFER_MODES, STOCHASTIC_TARGETS
 INIT_FILE = "init.safetensors"
 
 
@@ -103,7 +103,7 @@ def load_source(source: str, weights: str | None = None) -> Source:
     path = Path(source).expanduser()
     if path.is_dir():
         if weights is not None:
-            raise UserError(f"--weights is for timm model names; {path} is a run directory and brings its own weights")
+            raise UserError(f"weights are for timm model names; {path} is a run directory and brings its own weights")
         run = load_run(path)
         config = run.config
         return Source(
@@ -113,12 +113,12 @@ def load_source(source: str, weights: str | None = None) -> Source:
             origin=dict(kind="run", path=str(path), data=config["data"]["spec"], test_accuracy=run.summary.get("test_accuracy")),
         )
     if not timm.is_model(source):
-        raise UserError(f"--from {source!r} is neither a run directory nor a timm model name (see timm.list_models())")
+        raise UserError(f"source {source!r} is neither a run directory nor a timm model name (see timm.list_models())")
     if weights is None:
         raise UserError(
             f"no weights for {source}: nothing is downloaded at run time. On a machine with internet, save them with "
             f"`m = timm.create_model('{source}', pretrained=True); safetensors.torch.save_file(m.state_dict(), 'w.safetensors')` "
-            f"(or fetch model.safetensors from https://huggingface.co/timm), then pass --weights PATH (.safetensors or .pth)"
+            f"(or fetch model.safetensors from https://huggingface.co/timm), then pass weights=PATH (.safetensors or .pth)"
         )
     state = read_weights(weights)
     try:
@@ -141,12 +141,12 @@ def stochastic_for(mode: str, source: dict | None, layer: dict | None = None) ->
         return None
     if mode == "add":
         if source:
-            raise UserError("the source is already stochastic: use --stochastic keep (as trained) or off")
+            raise UserError("the source is already stochastic: use stochastic_target keep (as trained) or off")
         try:
             return stochastic_config(layer or True)
         except ValueError as e:
             raise UserError(f"stochastic layer: {e}") from None
-    raise UserError(f"--stochastic {mode!r} is not one of {', '.join(STOCHASTIC_MODES)}")
+    raise UserError(f"stochastic_target {mode!r} is not one of {', '.join(STOCHASTIC_MODES)}")
 
 
 def _first_conv(net: nn.Module) -> str | None:
@@ -200,7 +200,7 @@ def adapt_state_dict(state: dict[str, torch.Tensor], net: nn.Module, source: str
                  "shape mismatch " + ", ".join(f"{k}: {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in wrong[:3])
                  if wrong else ""]
         raise UserError(f"{source} do not fit {type(net).__name__}: " + "; ".join(p for p in parts if p)
-                        + ". Is --from the architecture these weights were trained with?")
+                        + ". Is the source the architecture these weights were trained with?")
     return {k: v.to(own[k].dtype).contiguous() for k, v in state.items()}, notes
 
 
@@ -216,10 +216,10 @@ def prepare(source: str, out: str | Path, data: str = "digits", weights: str | N
     `train_fields` are TrainConfig fields (epochs, lr, train_limit, data_dir, img_size, seed, ...).
     """
     if mode not in MODES:
-        raise UserError(f"--mode {mode!r} is not one of {', '.join(MODES)}")
+        raise UserError(f"transfer_mode {mode!r} is not one of {', '.join(MODES)}")
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"output directory {out} is not empty; choose a new --out (continue an interrupted one with "
+        raise UserError(f"output directory {out} is not empty; choose a new out (continue an interrupted one with "
                         f"`stochvit train --resume {out}`)")
     src = load_source(source, weights)
     target = stochastic_for(stochastic, src.stochastic, layer)
@@ -227,7 +227,7 @@ def prepare(source: str, out: str | Path, data: str = "digits", weights: str | N
               **{k: v for k, v in train_fields.items() if v is not None}}
     probe = mode == "linear-probe"
     if probe and backbone_lr_scale != 1.0:
-        raise UserError("--backbone-lr-scale is for --mode finetune; a linear probe does not train the backbone at all")
+        raise UserError("backbone_lr_scale is for transfer_mode finetune; a linear probe does not train the backbone at all")
     cfg = TrainConfig(data=data, model=src.model, act=src.act, stochastic=target, init_weights=INIT_FILE,
                       freeze_backbone=probe, backbone_lr_scale=1.0 if probe else backbone_lr_scale, **fields)
     cfg.validate()
@@ -245,7 +245,7 @@ def prepare(source: str, out: str | Path, data: str = "digits", weights: str | N
     patch = getattr(getattr(net, "patch_embed", None), "patch_size", None)
     if patch is not None and bundle.img_size < max(patch):
         raise UserError(f"{bundle.name}: {bundle.img_size}px images are smaller than {src.model}'s {max(patch)}-pixel patches; "
-                        "resize them (imagefolder: --img-size) or transfer from a model with smaller patches")
+                        "resize them (imagefolder: img_size) or transfer from a model with smaller patches")
     state, notes = adapt_state_dict(src.state, net, f"weights from {source}")
     net.load_state_dict(state)
     config["transfer"] = dict(source=src.origin, mode=mode,

@@ -101,7 +101,7 @@ def save_summary(out: Path, labels: np.ndarray, shards: list[np.ndarray], class_
 
 
 def _plot(path: Path, counts: np.ndarray, class_names: list[str], title: str) -> None:
-    from ...runs import pyplot
+    from ..runs import pyplot
 
     plt = pyplot()
 

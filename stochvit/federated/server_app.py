@@ -82,7 +82,7 @@ def _wait_for_nodes(grid: Grid, expected: int, minimum: int, seconds: float) -> 
 
 def plot_rounds(path: Path, rows: list[dict]) -> None:
     """rounds.png: global val accuracy, NLL, ECE and clients per round (atomic write)."""
-    from ...runs import pyplot
+    from ..runs import pyplot
 
     plt = pyplot()
     from matplotlib.ticker import MaxNLocator

@@ -13,14 +13,10 @@ Under shift the metric is the mean over the corruption x severity cells of the s
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import os
-import shutil
 import sys
 from dataclasses import dataclass, field, fields
-from datetime import datetime
 from pathlib import Path
 
 import torch
@@ -42,8 +38,19 @@ from ..eval.corruptions import CORRUPTIONS, SEVERITIES, check, corrupt_set
 from ..eval.metrics import mc_metrics
 from ..eval.stats import Comparison, Scores, compare, comparison_table, interval
 from ..layers import MCDropout, is_random, random_modules
-from ..predict import dataset_probs
-from ..runs import Run, check_compatible, data_for, load_run, pyplot, read_metrics, write_json
+from ..predict import dataset_probs, seeded
+from ..runs import (
+    Run,
+    atomic_output_dir,
+    check_compatible,
+    check_output_dir,
+    data_for,
+    load_run,
+    pyplot,
+    read_metrics,
+    write_json,
+)
+from .settings import CalibrationSettings as Settings
 
 CI_METRICS = ("accuracy", "nll", "brier", "ece")  # of the K-sample average: intervals and paired comparisons
 SHORT = dict(accuracy="acc", nll="NLL", brier="Brier", ece="ECE", adaptive_ece="aECE", mce="MCE", classwise_ece="cwECE",
@@ -115,9 +122,9 @@ def shared_data(runs: list[Run], spec: str | None, data_dir: str | None) -> Data
     return first
 
 
-def run_probs(runs: list[Run], dataset: ImageSet, samples: int, precision: str) -> torch.Tensor:
+def run_probs(runs: list[Run], dataset: ImageSet, samples: int, precision: str, batch_size: int = 256) -> torch.Tensor:
     """Per-pass probabilities (K, N, C); an ensemble averages its members pass by pass (deterministic ones repeat)."""
-    members = [dataset_probs(r.model, dataset, samples, precision=precision)[0] for r in runs]
+    members = [dataset_probs(r.model, dataset, samples, batch_size, precision)[0] for r in runs]
     k = max(len(m) for m in members)
     return torch.stack([m.expand(k, -1, -1) for m in members]).mean(0)
 
@@ -155,21 +162,24 @@ def run_calibration(run_dirs: list[str | Path], ensembles: list[list[str | Path]
                     data_dir: str | None = None, samples: int = 10, shift: bool = False,
                     corruptions: tuple[str, ...] = CORRUPTIONS, severities: tuple[int, ...] = SEVERITIES,
                     shift_limit: int | None = None, out: str | Path | None = None, precision: str = "auto",
-                    quiet: bool = False, n_boot: int = 1000) -> Path:
+                    quiet: bool = False, n_boot: int = 1000, seed: int = 0, batch_size: int = 256,
+                    overwrite: bool = False) -> Path:
     """Evaluate runs (and ensembles of runs) with and without temperature scaling; write the report into `out`."""
     if samples < 1:
-        raise UserError("--samples must be >= 1")
+        raise UserError(f"samples={samples} must be >= 1")
     if n_boot < 100:
-        raise UserError(f"--n-boot {n_boot}: use at least 100 resamples")
+        raise UserError(f"n_boot={n_boot}: use at least 100 resamples")
+    if shift_limit is not None and shift_limit < 10:
+        raise UserError(f"shift_limit={shift_limit} must be at least 10 images")
     ensembles = [list(e) for e in ensembles or []]
     for e in ensembles:
         if len(e) < 2:
-            raise UserError("--ensemble needs at least two run directories")
+            raise UserError("an ensemble needs at least two run directories")
     for c in corruptions:
         for s in severities:
             check(c, s)
     if shift and not (corruptions and severities):
-        raise UserError("--shift needs at least one corruption and one severity")
+        raise UserError("shift needs at least one corruption and one severity")
     loaded: dict[Path, Run] = {}
     for p in list(run_dirs) + [p for e in ensembles for p in e]:
         key = Path(p).resolve()
@@ -189,7 +199,12 @@ def run_calibration(run_dirs: list[str | Path], ensembles: list[list[str | Path]
         shift_idx = torch.as_tensor(sorted(keep))
     shift_test = test if shift_idx is None else test.subset(shift_idx)
     conditions = [(c, s) for c in corruptions for s in severities] if shift else []
-    out = Path(out) if out else Path("runs") / f"calibration-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    out = Path(out) if out else runs[0].path / "calibration"
+    settings = dict(runs=[str(r.path) for r in runs],
+                    ensembles=[[str(loaded[Path(p).resolve()].path) for p in e] for e in ensembles],
+                    data=bundle.name, samples=samples, shift=shift, corruptions=list(corruptions), severities=list(severities),
+                    shift_limit=shift_limit, precision=precision, n_boot=n_boot, seed=seed, batch_size=batch_size)
+    check_output_dir(out, settings, "calibration.json", overwrite)
 
     # predictions: each run (and ensemble) once per split and corruption; temperature scaling reuses them
     methods: list[Method] = []
@@ -202,7 +217,8 @@ def run_calibration(run_dirs: list[str | Path], ensembles: list[list[str | Path]
         for r in group:
             key = (r.path.resolve(), tag)
             if key not in cache:
-                cache[key] = run_probs([r], dataset, samples, precision)
+                with seeded(seed + len(cache)):  # each prediction set its own seeded draws, in a fixed order
+                    cache[key] = run_probs([r], dataset, samples, precision, batch_size)
             parts.append(cache[key])
         k = max(len(p) for p in parts)
         bar.update(1)
@@ -245,7 +261,8 @@ def run_calibration(run_dirs: list[str | Path], ensembles: list[list[str | Path]
                   baseline=methods[0].name, n_boot=n_boot,
                   comparisons={cond: [c.as_dict() for c in rows] for cond, rows in compare_methods(cells, n_boot).items()},
                   command=" ".join(["stochvit", *sys.argv[1:]]))
-    _write_outputs(out, report, methods, test.labels)
+    with atomic_output_dir(out, settings, "calibration.json", overwrite) as tmp:
+        _write_outputs(tmp, report, methods, test.labels)
     if not quiet:
         print(format_console(report))
         print(f"wrote {out}/calibration.json, calibration.md and plots")
@@ -320,11 +337,7 @@ def _summary(result: dict) -> dict:
     return dict(single_pass={k: v["mean"] for k, v in result["single_pass"].items()}, mc_average=dict(result["mc_average"]))
 
 
-def _write_outputs(out: Path, report: dict, methods: list[Method], labels: torch.Tensor) -> None:
-    """Everything is written into a hidden sibling folder first, then moved in file by file."""
-    tmp = out.parent / f".{out.name}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+def _write_outputs(tmp: Path, report: dict, methods: list[Method], labels: torch.Tensor) -> None:
     write_json(tmp / "calibration.json", _clean(report))
     (tmp / "calibration.md").write_text(format_markdown(report))
     plot_reliability(tmp / "reliability.png", methods, labels, report)
@@ -332,10 +345,6 @@ def _write_outputs(out: Path, report: dict, methods: list[Method], labels: torch
     plot_confidence_histograms(tmp / "confidence_hist.png", methods, labels)
     if report["corruptions"]:
         plot_shift(tmp / "shift.png", tmp / "shift_by_corruption.png", report)
-    out.mkdir(parents=True, exist_ok=True)
-    for f in sorted(tmp.iterdir()):
-        os.replace(f, out / f.name)
-    tmp.rmdir()
 
 
 # -- plots (matplotlib, Agg) -------------------------------------------------------------------------------------
@@ -614,39 +623,8 @@ def format_console(report: dict) -> str:
     return "\n".join(lines)
 
 
-# -- CLI ---------------------------------------------------------------------------------------------------------
-
-def add_parser(subparsers) -> None:
-    from ..cli import add_data_args, int_list
-    from ..precision import PRECISIONS
-
-    p = subparsers.add_parser(
-        "calibration", help="calibration of runs vs temperature scaling, MC dropout, ensembles; optionally under shift",
-        description="Evaluate trained runs on the test split: accuracy, NLL, Brier, ECE, adaptive ECE, MCE, classwise ECE, "
-                    "AURC and misclassification AUROC, single-pass (mean ± std over K passes) and K-sample average, each "
-                    "without and with temperature scaling fitted on validation NLL. --ensemble adds a deep ensemble of runs; "
-                    "--shift adds CIFAR-10-C style corruptions at 5 severities. Every method after the first is compared with "
-                    "the first (paired bootstrap 95% CI and verdict); values and plots carry 95% intervals. Writes "
-                    "calibration.json, calibration.md and PNG plots into --out.")
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="finished run directories, one table row group each")
-    add_data_args(p, default=None)
-    p.add_argument("--samples", type=int, default=10, help="K stochastic passes (deterministic runs use 1)")
-    p.add_argument("--ensemble", nargs="+", action="append", metavar="RUN_DIR", default=None,
-                   help="run directories averaged into one deep-ensemble method (repeat the flag for several ensembles)")
-    p.add_argument("--shift", action="store_true", help="also evaluate on corrupted copies of the test split")
-    p.add_argument("--corruptions", default=",".join(CORRUPTIONS), help="comma-separated subset of: " + ", ".join(CORRUPTIONS))
-    p.add_argument("--severities", type=int_list, default=list(SEVERITIES), help="comma-separated severities in 1..5")
-    p.add_argument("--shift-limit", type=int, default=None, help="evaluate shift on a stratified subset of this many test images")
-    p.add_argument("--precision", default="auto", choices=PRECISIONS)
-    p.add_argument("--n-boot", type=int, default=1000,
-                   help="bootstrap resamples for the 95%% intervals and the paired comparisons with the first method")
-    p.add_argument("--out", default=None, help="output directory (default: runs/calibration-<timestamp>)")
-    p.set_defaults(func=cmd_calibration)
-
-
-def cmd_calibration(a: argparse.Namespace) -> None:
-    corruptions = tuple(c.strip() for c in a.corruptions.split(",") if c.strip())
-    if a.shift_limit is not None and a.shift_limit < 10:
-        raise UserError("--shift-limit must be at least 10 images")
-    run_calibration(a.run_dirs, a.ensemble, a.data, a.data_dir, a.samples, a.shift, corruptions, tuple(a.severities),
-                    a.shift_limit, a.out, a.precision, n_boot=a.n_boot)
+def run(s: Settings) -> Path:
+    """The suite from its settings (what `stochvit calibration` does); returns the report folder."""
+    return run_calibration(s.run_dirs, s.ensembles, s.data, s.data_dir, s.samples, s.shift, tuple(s.corruptions),
+                           tuple(s.severities), s.shift_limit, s.out, s.precision, s.quiet, s.n_boot, s.seed, s.batch_size,
+                           s.overwrite)

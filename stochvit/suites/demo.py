@@ -7,17 +7,17 @@ corrupted test copies, and prints the side-by-side table and a one-paragraph rea
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
 from ..errors import UserError
 from ..runs import read_json
+from .settings import DemoSettings as Settings
 
 MODELS = (("deterministic", None), ("stochastic", True))
 
 
-def _train_or_reuse(path: Path, stochastic: bool | None) -> Path:
+def _train_or_reuse(path: Path, stochastic: bool | None, seed: int = 0) -> Path:
     from ..train import TrainConfig, train
 
     if (path / "summary.json").exists():
@@ -29,7 +29,7 @@ def _train_or_reuse(path: Path, stochastic: bool | None) -> Path:
         train(resume=path)
     else:
         print(f"training the {path.name} ViT on digits (default recipe: 60 epochs) into {path}")
-        train(TrainConfig(stochastic=stochastic), out=path)
+        train(TrainConfig(stochastic=stochastic, seed=seed), out=path)
     print(f"{path.name}: trained in {time.perf_counter() - t0:.0f} s")
     return path
 
@@ -54,32 +54,17 @@ def reading(report: dict) -> str:
     return "\n".join(lines)
 
 
-def run_demo(out: str | Path = "runs/demo", samples: int = 10, shift: bool = True) -> Path:
+def run(s: Settings) -> Path:
+    """Train (or reuse) both runs under `s.out`, then write and print the calibration report; returns its folder."""
     from .calibration import run_calibration
 
-    out = Path(out)
-    paths = [_train_or_reuse(out / name, stochastic) for name, stochastic in MODELS]
-    print("\nevaluating calibration" + (" (clean and corrupted test copies)" if shift else ""))
-    report_dir = run_calibration(paths, samples=samples, shift=shift, out=out / "calibration")
+    if s.samples < 1:
+        raise UserError(f"samples={s.samples} must be >= 1")
+    out = Path(s.out)
+    paths = [_train_or_reuse(out / name, stochastic, s.seed) for name, stochastic in MODELS]
+    print("\nevaluating calibration" + (" (clean and corrupted test copies)" if s.shift else ""))
+    report_dir = run_calibration(paths, samples=s.samples, shift=s.shift, out=out / "calibration", precision=s.precision,
+                                 seed=s.seed, batch_size=s.batch_size, overwrite=s.overwrite)
     print("\n" + reading(read_json(report_dir / "calibration.json", "calibration report")))
     print(f"\nplots and tables: {report_dir}/ (reliability.png, shift.png, confidence_hist.png, calibration.md)")
     return report_dir
-
-
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "demo", help="main job: train a deterministic and a stochastic ViT on digits and compare their calibration",
-        description="Train a deterministic and a token-consistent stochastic ViT on the embedded digits data (default "
-                    "recipe, about a minute each on 2 CPU cores; finished runs under --out are reused), then print the "
-                    "side-by-side calibration table: accuracy, NLL, Brier, ECE variants, AURC, AUROC, with temperature "
-                    "scaling and under CIFAR-10-C style corruptions.")
-    p.add_argument("--out", default="runs/demo", help="output folder for the two runs and the report (default: runs/demo)")
-    p.add_argument("--samples", type=int, default=10, help="K stochastic passes (default: 10)")
-    p.add_argument("--shift", action=argparse.BooleanOptionalAction, default=True, help="also evaluate on corrupted test copies")
-    p.set_defaults(func=cmd_demo)
-
-
-def cmd_demo(a: argparse.Namespace) -> None:
-    if a.samples < 1:
-        raise UserError("--samples must be >= 1")
-    run_demo(a.out, a.samples, a.shift)

@@ -1,4 +1,7 @@
-"""`stochvit evaluate`: accuracy, NLL, Brier and ECE of a run, single-pass (mean ± std) and K-sample."""
+"""`stochvit evaluate`: accuracy, NLL, Brier and ECE of a run, single-pass (mean ± std) and K-sample.
+
+`run(Settings(run_dir))` writes RUN_DIR/eval-...json (named by the settings) and returns the result and its path.
+"""
 
 from __future__ import annotations
 
@@ -7,20 +10,23 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UserError
 from ..eval.metrics import mc_metrics
 from ..layers import sampling
-from ..predict import dataset_probs
-from ..runs import Run, check_compatible, data_for, load_run, write_json
+from ..predict import dataset_probs, seeded
+from ..runs import Run, check_compatible, check_overwrite, data_for, load_run, write_json
+from .settings import EvaluateSettings as Settings
+from .settings import record
 
 SPLITS = ("test", "val")
 
 
 def evaluate(run: Run, data_spec: str | None = None, data_dir: str | None = None, samples: int = 10, mode: str = "on",
-             split: str = "test", precision: str = "auto") -> dict:
+             split: str = "test", precision: str = "auto", batch_size: int = 256) -> dict:
     data = data_for(run.config, data_spec, data_dir)
     check_compatible(run.config, data)
     with sampling(run.model, mode):
-        probs, labels = dataset_probs(run.model, getattr(data, split), samples, precision=precision)
+        probs, labels = dataset_probs(run.model, getattr(data, split), samples, batch_size, precision)
     non_finite = warn_non_finite(probs, f"{run.path} on {data.name} ({split})")
     result = mc_metrics(probs, labels)
     return dict(run=str(run.path), data=data.name, split=split, mode=mode, **result,
@@ -48,11 +54,26 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def run_evaluate(run_dir: str, data: str | None, data_dir: str | None, samples: int, mode: str, split: str) -> Path:
-    run = load_run(run_dir)
-    result = evaluate(run, data, data_dir, samples, mode, split)
-    tag = (data or run.config["train"]["data"]).replace(":", "_").replace("/", "_")
-    out = run.path / f"eval-{tag}-{split}-{mode}-k{result['samples']}.json"
+def output_path(s: Settings, run: Run) -> Path:
+    """RUN_DIR/eval-<data>-<split>-<mode>-k<K>-seed<S>.json: a file per setting that changes the numbers."""
+    if s.out is not None:
+        return Path(s.out)
+    tag = (s.data or run.config["train"]["data"]).replace(":", "_").replace("/", "_")
+    return run.path / f"eval-{tag}-{s.split}-{s.mode}-k{s.samples}-seed{s.seed}.json"
+
+
+def run(s: Settings) -> tuple[dict, Path]:
+    """Evaluate `s.run_dir` (seeded: the same settings give the same numbers) and write the result as JSON."""
+    if s.samples < 1:
+        raise UserError(f"samples={s.samples} must be >= 1")
+    if s.split not in SPLITS:
+        raise UserError(f"split={s.split!r} is not one of {', '.join(SPLITS)}")
+    loaded = load_run(s.run_dir)
+    out = output_path(s, loaded)
+    settings = record(s) | {"run_dir": str(loaded.path)}
+    check_overwrite(out, settings, s.overwrite)
+    with seeded(s.seed):
+        result = evaluate(loaded, s.data, s.data_dir, s.samples, s.mode, s.split, s.precision, s.batch_size)
+    result["settings"] = settings
     write_json(out, result)
-    print(f"{run.path} on {result['data']} ({split}, mode={mode})\n{format_table(result)}\nwrote {out}")
-    return out
+    return result, out

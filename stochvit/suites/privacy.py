@@ -20,11 +20,11 @@ a verdict. One run per side: the intervals cover the sampling of victims, not of
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -49,35 +49,29 @@ from ..eval.privacy import (
 from ..eval.stats import Scores, compare, interval
 from ..layers import is_random
 from ..precision import default_device
-from ..runs import Run, atomic_write_bytes, check_compatible, data_for, load_run, read_json, write_json
+from ..runs import (
+    Run,
+    atomic_output_dir,
+    atomic_write_bytes,
+    check_compatible,
+    check_output_dir,
+    data_for,
+    load_run,
+    read_json,
+    write_json,
+)
+from .settings import PRIVACY_ATTACKS
+from .settings import PrivacySettings as Settings
 
-ATTACKS = ("decoder", "optimization")
+ATTACKS = PRIVACY_ATTACKS
 SHOW = 8  # victims shown in the reconstruction grid
-
-
-def float_list(text: str) -> list[float]:
-    try:
-        values = [float(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-    if any(v <= 0 for v in values):
-        raise argparse.ArgumentTypeError(f"noise levels must be > 0, got {text!r}")
-    return values
-
-
-def attack_list(text: str) -> list[str]:
-    names = [t.strip() for t in text.split(",") if t.strip()]
-    bad = [n for n in names if n not in ATTACKS]
-    if bad or not names:
-        raise argparse.ArgumentTypeError(f"--attacks: expected a comma-separated subset of {', '.join(ATTACKS)}, got {text!r}")
-    return names
 
 
 class _Partial:
     """Finished configurations of an unfinished `stochvit privacy` run, so the same command resumes after a kill."""
 
     def __init__(self, out: Path, settings: dict) -> None:
-        self.dir = out / ".partial"
+        self.dir = out.with_name(f".{out.name}.resume")  # beside the report folder, which is written at once
         settings = json.loads(json.dumps(settings, default=float))
         meta = self.dir / "settings.json"
         if meta.exists() and read_json(meta, "partial privacy settings") != settings:
@@ -292,7 +286,7 @@ def _save_figure(fig, path: Path) -> None:
 
 
 def plot_grid(originals: torch.Tensor, shown: dict[str, torch.Tensor], path: Path) -> None:
-    from ...runs import pyplot
+    from ..runs import pyplot
 
     plt = pyplot()
     from torchvision.utils import make_grid
@@ -310,7 +304,7 @@ def plot_grid(originals: torch.Tensor, shown: dict[str, torch.Tensor], path: Pat
 
 
 def plot_privacy_utility(entries: list[dict], attacks: list[str], path: Path) -> None:
-    from ...runs import pyplot
+    from ..runs import pyplot
 
     plt = pyplot()
 
@@ -349,67 +343,52 @@ def plot_privacy_utility(entries: list[dict], attacks: list[str], path: Path) ->
     _save_figure(fig, path)
 
 
-def run_privacy(a: argparse.Namespace) -> Path:
-    if a.n_victims < 1 or a.passes < 1:
-        raise UserError("--n-victims and --passes must be >= 1")
-    runs = [load_run(p) for p in a.run_dirs]
-    data = data_for(runs[0].config, a.data, a.data_dir)
-    for run in runs:
-        check_compatible(run.config, data)
-    gen = torch.Generator().manual_seed(a.seed)
+def validate(s: Settings) -> None:
+    """Refuse settings the attacks cannot run with, naming the setting."""
+    for name in ("n_victims", "samples"):
+        if getattr(s, name) < 1:
+            raise UserError(f"{name}={getattr(s, name)} must be >= 1")
+    unknown = [a for a in s.attacks if a not in ATTACKS]
+    if unknown or not s.attacks:
+        raise UserError(f"attacks={list(s.attacks)}: expected a non-empty subset of {', '.join(ATTACKS)}")
+    if any(v <= 0 for v in s.noise_baseline):
+        raise UserError(f"noise_baseline={list(s.noise_baseline)}: noise levels must be > 0")
+
+
+def run(s: Settings) -> tuple[dict, Path]:
+    """The suite from its settings (what `stochvit privacy` does): returns the result and the report folder."""
+    validate(s)
+    runs = [load_run(p) for p in s.run_dirs]
+    data = data_for(runs[0].config, s.data, s.data_dir)
+    for r in runs:
+        check_compatible(r.config, data)
+    gen = torch.Generator().manual_seed(s.seed)
     aux, _ = data.train.tensors()
-    if a.aux_limit is not None and a.aux_limit < len(aux):
-        aux = aux[torch.randperm(len(aux), generator=gen)[: a.aux_limit]]
+    if s.aux_limit is not None and s.aux_limit < len(aux):
+        aux = aux[torch.randperm(len(aux), generator=gen)[: s.aux_limit]]
     test_x, test_y = data.test.tensors()
-    victims = test_x[torch.randperm(len(test_x), generator=gen)[: a.n_victims]]
-    if not any(not is_random(r.model) for r in runs) and a.noise_baseline:
+    victims = test_x[torch.randperm(len(test_x), generator=gen)[: s.n_victims]]
+    if not any(not is_random(r.model) for r in runs) and s.noise_baseline:
         print("note: the noise baseline is applied to deterministic runs only; pass the deterministic run as well to get it")
-    cfg = AttackConfig(decoder_steps=a.decoder_steps, decoder_width=a.decoder_width, opt_steps=a.opt_steps, tv_weight=a.tv_weight)
-    settings = dict(blocks=a.blocks, attacks=a.attacks, noise_baseline=a.noise_baseline, n_victims=len(victims), n_aux=len(aux),
-                    passes=a.passes, seed=a.seed, victims="test split", aux="train split", attack_config=vars(cfg))
-    out = Path(a.out) if a.out else runs[0].path / "privacy"
-    out.mkdir(parents=True, exist_ok=True)
-    partial = _Partial(out, dict(settings, data=data.name, runs=[str(r.path) for r in runs]))
+    cfg = s.attack
+    settings = dict(blocks=s.split_blocks, attacks=list(s.attacks), noise_baseline=list(s.noise_baseline),
+                    n_victims=len(victims), n_aux=len(aux), passes=s.samples, seed=s.seed, victims="test split",
+                    aux="train split", attack_config=asdict(cfg))
+    out = Path(s.out) if s.out else runs[0].path / "privacy"
+    record = json.loads(json.dumps(dict(settings, data=data.name, runs=[str(r.path) for r in runs]), default=float))
+    check_output_dir(out, record, "privacy.json", s.overwrite)
+    partial = _Partial(out, record)
     t0 = time.perf_counter()
-    entries, shown = evaluate_privacy(runs, aux, victims, test_x, test_y, a.blocks, a.attacks, a.noise_baseline, cfg,
-                                      a.passes, a.seed, partial)
+    entries, shown = evaluate_privacy(runs, aux, victims, test_x, test_y, s.split_blocks, list(s.attacks),
+                                      list(s.noise_baseline), cfg, s.samples, s.seed, partial)
     result = dict(
         data=data.name, runs=[dict(run=str(r.path), name=r.name, kind=_run_kind(r)) for r in runs], settings=settings,
-        entries=entries, matched_utility=matched_utility(entries, a.attacks), seconds=time.perf_counter() - t0,
+        entries=entries, matched_utility=matched_utility(entries, list(s.attacks)), seconds=time.perf_counter() - t0,
     )
-    plot_grid(victims, shown, out / "reconstructions.png")
-    plot_privacy_utility(entries, a.attacks, out / "privacy_utility.png")
-    table = markdown(result)
-    atomic_write_bytes(out / "privacy.md", table.encode())
-    write_json(out / "privacy.json", result)
+    with atomic_output_dir(out, record, "privacy.json", s.overwrite) as tmp:
+        plot_grid(victims, shown, tmp / "reconstructions.png")
+        plot_privacy_utility(entries, list(s.attacks), tmp / "privacy_utility.png")
+        atomic_write_bytes(tmp / "privacy.md", markdown(result).encode())
+        write_json(tmp / "privacy.json", result)
     partial.clear()
-    print(table + f"\nwrote {out}/privacy.json, privacy.md, reconstructions.png, privacy_utility.png")
-    return out
-
-
-def add_parser(subparsers) -> None:
-    from ..cli import add_data_args
-
-    p = subparsers.add_parser(
-        "privacy", help="split-inference feature inversion: decoder and white-box attacks vs a noise baseline",
-        description=__doc__.split("\n\n")[0] + " Pass the deterministic baseline run next to the stochastic one: "
-        "the noise baseline is built from deterministic runs, and the matched-accuracy comparison needs both.")
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
-                   help="finished run directories (e.g. a stochastic and a deterministic run)")
-    add_data_args(p, default=None)
-    p.add_argument("--blocks", default="1,mid,last",
-                   help="split points: block counts (0..depth) or first/mid/last (default 1,mid,last)")
-    p.add_argument("--attacks", type=attack_list, default=list(ATTACKS),
-                   help="comma-separated: decoder,optimization (default both)")
-    p.add_argument("--noise-baseline", type=float_list, default=[0.1, 0.3, 1.0],
-                   help="Gaussian noise levels on deterministic runs' features, in units of the clean RMS ('' for none)")
-    p.add_argument("--n-victims", type=int, default=32, help="victim images from the test split (default 32)")
-    p.add_argument("--aux-limit", type=int, default=None, help="attacker's auxiliary images: at most this many training images")
-    p.add_argument("--passes", type=int, default=5, help="single passes averaged for the accuracy of random models (default 5)")
-    p.add_argument("--decoder-steps", type=int, default=AttackConfig.decoder_steps, help="decoder training steps")
-    p.add_argument("--decoder-width", type=int, default=AttackConfig.decoder_width, help="decoder channels")
-    p.add_argument("--opt-steps", type=int, default=AttackConfig.opt_steps, help="optimisation-inversion steps")
-    p.add_argument("--tv-weight", type=float, default=AttackConfig.tv_weight, help="total-variation prior weight")
-    p.add_argument("--seed", type=int, default=0, help="seeds victims, the devices' draws and the attacks (reproducible runs)")
-    p.add_argument("--out", default=None, help="output folder (default: FIRST_RUN_DIR/privacy)")
-    p.set_defaults(func=run_privacy)
+    return result, out

@@ -14,28 +14,25 @@ keeps under "per_example" so that runs attacked on the same examples can be comp
 
 from __future__ import annotations
 
-import argparse
 import math
-import os
-import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from ..cli import parse_eps
 from ..errors import UserError
 from ..eval import attacks as A
 from ..eval.stats import Scores, interval
 from ..layers import is_random
 from ..precision import default_device
-from ..runs import Run, check_compatible, data_for, load_run, write_json
+from ..runs import Run, atomic_output_dir, check_compatible, check_output_dir, data_for, load_run, write_json
+from .settings import ROBUSTNESS_ATTACKS, ROBUSTNESS_DEFAULT_ATTACKS, record
+from .settings import RobustnessSettings as Settings
 
-ATTACKS = ("fgsm", "pgd", "eot-pgd", "apgd-ce", "apgd-dlr", "aa-rand", "square", "transfer")
+ATTACKS, DEFAULT_ATTACKS = ROBUSTNESS_ATTACKS, ROBUSTNESS_DEFAULT_ATTACKS
 WHITE_BOX = ("fgsm", "pgd", "eot-pgd", "apgd-ce", "apgd-dlr", "aa-rand")
-DEFAULT_ATTACKS = ("fgsm", "pgd", "eot-pgd", "apgd-ce", "apgd-dlr", "aa-rand", "square")
 DESCRIPTIONS = {
     "fgsm": "one signed-gradient step, no EOT",
     "pgd": "naive PGD: one stochastic pass per gradient",
@@ -49,51 +46,25 @@ DESCRIPTIONS = {
 LARGE_EPS = {"linf": 0.5, "l2": None}  # l2: half the diameter of the [0,1] cube, 0.5 * sqrt(dims)
 
 
-def eps_list(text: str) -> list[float]:
-    values = [parse_eps(t) for t in text.split(",") if t.strip()]
-    if not values:
-        raise argparse.ArgumentTypeError("give at least one epsilon, e.g. 1/255,2/255,4/255,8/255")
-    return sorted(set(values))
-
-
-def attack_list(text: str) -> list[str]:
-    names = [t.strip() for t in text.split(",") if t.strip()]
-    bad = [n for n in names if n not in ATTACKS]
-    if bad or not names:
-        raise argparse.ArgumentTypeError(f"unknown attacks {bad}; choose from {', '.join(ATTACKS)}")
-    return names
-
-
 def eps_label(eps: float, norm: str) -> str:
     if norm == "linf" and abs(eps * 255 - round(eps * 255)) < 1e-6:
         return f"{round(eps * 255)}/255"
     return f"{eps:.4g}"
 
 
-@dataclass
-class Settings:
-    norm: str = "linf"
-    eps: list[float] = field(default_factory=lambda: [1 / 255, 2 / 255, 4 / 255, 8 / 255])
-    attacks: list[str] = field(default_factory=lambda: list(DEFAULT_ATTACKS))
-    eot: int = 20
-    steps: int = 100
-    restarts: int = 1
-    queries: int = 1000
-    passes: int = 10
-    n_examples: int = 1000
-    batch_size: int = 250
-    seed: int = 0
-    sanity: bool = True
-    n_boot: int = 1000  # bootstrap resamples of the 95% intervals
+def validate(s: Settings) -> None:
+    """Refuse settings the attacks cannot run with, naming the setting."""
+    if s.norm not in A.NORMS:
+        raise UserError(f"norm={s.norm!r} is not one of {', '.join(A.NORMS)}")
+    for name in ("eot", "steps", "restarts", "queries", "passes", "n_examples", "batch_size", "n_boot"):
+        if getattr(s, name) < 1:
+            raise UserError(f"{name}={getattr(s, name)} must be >= 1")
+    if not s.eps:
+        raise UserError("eps needs at least one value")
+    unknown = [a for a in s.attacks if a not in ATTACKS]
+    if unknown:
+        raise UserError(f"unknown attacks {unknown}; choose from {', '.join(ATTACKS)}")
 
-    def validate(self) -> None:
-        if self.norm not in A.NORMS:
-            raise UserError(f"--norm {self.norm!r} is not one of {', '.join(A.NORMS)}")
-        for name in ("eot", "steps", "restarts", "queries", "passes", "n_examples", "batch_size", "n_boot"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')}={getattr(self, name)} must be >= 1")
-        if not self.eps:
-            raise UserError("--eps needs at least one value")
 
 
 SKIP_RULE = " Examples that no clean pass classifies correctly are not attacked: they count as non-robust anyway."
@@ -173,9 +144,9 @@ def _pick_examples(n_total: int, n: int, seed: int) -> torch.Tensor:
 def evaluate_robustness(run: Run, s: Settings, data_spec: str | None = None, data_dir: str | None = None,
                         surrogate: Run | None = None, quiet: bool = False) -> tuple[dict, dict]:
     """Run every attack at every epsilon; returns (result for robustness.json, adversarial images for the grid)."""
-    s.validate()
+    validate(s)
     if "transfer" in s.attacks and surrogate is None:
-        raise UserError("the transfer attack needs --surrogate RUN_DIR (a run trained on the same data)")
+        raise UserError("the transfer attack needs a surrogate run (surrogate=RUN_DIR, trained on the same data)")
     data = data_for(run.config, data_spec, data_dir)
     check_compatible(run.config, data)
     if surrogate is not None:
@@ -195,7 +166,7 @@ def evaluate_robustness(run: Run, s: Settings, data_spec: str | None = None, dat
     clean = _correct(model, x, y, s)
     result: dict = dict(
         run=str(run.path), data=data.name, split="test", n_examples=n, norm=s.norm, randomized=random,
-        settings=asdict(s), rule=rule_text(s.passes, random), clean=_summary(clean, s.n_boot),
+        settings=record(s), rule=rule_text(s.passes, random), clean=_summary(clean, s.n_boot),
         clean_seconds=time.perf_counter() - t0, attacks={}, worst_case={}, descriptions={a: DESCRIPTIONS[a] for a in attacks},
     )
     if not random:
@@ -398,7 +369,7 @@ def _interval_table(result: dict) -> list[str]:
 
 
 def plot(result: dict, path: Path) -> None:
-    from ...runs import pyplot
+    from ..runs import pyplot
 
     plt = pyplot()
 
@@ -437,7 +408,7 @@ def plot(result: dict, path: Path) -> None:
 
 
 def plot_grid(grid: dict, result: dict, path: Path, passes: int) -> None:
-    from ...runs import pyplot
+    from ..runs import pyplot
 
     plt = pyplot()
 
@@ -463,65 +434,23 @@ def plot_grid(grid: dict, result: dict, path: Path, passes: int) -> None:
     plt.close(fig)
 
 
-def write_outputs(result: dict, grid: dict, out: Path, passes: int) -> Path:
-    """Write all four files into a temporary folder, then move it into place (replacing an older report)."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+def write_outputs(result: dict, grid: dict, out: Path, passes: int, overwrite: bool = False) -> Path:
+    """Write the four files into a report folder at once (`runs.atomic_output_dir`)."""
+    with atomic_output_dir(out, result["settings"], "robustness.json", overwrite) as tmp:
         write_json(tmp / "robustness.json", result)
         (tmp / "robustness.md").write_text(markdown(result))
         plot(result, tmp / "robust_accuracy.png")
         plot_grid(grid, result, tmp / "adversarial_examples.png", passes)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return Path(out)
 
 
-def cmd_robustness(a: argparse.Namespace) -> None:
-    run = load_run(a.run_dir)
-    surrogate = load_run(a.surrogate) if a.surrogate else None
-    attacks = a.attacks or list(DEFAULT_ATTACKS) + (["transfer"] if surrogate is not None else [])
-    s = Settings(norm=a.norm, eps=a.eps or ([1 / 255, 2 / 255, 4 / 255, 8 / 255] if a.norm == "linf" else [0.1, 0.25, 0.5, 1.0]),
-                 attacks=attacks, eot=a.eot, steps=a.steps, restarts=a.restarts, queries=a.square_queries, passes=a.passes,
-                 n_examples=a.n_examples, batch_size=a.batch_size, seed=a.seed, sanity=not a.no_sanity, n_boot=a.n_boot)
-    result, grid = evaluate_robustness(run, s, a.data, a.data_dir, surrogate)
-    out = write_outputs(result, grid, Path(a.out) if a.out else run.path / f"robustness-{a.norm}", s.passes)
-    print(markdown(result))
-    print(f"wrote {out}/robustness.json, robustness.md, robust_accuracy.png, adversarial_examples.png")
-
-
-def add_parser(subparsers) -> None:
-    from ..cli import add_data_args
-
-    p = subparsers.add_parser(
-        "robustness", help="adaptive adversarial evaluation (EOT, APGD, AutoAttack-rand, Square, transfer) with sanity checks",
-        description="Attack a run in [0,1] pixel space with naive and adaptive attacks (EOT over the stochastic layers), "
-                    "re-evaluate randomized models over several passes, and print a PASS/FLAG gradient-masking report.")
-    p.add_argument("run_dir", help="finished run directory (stochvit train) to attack")
-    add_data_args(p, default=None)
-    g = p.add_argument_group("threat model and attacks")
-    g.add_argument("--norm", default="linf", choices=A.NORMS, help="threat model: l-inf or l2 ball around each image")
-    g.add_argument("--eps", type=eps_list, default=None,
-                   help="comma-separated radii in [0,1] pixel units, e.g. 1/255,2/255,4/255,8/255 (default; l2: 0.1,0.25,0.5,1)")
-    g.add_argument("--attacks", type=attack_list, default=None,
-                   help=f"comma-separated subset of {','.join(ATTACKS)} (default: all but transfer; with --surrogate, all)")
-    g.add_argument("--eot", type=int, default=20, help="passes averaged per gradient or Square query (AutoAttack-rand: 20)")
-    g.add_argument("--steps", type=int, default=100, help="iterations of PGD/APGD (AutoAttack: 100)")
-    g.add_argument("--restarts", type=int, default=1, help="random restarts of PGD/APGD")
-    g.add_argument("--square-queries", type=int, default=1000, help="Square attack queries per example")
-    g.add_argument("--surrogate", default=None, metavar="RUN_DIR", help="run directory of the transfer attack's surrogate model")
-    g = p.add_argument_group("evaluation")
-    g.add_argument("--n-examples", type=int, default=1000, help="test examples attacked (a seeded random subset)")
-    g.add_argument("--passes", type=int, default=10, help="fresh stochastic passes for the final robust accuracy")
-    g.add_argument("--batch-size", type=int, default=250, help="images attacked together")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples of the 95%% intervals")
-    g.add_argument("--no-sanity", action="store_true", help="skip the sanity report (saves the long-run and large-eps attacks)")
-    g.add_argument("--out", default=None, help="output folder (default: RUN_DIR/robustness-NORM)")
-    p.set_defaults(func=cmd_robustness)
+def run(s: Settings) -> tuple[dict, Path]:
+    """The suite from its settings (what `stochvit robustness` does): returns the result and the report folder."""
+    loaded = load_run(s.run_dir)
+    surrogate = load_run(s.surrogate) if s.surrogate else None
+    if surrogate is not None and "transfer" not in s.attacks and s.attacks == list(DEFAULT_ATTACKS):
+        s = replace(s, attacks=list(ATTACKS))
+    out = Path(s.out) if s.out else loaded.path / f"robustness-{s.norm}"
+    check_output_dir(out, record(s), "robustness.json", s.overwrite)
+    result, grid = evaluate_robustness(loaded, s, s.data, s.data_dir, surrogate)
+    return result, write_outputs(result, grid, out, s.passes, s.overwrite)

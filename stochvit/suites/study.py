@@ -6,7 +6,6 @@ cached predictions) and `stochvit.eval.stats` (intervals and verdicts); this mod
 
 from __future__ import annotations
 
-import argparse
 import math
 import time
 from dataclasses import dataclass, field
@@ -18,19 +17,13 @@ from ..errors import UserError
 from ..eval.calibration import apply_temperature, fit_temperature
 from ..eval.stats import Comparison, Scores, compare, comparison_table
 from ..runs import read_json, read_metrics
+from .settings import StudySettings as Settings
 from .study_runs import StudySpec, cached_predictions, load_spec, run_status, shift_set, train_missing
 
 CONDITIONS = ("clean", "shift")
 # the over-confident regime (issue 15): test ECE at least this, and the final training loss "well below" the
 # validation NLL, read as below this fraction of it
 OVERCONFIDENT_ECE, OVERCONFIDENT_LOSS_RATIO = 0.08, 0.7
-
-
-@dataclass(frozen=True)
-class Settings:
-    spec: str | Path
-    train: bool = True  # train what is missing first; False reports on the runs finished so far (a progress report)
-    n_boot: int = 2000
 
 
 @dataclass
@@ -120,6 +113,8 @@ def _comparisons(spec: StudySpec, names: list[str]) -> list[tuple[str, str]]:
 
 def run(settings: Settings, log=print) -> StudyResult:
     """Train (unless settings.train is False), predict, and compare; every finished step is reused."""
+    if settings.n_boot < 100:
+        raise UserError(f"n_boot={settings.n_boot}: use at least 100 resamples")
     spec = load_spec(settings.spec)
     if spec.calibration is None:
         raise UserError(f"study spec {settings.spec} has no claim to measure (add a [calibration] table)")
@@ -245,24 +240,3 @@ def _forest_plot(path: Path, rows: list[Comparison], title: str) -> None:
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=90)
     plt.close(fig)
-
-
-# -- command line ---------------------------------------------------------------------------------------
-
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("study", help="train a study's runs and report every claim with 95%% intervals",
-                              description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("spec", help="TOML study spec (see benchmarks/studies/*.toml)")
-    p.add_argument("--no-train", dest="train", action="store_false", help="report on finished runs only, train nothing")
-    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples per comparison")
-    p.add_argument("--out", default=None, help="report folder (default: the spec's out/report)")
-    p.set_defaults(func=cmd_study)
-
-
-def cmd_study(a: argparse.Namespace) -> None:
-    if a.n_boot < 100:
-        raise UserError(f"--n-boot {a.n_boot}: use at least 100 resamples")
-    result = run(Settings(a.spec, a.train, a.n_boot))
-    out = report(result, a.out)
-    print((out / "study.md").read_text())
-    print(f"report: {out / 'study.md'}")

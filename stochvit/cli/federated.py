@@ -1,0 +1,66 @@
+"""`stochvit federated`: flags -> `suites.federated.Settings` -> `run` (needs the federated extra; --help does not)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+from ..errors import UserError
+from ..suites.settings import FederatedSettings as S
+from ..suites.settings import default
+from .common import add_command, add_data_args, add_model_args, add_out, add_split_args
+from .train import add_optimisation_args, train_config_from_args
+
+EXTRA = ("flwr", "tomli_w")  # what `pip install "stochvit[federated]"` brings
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = add_command(sub, "federated", "federated training (FedAvg on Flower) across simulated clients, IID or label-skewed",
+                    "Federated averaging of a deterministic or stochastic ViT over N clients with IID or Dirichlet(alpha) "
+                    "label-skewed partitions, simulated with Flower. Writes a normal run directory (evaluate, calibration, "
+                    "robustness and privacy accept it) plus metrics.jsonl / rounds.png per round and partition.json / .png. "
+                    'Needs the federated extra: pip install "stochvit[federated]".')
+    add_data_args(p)
+    add_split_args(p)
+    add_model_args(p)
+    g = p.add_argument_group("federation")
+    g.add_argument("--clients", type=int, default=default(S, "clients"), help="number of clients (simulated SuperNodes)")
+    g.add_argument("--rounds", type=int, default=default(S, "rounds"), help="FedAvg rounds")
+    g.add_argument("--local-epochs", type=int, default=default(S, "local_epochs"), help="local epochs per round on each client")
+    g.add_argument("--partition", default=default(S, "partition"), help="iid | dirichlet:ALPHA (label skew; smaller ALPHA, "
+                   "more skew)")
+    g.add_argument("--fraction-train", type=float, default=default(S, "fraction_train"),
+                   help="fraction of clients sampled per round")
+    g.add_argument("--fraction-evaluate", type=float, default=default(S, "fraction_evaluate"),
+                   help="fraction of clients that evaluate the global model on local held-out data (0 skips)")
+    g.add_argument("--min-clients", type=int, default=None, help="fewest clients per round (None: min(2, clients))")
+    g.add_argument("--cpus-per-client", type=int, default=default(S, "cpus_per_client"),
+                   help="CPU cores reserved per simulated client (an integer)")
+    g.add_argument("--timeout", type=float, default=default(S, "timeout"), help="give up (and stop the run) after this "
+                   "many seconds")
+    add_optimisation_args(p, federated=True)
+    add_out(p, None, "run directory to create (must be new or empty)", required=True)
+    p.set_defaults(func=command)
+
+
+def require_extra() -> None:
+    """One line naming the extra when Flower (or tomli_w) is missing, instead of a traceback from deep in the suite."""
+    for name in EXTRA:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name and e.name.split(".")[0] in EXTRA:
+                raise UserError(f'the federated suite needs {e.name}: pip install "stochvit[federated]"') from None
+            raise
+
+
+def settings_from_args(a: argparse.Namespace) -> S:
+    return S(a.out, train_config_from_args(a), a.clients, a.rounds, a.local_epochs, a.partition, a.fraction_train,
+             a.fraction_evaluate, a.min_clients, a.cpus_per_client, a.timeout)
+
+
+def command(a: argparse.Namespace) -> None:
+    require_extra()
+    from ..suites.federated import run
+
+    run(settings_from_args(a))

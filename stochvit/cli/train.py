@@ -1,0 +1,140 @@
+"""`stochvit train`: flags -> `TrainConfig` -> `stochvit.train.train`."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import fields
+from pathlib import Path
+
+from ..defaults import AUGMENTS
+from ..errors import UserError
+from .common import (
+    add_batch_size,
+    add_command,
+    add_data_args,
+    add_model_args,
+    add_out,
+    add_precision,
+    add_samples,
+    add_seed,
+    add_split_args,
+    layer_from_args,
+    parse_eps,
+)
+
+# recipe defaults by dataset: digits is tiny (1,257 training images) and likes a short, hot schedule
+RECIPES = {"digits": dict(epochs=60, batch_size=64, lr=3e-3), None: dict(epochs=10, batch_size=128, lr=1e-3)}
+
+
+def add_optimisation_args(p: argparse.ArgumentParser, federated: bool = False) -> argparse._ArgumentGroup:
+    """The optimiser's flags shared by train and federated (local training)."""
+    g = p.add_argument_group("local optimisation" if federated else "optimisation")
+    add_batch_size(g, None, "images per step (None: 64 for digits, 128 otherwise)")
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate" + (", cosine-decayed over rounds" if federated
+                   else "") + " (None: 3e-3 for digits, 1e-3 otherwise)")
+    g.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay")
+    g.add_argument("--clip-grad", type=float, default=1.0, help="max gradient norm (0 disables)")
+    add_seed(g, "the initial model, the data order, the stochastic draws" + (" and the partition" if federated else ""))
+    add_precision(g)
+    add_samples(g, 10, "stochastic passes of the final evaluation", old=("--eval-samples",))
+    return g
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = add_command(sub, "train", "train a (stochastic) ViT into a run directory",
+                    "Train a ViT with token-consistent stochastic MLP layers (or a deterministic baseline).")
+    add_data_args(p)
+    add_split_args(p)
+    p.add_argument_group("data split").add_argument(
+        "--download", action="store_true", help="allow torchvision to download the dataset (needs internet)")
+    add_model_args(p)
+    g = add_optimisation_args(p)
+    g.add_argument("--epochs", type=int, default=None, help="None: 60 for digits, 10 otherwise")
+    g.add_argument("--warmup-epochs", type=float, default=2.0, help="linear warmup before the cosine decay")
+    g.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing of the training loss")
+    g.add_argument("--augment", default="crop-flip", choices=AUGMENTS,
+                   help="training augmentation: random crop with padding and flip, or none (raw images)")
+    g.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
+    g.add_argument("--val-every", type=int, default=1, help="validate every N epochs (always after the last)")
+    g.add_argument("--fused", action="store_true", help="compile the default layer's scale into the activation "
+                   "(torch.compile: seconds of compilation, then a faster training step; needs a C++ compiler on CPU)")
+    g.add_argument("--init-weights", default=None, metavar="RUN_DIR|FILE",
+                   help="start from these weights (a run directory's model.safetensors, or a .safetensors file) "
+                        "instead of a random init, e.g. to fine-tune a run adversarially")
+    g = p.add_argument_group("adversarial training")
+    g.add_argument("--adv", default=None, choices=("pgd", "fgsm-rs"), help="train on PGD or fast FGSM-with-random-start examples")
+    g.add_argument("--adv-eps", type=parse_eps, default=8 / 255, help="l-inf radius in [0,1] pixel units (8/255 = 0.0314)")
+    g.add_argument("--adv-steps", type=int, default=7, help="PGD steps (pgd only)")
+    add_out(p, None, "run directory (None: runs/<timestamp>)")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help="continue an interrupted run with its own settings (other flags are refused)")
+    p.set_defaults(func=command)
+
+
+def init_weights_path(value: str | None) -> str | None:
+    """`--init-weights` as an absolute safetensors path (a run directory means its model.safetensors)."""
+    if value is None:
+        return None
+    path = Path(value).expanduser().resolve()
+    if path.is_dir():
+        path = path / "model.safetensors"
+    if not path.is_file():
+        raise UserError(f"--init-weights {value}: no such run directory or weights file "
+                        "(give a finished run directory or a .safetensors file)")
+    return str(path)
+
+
+def train_config_from_args(a: argparse.Namespace):
+    """A TrainConfig from `train`'s flags; commands that share only some of them (federated) get the defaults."""
+    from ..train import TrainConfig
+
+    base = a.data.split(":classes=")[0]  # a class subset keeps its parent dataset's recipe
+    recipe = RECIPES.get(base, RECIPES[None])
+    default = {f.name: f.default for f in fields(TrainConfig)}
+    optional = {k: getattr(a, k, default[k])
+                for k in ("download", "warmup_epochs", "label_smoothing", "augment", "workers", "val_every", "fused")}
+    return TrainConfig(
+        data=a.data, data_dir=a.data_dir, split_seed=a.split_seed, train_limit=a.train_limit,
+        img_size=a.img_size, model=a.model or ("vit_digits_patch2_8" if base == "digits" else "vit_tiny_patch4_32"),
+        act=a.act, drop_rate=a.drop_rate, mc_dropout=a.mc_dropout, stochastic=layer_from_args(a) if a.stochastic else None,
+        **{k: recipe[k] if getattr(a, k, None) is None else getattr(a, k)  # 0 is an error
+           for k in ("epochs", "batch_size", "lr")},
+        weight_decay=a.weight_decay, clip_grad=a.clip_grad or None, seed=a.seed, precision=a.precision,
+        eval_samples=a.samples, init_weights=init_weights_path(getattr(a, "init_weights", None)), **optional,
+    )
+
+
+def flags_given_with(a: argparse.Namespace, command: str, keep: tuple[str, ...] = ()) -> list[str]:
+    """The flags of `command` whose value differs from its default (given on the command line), as --names.
+
+    `--resume` used to ignore `--epochs`, `--lr` and `--out` silently; this names them instead.
+    """
+    from . import build_parser
+
+    defaults = vars(build_parser().parse_args([command]))
+    return [f"--{k.replace('_', '-')}" for k, v in vars(a).items()
+            if k not in (*keep, "func", "command") and k in defaults and v != defaults[k]]
+
+
+def command(a: argparse.Namespace) -> None:
+    from ..train import is_main_process, train
+
+    if a.resume:
+        ignored = flags_given_with(a, "train", keep=("resume",))
+        if ignored:
+            raise UserError(f"--resume continues a run with its own settings and directory; remove {', '.join(ignored)} "
+                            f"(a different schedule or --lr needs a new run)")
+        path = train(resume=a.resume)
+    else:
+        cfg = train_config_from_args(a)
+        if a.adv:
+            cfg.adv = dict(method=a.adv, eps=a.adv_eps, steps=a.adv_steps)
+        path = train(cfg, out=a.out)
+    if not is_main_process():  # under torchrun only rank 0 reports
+        return
+    from ..runs import read_json
+
+    s = read_json(path / "summary.json", "summary")
+    t = s["test"]
+    print(f"run: {path}\ntest accuracy {s['test_accuracy']:.4f} (single pass), {t['mc_average']['accuracy']:.4f} "
+          f"(K={t['samples']} average); ECE {t['single_pass']['ece']['mean']:.4f}; trained in {s['train_seconds']:.0f} s")
