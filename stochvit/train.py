@@ -377,8 +377,8 @@ def _train(stack: ExitStack, cfg: TrainConfig | None, out: str | Path | None, re
                 kept = ("no epoch had finished, so the run directory was removed"
                         if resume is None and not (path / "checkpoint.pt").exists()
                         else "the run stays resumable from its last epoch")
-                raise UserError(f"loss became {loss.item()} at epoch {epoch + 1}, step {step}: lower lr "
-                                f"(now {cfg.lr}) or keep clip_grad; {kept}")
+                raise UserError(f"loss became {loss.item()} at epoch {epoch + 1}, step {step}: lower the learning "
+                                f"rate (now lr={cfg.lr}) or keep clip_grad; {kept}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.clip_grad:

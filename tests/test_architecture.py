@@ -201,3 +201,23 @@ def test_federated_from_python(tmp_path):
     path = federated.run(federated.Settings(tmp_path / "fed", TrainConfig(train_limit=200, eval_samples=1), clients=2,
                                             rounds=1))
     assert (path / "summary.json").exists()
+
+
+# -- the committed run directories still load and predict ----------------------------------------------------------
+
+COMMITTED = sorted(p.parent for p in (Path(__file__).resolve().parents[1] / "benchmarks" / "runs").glob("*/*/summary.json"))
+
+
+@pytest.mark.parametrize("run_dir", COMMITTED, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_committed_runs_still_load_and_predict(run_dir):
+    import torch
+
+    from stochvit.predict import predict_proba
+    from stochvit.runs import load_run
+
+    run = load_run(run_dir)
+    k = run.config["model"]["kwargs"]
+    x = torch.rand(4, k["in_chans"], k["img_size"], k["img_size"], generator=torch.Generator().manual_seed(0))
+    probs = predict_proba(run.model, x, samples=2)
+    assert probs.shape == (4, k["num_classes"]) and torch.allclose(probs.sum(1), torch.ones(4), atol=1e-4)
+

@@ -138,7 +138,7 @@ def test_evaluate_writes_json_and_prints_a_table(digits_runs, tmp_path, capsys, 
     assert main(["evaluate", str(run), "--samples", "3"]) == 0
     out = capsys.readouterr().out
     k = 3 if kind == "stochastic" else 1  # a deterministic model is evaluated with one pass
-    path = run / f"eval-digits-test-on-k{k}.json"
+    path = run / f"eval-digits-test-on-k{k}-seed0.json"
     assert path.is_file() and str(path) in out
     result = json.loads(path.read_text())
     assert result["samples"] == k and result["data"] == "digits" and result["split"] == "test"
@@ -156,10 +156,10 @@ def test_evaluate_writes_json_and_prints_a_table(digits_runs, tmp_path, capsys, 
 
 def test_evaluate_modes_and_val_split(run_copy, capsys):
     assert main(["evaluate", str(run_copy), "--samples", "4", "--mode", "mean", "--split", "val"]) == 0
-    mean = json.loads((run_copy / "eval-digits-val-mean-k1.json").read_text())
+    mean = json.loads((run_copy / "eval-digits-val-mean-k1-seed0.json").read_text())
     assert mean["samples"] == 1 and mean["mode"] == "mean" and mean["split"] == "val"
     assert main(["evaluate", str(run_copy), "--samples", "4", "--mode", "off"]) == 0
-    off = json.loads((run_copy / "eval-digits-test-off-k1.json").read_text())
+    off = json.loads((run_copy / "eval-digits-test-off-k1-seed0.json").read_text())
     assert off["samples"] == 1 and off["single_pass"]["accuracy"]["std"] == 0
 
 

@@ -12,6 +12,7 @@ torch. User mistakes raise `UserError` (a `ValueError`), printed here as one lin
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 from .. import __version__
@@ -19,6 +20,29 @@ from ..errors import UserError
 from . import calibration, demo, evaluate, federated, privacy, robustness, study, train, transfer
 
 COMMANDS = (train, evaluate, demo, calibration, robustness, privacy, federated, transfer, study)
+# library parameter names whose flag has another name
+PARAMETERS = {"eval_samples": "samples", "passes": "samples", "queries": "square_queries"}
+
+
+def in_flags(message: str, parser: argparse.ArgumentParser) -> str:
+    """A library message (naming parameters: `epochs=0`, `split_blocks`, `out`) in the command's flags (`--epochs=0`).
+
+    The library speaks Python, so a Python caller reads its own argument names; the command line's user reads flags.
+    """
+    flags = {a.dest: max(a.option_strings, key=len) for a in parser._actions
+             if a.option_strings and a.help is not argparse.SUPPRESS}  # not the hidden old spellings
+    names = {**{d: d for d in flags}, **{k: v for k, v in PARAMETERS.items() if v in flags}}
+
+    def flag(m: re.Match) -> str:
+        return flags[names[m.group(1)]] + m.group(2)
+
+    dotted = "|".join(sorted((re.escape(n) for n in names if "_" in n), key=len, reverse=True))
+    plain = "|".join(sorted((re.escape(n) for n in names if "_" not in n), key=len, reverse=True))
+    if dotted:  # an underscored identifier is a parameter wherever it stands
+        message = re.sub(rf"(?<![\w.-])({dotted})(\b)", flag, message)
+    if plain:  # a plain word only as `name=value`
+        message = re.sub(rf"(?<![\w.-])({plain})(=)", flag, message)
+    return re.sub(r"\b(new|another) out\b", r"\1 --out", message)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except UserError as e:
-        print(f"stochvit {args.command}: error: {e}", file=sys.stderr)
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.command]
+        print(f"stochvit {args.command}: error: {in_flags(str(e), sub)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"stochvit {args.command}: interrupted", file=sys.stderr)

@@ -17,7 +17,6 @@ from .common import (
     add_samples,
     add_seed,
     int_list,
-    name_list,
 )
 
 
@@ -37,8 +36,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--ensemble", nargs="+", action="append", metavar="RUN_DIR", default=None,
                    help="run directories averaged into one deep-ensemble method (repeat the flag for several ensembles)")
     g.add_argument("--shift", action="store_true", help="also evaluate on corrupted copies of the test split")
-    g.add_argument("--corruptions", type=name_list(CORRUPTIONS), default=",".join(default(S, "corruptions")),
-                   help="comma-separated subset of the corruptions")
+    g.add_argument("--corruptions", default=",".join(default(S, "corruptions")),
+                   help="comma-separated subset of: " + ", ".join(CORRUPTIONS))
     g.add_argument("--severities", type=int_list, default=",".join(map(str, default(S, "severities"))),
                    help="comma-separated severities in 1..5")
     g.add_argument("--shift-limit", type=int, default=None, help="evaluate shift on a stratified subset of this many test images")
@@ -55,5 +54,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def command(a: argparse.Namespace) -> None:
     from ..suites.calibration import Settings, run
 
-    run(Settings(a.run_dirs, a.ensemble or [], a.data, a.data_dir, a.samples, a.shift, tuple(a.corruptions),
+    corruptions = tuple(c.strip() for c in a.corruptions.split(",") if c.strip())
+    run(Settings(a.run_dirs, a.ensemble or [], a.data, a.data_dir, a.samples, a.shift, corruptions,
                  tuple(a.severities), a.shift_limit, a.seed, a.precision, a.batch_size, a.n_boot, a.out, a.overwrite))

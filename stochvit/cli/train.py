@@ -105,15 +105,15 @@ def train_config_from_args(a: argparse.Namespace):
 
 
 def flags_given_with(a: argparse.Namespace, command: str, keep: tuple[str, ...] = ()) -> list[str]:
-    """The flags of `command` whose value differs from its default (given on the command line), as --names.
+    """The flags of `command` whose value differs from its default (given on the command line), as sorted --names.
 
     `--resume` used to ignore `--epochs`, `--lr` and `--out` silently; this names them instead.
     """
     from . import build_parser
 
     defaults = vars(build_parser().parse_args([command]))
-    return [f"--{k.replace('_', '-')}" for k, v in vars(a).items()
-            if k not in (*keep, "func", "command") and k in defaults and v != defaults[k]]
+    return sorted(f"--{k.replace('_', '-')}" for k, v in vars(a).items()
+                  if k not in (*keep, "func", "command") and k in defaults and v != defaults[k])
 
 
 def command(a: argparse.Namespace) -> None:

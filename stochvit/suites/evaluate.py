@@ -12,7 +12,7 @@ import torch
 
 from ..errors import UserError
 from ..eval.metrics import mc_metrics
-from ..layers import sampling
+from ..layers import is_random, sampling
 from ..predict import dataset_probs, seeded
 from ..runs import Run, check_compatible, check_overwrite, data_for, load_run, write_json
 from .settings import EvaluateSettings as Settings
@@ -59,7 +59,8 @@ def output_path(s: Settings, run: Run) -> Path:
     if s.out is not None:
         return Path(s.out)
     tag = (s.data or run.config["train"]["data"]).replace(":", "_").replace("/", "_")
-    return run.path / f"eval-{tag}-{s.split}-{s.mode}-k{s.samples}-seed{s.seed}.json"
+    k = s.samples if s.mode == "on" and is_random(run.model) else 1  # the passes that differ: one for a fixed model
+    return run.path / f"eval-{tag}-{s.split}-{s.mode}-k{k}-seed{s.seed}.json"
 
 
 def run(s: Settings) -> tuple[dict, Path]:

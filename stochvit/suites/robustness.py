@@ -450,6 +450,7 @@ def run(s: Settings) -> tuple[dict, Path]:
     surrogate = load_run(s.surrogate) if s.surrogate else None
     if surrogate is not None and "transfer" not in s.attacks and s.attacks == list(DEFAULT_ATTACKS):
         s = replace(s, attacks=list(ATTACKS))
+    s = replace(s, run_dir=str(loaded.path), surrogate=str(surrogate.path) if surrogate else None)  # recorded as loaded
     out = Path(s.out) if s.out else loaded.path / f"robustness-{s.norm}"
     check_output_dir(out, record(s), "robustness.json", s.overwrite)
     result, grid = evaluate_robustness(loaded, s, s.data, s.data_dir, surrogate)
