@@ -39,9 +39,9 @@ def in_flags(message: str, parser: argparse.ArgumentParser) -> str:
     dotted = "|".join(sorted((re.escape(n) for n in names if "_" in n), key=len, reverse=True))
     plain = "|".join(sorted((re.escape(n) for n in names if "_" not in n), key=len, reverse=True))
     if dotted:  # an underscored identifier is a parameter wherever it stands
-        message = re.sub(rf"(?<![\w.-])({dotted})(\b)", flag, message)
+        message = re.sub(rf"(?<![\w./-])({dotted})(\b)", flag, message)
     if plain:  # a plain word only as `name=value`
-        message = re.sub(rf"(?<![\w.-])({plain})(=)", flag, message)
+        message = re.sub(rf"(?<![\w./-])({plain})(=)", flag, message)
     return re.sub(r"\b(new|another) out\b", r"\1 --out", message)
 
 
