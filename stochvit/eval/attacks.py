@@ -17,8 +17,11 @@ Iterative attacks keep, per example, the iterate that the model gets wrong most 
 passes (ties: the higher loss), so the returned image is the attack's best, not its last.
 
 Written by hand: torchattacks cannot be installed beside Flower (its pinned requirements conflict
-with flwr's), and the AutoAttack reference code is not a package on PyPI; the algorithms follow the
-papers and the AutoAttack reference implementation.
+with flwr's). AutoAttack's reference code (on PyPI as `pyautoattack`, in the dev extra) has APGD and
+Square but no PGD, FGSM or transfer, and against a randomized model it averages only the gradient over
+the EOT passes: its step-size control and the point it returns follow the last pass, and an example no
+pass fooled comes back as the clean image. The algorithms follow the papers and the reference code;
+tests/test_autoattack_reference.py compares APGD-CE, APGD-DLR and the rand composite with it.
 """
 
 from __future__ import annotations
