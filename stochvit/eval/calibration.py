@@ -67,10 +67,16 @@ def classwise_ece(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = ECE_B
 
 
 def aurc(probs: torch.Tensor, labels: torch.Tensor) -> float:
-    """Area under the risk-coverage curve: mean over coverages k/N of the error rate among the k most confident."""
+    """Area under the risk-coverage curve: mean over coverages k/N of the error rate among the k most confident.
+
+    Tied confidences share their errors evenly (the expected risk over random orders of the ties), so the value
+    does not depend on the order of the input: a constant confidence gives the error rate, whatever the order.
+    """
     conf, correct = confidence_correct(probs, labels)
-    order = conf.argsort(descending=True, stable=True)
+    order = conf.argsort(descending=True)
     errors = 1.0 - correct[order].double()
+    _, tie, count = torch.unique_consecutive(conf[order], return_inverse=True, return_counts=True)
+    errors = (torch.zeros(len(count), dtype=torch.float64).index_add_(0, tie, errors) / count)[tie]
     risk = errors.cumsum(0) / torch.arange(1, len(errors) + 1, dtype=torch.float64)
     return risk.mean().item()
 
