@@ -85,7 +85,7 @@ def test_partitions_are_seeded_and_reject_bad_specs(digits_labels):
     assert not all(len(x) == len(y) and np.array_equal(x, y) for x, y in zip(a, c))
     sizes = [len(s) for s in iid(len(digits_labels), 4, 0)]
     assert max(sizes) - min(sizes) <= 1 and sum(sizes) == len(digits_labels)
-    assert parse_partition("dirichlet:0.1") == ("dirichlet", 0.1)
+    assert parse_partition("dirichlet:0.1") == ("dirichlet", 0.1, True)
     for bad in ("dirichlet:0", "dirichlet:-1", "dirichlet:x", "skewed", "dirichlet"):
         with pytest.raises(UserError):
             parse_partition(bad)
@@ -141,7 +141,8 @@ def test_only_learned_weights_travel(stochastic):
 
 
 def test_cli_rejects_bad_settings_before_starting_anything(tmp_path, capsys):
-    for args in (["--partition", "dirichlet:0"], ["--clients", "2", "--min-clients", "3"], ["--fraction-train", "0"]):
+    for args in (["--partition", "dirichlet:0"], ["--partition", "shard:0"], ["--clients", "2", "--min-clients", "3"],
+                 ["--fraction-train", "0"]):
         out = tmp_path / "never"
         assert cli_main(["federated", "--out", str(out), *args]) == 2
         assert not out.exists()

@@ -28,7 +28,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--rounds", type=int, default=default(S, "rounds"), help="FedAvg rounds")
     g.add_argument("--local-epochs", type=int, default=default(S, "local_epochs"), help="local epochs per round on each client")
     g.add_argument("--partition", default=default(S, "partition"), help="iid | dirichlet:ALPHA (label skew; smaller ALPHA, "
-                   "more skew)")
+                   "more skew; at least 10 samples per client, as flwr-datasets; dirichlet:ALPHA:balanced adds its "
+                   "self-balancing) | shard:N (N label shards per client, McMahan et al.)")
     g.add_argument("--fraction-train", type=float, default=default(S, "fraction_train"),
                    help="fraction of clients sampled per round")
     g.add_argument("--fraction-evaluate", type=float, default=default(S, "fraction_evaluate"),

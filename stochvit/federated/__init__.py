@@ -1,6 +1,6 @@
 """Federated learning of stochvit models on Flower (optional extra: `pip install -e ".[federated]"`).
 
-    partition.py   IID / Dirichlet(alpha) label-skew client partitions and their summary
+    partition.py   IID, Dirichlet(alpha) label-skew and label-shard client partitions, and their summary
     settings.py    the app's flat run config <-> TrainConfig
     client_app.py  ClientApp: local training / evaluation handlers
     server_app.py  ServerApp: FedAvg (flwr.serverapp.strategy), central evaluation, a normal run directory

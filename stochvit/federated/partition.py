@@ -1,37 +1,58 @@
-"""Seeded client partitions of a labelled set: IID, or label-skewed Dirichlet(alpha), with a JSON + PNG summary.
+"""Seeded client partitions of a labelled set: IID, label-skewed Dirichlet(alpha), or label shards, with a JSON + PNG summary.
 
-Written by hand, not with flwr-datasets' `IidPartitioner` / `DirichletPartitioner`: those partition a Hugging
-Face `datasets.Dataset` (and flwr-datasets pulls in `datasets`, not installed here), while stochvit keeps every
-dataset as an in-memory tensor. The Dirichlet scheme is theirs (Hsu et al. 2019, "Measuring the effects of
-non-identical data distribution"): for each class draw p ~ Dir(alpha * 1_N) over the N clients and deal that
-class's samples out in those proportions; redraw (up to a limit) until every client has `min_size` samples.
+Written by hand, not with flwr-datasets' `IidPartitioner` / `DirichletPartitioner` / `ShardPartitioner`: those
+partition a Hugging Face `datasets.Dataset` (flwr-datasets pulls in `datasets` and pyarrow, and would downgrade the
+huggingface_hub that timm uses here), while stochvit keeps every dataset as an in-memory tensor. The semantics are theirs:
+
+- `dirichlet:ALPHA` (Hsu et al. 2019; flwr-datasets' defaults): for each class draw p ~ Dir(alpha * 1_N) over the N
+  clients and deal that class's samples out in those proportions. Self-balancing: a client that already holds more
+  than the average n / N gets no share of later classes. The whole assignment is redrawn, at most MAX_REDRAWS times,
+  until every client has `min_size` samples (default 10, as `min_partition_size`); then a UserError says what to
+  change. `dirichlet:ALPHA:unbalanced` leaves out the balancing (the plain scheme of the paper).
+- `shard:N` (McMahan et al. 2017, "pathological non-IID"): sort the samples by label, cut them into N x clients
+  shards of consecutive samples (sizes differ by at most one, so every sample is used), give each client N shards
+  at random. A client sees at most N classes when the shards are single-class.
+
+Every scheme is a function of (labels, clients, spec, seed) only: the same seed gives the same shards.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 from ..errors import UserError
 from ..runs import write_json
 
-MAX_REDRAWS = 100
+MAX_REDRAWS = 10
+MIN_PARTITION_SIZE = 10
+SPECS_HELP = "iid | dirichlet:ALPHA[:unbalanced] | shard:N"
 
 
-def parse_partition(spec: str) -> tuple[str, float | None]:
-    """"iid" -> ("iid", None); "dirichlet:0.5" -> ("dirichlet", 0.5)."""
+class Spec(NamedTuple):
+    kind: str  # "iid" | "dirichlet" | "shard"
+    value: float | int | None = None  # alpha, or shards per client
+    self_balancing: bool = True  # dirichlet only
+
+
+def parse_partition(spec: str) -> Spec:
+    """"iid"; "dirichlet:0.5" (self-balancing) or "dirichlet:0.5:unbalanced"; "shard:2" (2 label shards per client)."""
     if spec == "iid":
-        return "iid", None
-    kind, _, value = spec.partition(":")
-    if kind == "dirichlet":
+        return Spec("iid")
+    kind, _, rest = spec.partition(":")
+    value, _, option = rest.partition(":")
+    if kind == "dirichlet" and option in ("", "unbalanced"):
         try:
             alpha = float(value)
         except ValueError:
             alpha = -1.0
         if alpha > 0 and np.isfinite(alpha):
-            return "dirichlet", alpha
-    raise UserError(f"--partition {spec!r}: expected 'iid' or 'dirichlet:ALPHA' with ALPHA > 0 (e.g. dirichlet:0.5)")
+            return Spec("dirichlet", alpha, option != "unbalanced")
+    if kind == "shard" and not option and value.isdigit() and int(value) >= 1:
+        return Spec("shard", int(value))
+    raise UserError(f"--partition {spec!r}: expected {SPECS_HELP} with ALPHA > 0 and N >= 1 (e.g. dirichlet:0.5, shard:2)")
 
 
 def iid(n: int, clients: int, seed: int) -> list[np.ndarray]:
@@ -40,25 +61,48 @@ def iid(n: int, clients: int, seed: int) -> list[np.ndarray]:
     return [np.sort(s) for s in np.array_split(np.random.default_rng(seed).permutation(n), clients)]
 
 
-def dirichlet(labels: np.ndarray, clients: int, alpha: float, seed: int, min_size: int = 2) -> list[np.ndarray]:
+def dirichlet(labels: np.ndarray, clients: int, alpha: float, seed: int, min_size: int = MIN_PARTITION_SIZE,
+              self_balancing: bool = True) -> list[np.ndarray]:
     """Label-skewed shards: per class, proportions over clients drawn from Dir(alpha); smaller alpha, more skew."""
     labels = np.asarray(labels)
     _check(len(labels), clients, min_size)
     if not alpha > 0:
         raise UserError(f"Dirichlet alpha must be > 0, got {alpha}")
     rng = np.random.default_rng(seed)
-    for _ in range(MAX_REDRAWS):
+    average = len(labels) / clients
+    for _ in range(1 + MAX_REDRAWS):
         shards: list[list[np.ndarray]] = [[] for _ in range(clients)]
+        sizes = np.zeros(clients, dtype=int)
         for c in np.unique(labels):
             idx = rng.permutation(np.flatnonzero(labels == c))
-            cuts = (np.cumsum(rng.dirichlet(np.full(clients, alpha)))[:-1] * len(idx)).astype(int)
-            for shard, part in zip(shards, np.split(idx, cuts)):
-                shard.append(part)
-        out = [np.sort(np.concatenate(s)) for s in shards]
-        if min(len(s) for s in out) >= min_size:
-            return out
-    raise UserError(f"Dirichlet(alpha={alpha}) left a client with fewer than {min_size} samples in {MAX_REDRAWS} draws; "
-                    f"use fewer clients or a larger alpha")
+            p = rng.dirichlet(np.full(clients, alpha))
+            if self_balancing:
+                open_ = sizes <= average
+                p = np.where(open_, p, 0.0)
+                p = p / p.sum() if p.sum() > 0 else open_ / open_.sum()  # all of p on full clients: share evenly
+            cuts = (np.cumsum(p)[:-1] * len(idx)).astype(int)
+            for k, part in enumerate(np.split(idx, cuts)):
+                shards[k].append(part)
+                sizes[k] += len(part)
+        if sizes.min() >= min_size:
+            return [np.sort(np.concatenate(s)) for s in shards]
+    raise UserError(f"Dirichlet(alpha={alpha}) left a client with fewer than {min_size} samples in {1 + MAX_REDRAWS} draws "
+                    f"(seed {seed}); use fewer clients, a larger alpha or a smaller minimum partition size")
+
+
+def label_shards(labels: np.ndarray, clients: int, per_client: int, seed: int) -> list[np.ndarray]:
+    """McMahan et al.'s pathological split: label-sorted samples cut into clients x per_client shards, N at random each."""
+    labels = np.asarray(labels)
+    count = clients * per_client
+    _check(len(labels), clients, 1)
+    if len(labels) < count:
+        raise UserError(f"{len(labels)} samples cannot be cut into {count} shards ({clients} clients x {per_client})")
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(labels))
+    order = order[np.argsort(labels[order], kind="stable")]  # by label; random order within a class
+    pieces = np.array_split(order, count)
+    deal = rng.permutation(count).reshape(clients, per_client)
+    return [np.sort(np.concatenate([pieces[i] for i in row])) for row in deal]
 
 
 def _check(n: int, clients: int, min_size: int) -> None:
@@ -68,12 +112,14 @@ def _check(n: int, clients: int, min_size: int) -> None:
         raise UserError(f"{n} samples cannot give {clients} clients {min_size} samples each")
 
 
-def partition(labels: np.ndarray, clients: int, spec: str, seed: int, min_size: int = 2) -> list[np.ndarray]:
-    """Shards of indices into `labels` for `spec` ("iid" or "dirichlet:ALPHA"); each index lands in exactly one shard."""
-    kind, alpha = parse_partition(spec)
+def partition(labels: np.ndarray, clients: int, spec: str, seed: int, min_size: int = MIN_PARTITION_SIZE) -> list[np.ndarray]:
+    """Shards of indices into `labels` for `spec` (see SPECS_HELP); each index lands in exactly one shard."""
+    kind, value, balanced = parse_partition(spec)
     if kind == "iid":
         return iid(len(labels), clients, seed)
-    return dirichlet(labels, clients, alpha, seed, min_size)
+    if kind == "shard":
+        return label_shards(labels, clients, int(value), seed)
+    return dirichlet(labels, clients, float(value), seed, min_size, balanced)
 
 
 def histogram(labels: np.ndarray, shards: list[np.ndarray], num_classes: int) -> np.ndarray:

@@ -138,7 +138,7 @@ class FederatedSettings:
     clients: int = 5
     rounds: int = 10
     local_epochs: int = 1
-    partition: str = "iid"  # iid | dirichlet:ALPHA
+    partition: str = "iid"  # iid | dirichlet:ALPHA[:balanced] | shard:N
     fraction_train: float = 1.0
     fraction_evaluate: float = 1.0
     min_clients: int | None = None  # default: min(2, clients)
