@@ -3,7 +3,7 @@
 Both sides attack the same small network (an MLP trained for a second on the 8x8 digits, inputs in [0, 1], logits
 out) on the same 200 held-out images, each from its own random start. Robust accuracy is scored per image as the
 fraction of 50 fresh passes that classify the returned image correctly (the same draws for both sides), and the
-difference stochvit - reference gets a paired 95% bootstrap interval over the images (`stochvit.stats.compare`).
+difference stochvit - reference gets a paired 95% bootstrap interval over the images (`stochvit.eval.stats.compare`).
 
 - Deterministic model: the same robust accuracy. The interval must contain 0 and the difference stay within
   TOLERANCE (2.5 points, 5 of 200 images): both attacks start from a random point of the ball, so an example at
@@ -25,9 +25,9 @@ import torch
 from sklearn.datasets import load_digits
 from torch import nn
 
-from stochvit import attacks as A
+from stochvit.eval import attacks as A
+from stochvit.eval.stats import Comparison, Scores, compare
 from stochvit.layers import StochasticLinear
-from stochvit.stats import Comparison, Scores, compare
 
 pytest.importorskip("pyautoattack", reason="pyautoattack (AutoAttack's reference code, in the dev extra) is not installed")
 from pyautoattack import AutoAttack  # noqa: E402

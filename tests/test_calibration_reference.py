@@ -17,7 +17,7 @@ import torch
 from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax, logsumexp
 
-from stochvit.calibration import adaptive_ece, aurc, calibration_metrics, fit_temperature
+from stochvit.eval.calibration import adaptive_ece, aurc, calibration_metrics, fit_temperature
 
 
 def top_class(conf: list[float] | torch.Tensor, correct: list[int] | torch.Tensor, c: int = 3) -> tuple[torch.Tensor, ...]:

@@ -8,6 +8,7 @@ import pytest
 
 from stochvit.data import load_data
 from stochvit.errors import UserError
+from stochvit.eval.stats import Scores, interval
 from stochvit.federated.partition import (
     MAX_REDRAWS,
     Spec,
@@ -20,7 +21,6 @@ from stochvit.federated.partition import (
     partition,
 )
 from stochvit.federated.settings import from_run_config, to_run_config
-from stochvit.stats import Scores, interval
 from stochvit.train import TrainConfig
 
 
