@@ -36,10 +36,10 @@ def assigned_once(shards: list[np.ndarray], n: int) -> bool:
 
 def test_parse_partition_specs():
     assert parse_partition("iid") == Spec("iid")
-    assert parse_partition("dirichlet:0.5") == Spec("dirichlet", 0.5, True)
-    assert parse_partition("dirichlet:0.5:unbalanced") == Spec("dirichlet", 0.5, False)
+    assert parse_partition("dirichlet:0.5") == Spec("dirichlet", 0.5, False)
+    assert parse_partition("dirichlet:0.5:balanced") == Spec("dirichlet", 0.5, True)
     assert parse_partition("shard:2") == Spec("shard", 2)
-    for bad in ("shard", "shard:0", "shard:-1", "shard:1.5", "shard:x", "shard:2:unbalanced", "dirichlet:0.5:balanced",
+    for bad in ("shard", "shard:0", "shard:-1", "shard:1.5", "shard:x", "shard:2:unbalanced", "dirichlet:0.5:unbalanced",
                 "dirichlet:inf"):
         with pytest.raises(UserError, match="--partition"):
             parse_partition(bad)
@@ -49,7 +49,7 @@ def test_parse_partition_specs():
         from_run_config(to_run_config(cfg, {"partition": "shard:0"}))
 
 
-@pytest.mark.parametrize("spec", ["iid", "dirichlet:0.3", "dirichlet:0.3:unbalanced", "shard:2"])
+@pytest.mark.parametrize("spec", ["iid", "dirichlet:0.3", "dirichlet:0.3:balanced", "shard:2"])
 def test_every_scheme_is_seeded_and_assigns_every_sample_once(digits_labels, spec):
     a = partition(digits_labels, 6, spec, seed=3)
     b = partition(digits_labels, 6, spec, seed=3)
@@ -60,9 +60,9 @@ def test_every_scheme_is_seeded_and_assigns_every_sample_once(digits_labels, spe
 
 
 def test_dirichlet_redraws_until_every_client_has_the_minimum(digits_labels):
-    first = dirichlet(digits_labels, 10, 0.1, seed=0, min_size=0)  # the first draw, accepted as it is
+    first = dirichlet(digits_labels, 10, 0.1, seed=0, min_size=0, self_balancing=True)  # the first draw, accepted as it is
     assert min(len(s) for s in first) < 60
-    redrawn = dirichlet(digits_labels, 10, 0.1, seed=0, min_size=60)
+    redrawn = dirichlet(digits_labels, 10, 0.1, seed=0, min_size=60, self_balancing=True)
     assert min(len(s) for s in redrawn) >= 60 and assigned_once(redrawn, len(digits_labels))
     for seed in range(1, 6):
         assert min(len(s) for s in dirichlet(digits_labels, 10, 0.1, seed)) >= 10  # the default minimum (flwr-datasets')
@@ -78,7 +78,7 @@ def test_self_balancing_caps_clients_near_the_average(digits_labels):
     """A client above n / N gets no share of later classes, so it ends below n / N + the largest class."""
     n, clients = len(digits_labels), 10
     cap = n / clients + np.bincount(digits_labels).max()
-    balanced = [max(map(len, dirichlet(digits_labels, clients, 0.1, s, min_size=1))) for s in range(5)]
+    balanced = [max(map(len, dirichlet(digits_labels, clients, 0.1, s, min_size=1, self_balancing=True))) for s in range(5)]
     plain = [max(map(len, dirichlet(digits_labels, clients, 0.1, s, min_size=1, self_balancing=False))) for s in range(5)]
     assert max(balanced) <= cap < max(plain)
 

@@ -4,11 +4,12 @@ Written by hand, not with flwr-datasets' `IidPartitioner` / `DirichletPartitione
 partition a Hugging Face `datasets.Dataset` (flwr-datasets pulls in `datasets` and pyarrow, and would downgrade the
 huggingface_hub that timm uses here), while stochvit keeps every dataset as an in-memory tensor. The semantics are theirs:
 
-- `dirichlet:ALPHA` (Hsu et al. 2019; flwr-datasets' defaults): for each class draw p ~ Dir(alpha * 1_N) over the N
-  clients and deal that class's samples out in those proportions. Self-balancing: a client that already holds more
-  than the average n / N gets no share of later classes. The whole assignment is redrawn, at most MAX_REDRAWS times,
-  until every client has `min_size` samples (default 10, as `min_partition_size`); then a UserError says what to
-  change. `dirichlet:ALPHA:unbalanced` leaves out the balancing (the plain scheme of the paper).
+- `dirichlet:ALPHA` (Hsu et al. 2019; flwr-datasets' `DirichletPartitioner` defaults): for each class draw
+  p ~ Dir(alpha * 1_N) over the N clients and deal that class's samples out in those proportions. The whole
+  assignment is redrawn, at most MAX_REDRAWS times, until every client has `min_size` samples (default 10, as
+  `min_partition_size`); then a UserError says what to change. `dirichlet:ALPHA:balanced` adds flwr-datasets'
+  optional self-balancing (`self_balancing=True`): a client that already holds more than the average n / N gets no
+  share of later classes.
 - `shard:N` (McMahan et al. 2017, "pathological non-IID"): sort the samples by label, cut them into N x clients
   shards of consecutive samples (sizes differ by at most one, so every sample is used), give each client N shards
   at random. A client sees at most N classes when the shards are single-class.
@@ -28,28 +29,28 @@ from ..runs import write_json
 
 MAX_REDRAWS = 10
 MIN_PARTITION_SIZE = 10
-SPECS_HELP = "iid | dirichlet:ALPHA[:unbalanced] | shard:N"
+SPECS_HELP = "iid | dirichlet:ALPHA[:balanced] | shard:N"
 
 
 class Spec(NamedTuple):
     kind: str  # "iid" | "dirichlet" | "shard"
     value: float | int | None = None  # alpha, or shards per client
-    self_balancing: bool = True  # dirichlet only
+    self_balancing: bool = False  # dirichlet only
 
 
 def parse_partition(spec: str) -> Spec:
-    """"iid"; "dirichlet:0.5" (self-balancing) or "dirichlet:0.5:unbalanced"; "shard:2" (2 label shards per client)."""
+    """"iid"; "dirichlet:0.5" or "dirichlet:0.5:balanced" (self-balancing); "shard:2" (2 label shards per client)."""
     if spec == "iid":
         return Spec("iid")
     kind, _, rest = spec.partition(":")
     value, _, option = rest.partition(":")
-    if kind == "dirichlet" and option in ("", "unbalanced"):
+    if kind == "dirichlet" and option in ("", "balanced"):
         try:
             alpha = float(value)
         except ValueError:
             alpha = -1.0
         if alpha > 0 and np.isfinite(alpha):
-            return Spec("dirichlet", alpha, option != "unbalanced")
+            return Spec("dirichlet", alpha, option == "balanced")
     if kind == "shard" and not option and value.isdigit() and int(value) >= 1:
         return Spec("shard", int(value))
     raise UserError(f"--partition {spec!r}: expected {SPECS_HELP} with ALPHA > 0 and N >= 1 (e.g. dirichlet:0.5, shard:2)")
@@ -62,7 +63,7 @@ def iid(n: int, clients: int, seed: int) -> list[np.ndarray]:
 
 
 def dirichlet(labels: np.ndarray, clients: int, alpha: float, seed: int, min_size: int = MIN_PARTITION_SIZE,
-              self_balancing: bool = True) -> list[np.ndarray]:
+              self_balancing: bool = False) -> list[np.ndarray]:
     """Label-skewed shards: per class, proportions over clients drawn from Dir(alpha); smaller alpha, more skew."""
     labels = np.asarray(labels)
     _check(len(labels), clients, min_size)

@@ -29,7 +29,7 @@ STOCHASTIC_KEYS = ("kind", "distribution", "low", "high", "sharing", "position",
 FEDERATED_DEFAULTS: dict[str, Any] = {
     "out-dir": "runs/federated",  # where the ServerApp writes the run directory (absolute paths are safest)
     "clients": 2,  # expected SuperNodes: round 1 waits up to wait-for-clients seconds for them
-    "partition": "iid",  # iid | dirichlet:ALPHA[:unbalanced] | shard:N
+    "partition": "iid",  # iid | dirichlet:ALPHA[:balanced] | shard:N
     "rounds": 3,
     "fraction-train": 1.0,
     "fraction-evaluate": 1.0,
