@@ -85,7 +85,7 @@ def test_partitions_are_seeded_and_reject_bad_specs(digits_labels):
     assert not all(len(x) == len(y) and np.array_equal(x, y) for x, y in zip(a, c))
     sizes = [len(s) for s in iid(len(digits_labels), 4, 0)]
     assert max(sizes) - min(sizes) <= 1 and sum(sizes) == len(digits_labels)
-    assert parse_partition("dirichlet:0.1") == ("dirichlet", 0.1, True)
+    assert parse_partition("dirichlet:0.1") == ("dirichlet", 0.1, False)
     for bad in ("dirichlet:0", "dirichlet:-1", "dirichlet:x", "skewed", "dirichlet"):
         with pytest.raises(UserError):
             parse_partition(bad)
