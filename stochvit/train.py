@@ -1,5 +1,12 @@
 """Training: AdamW, linear warmup then cosine, bf16 autocast with fp32 weights, resumable run directories.
 
+    train            the whole run, in the steps below
+    open_run         a fresh or resumed run: directory checks, its settings, the lock (`claim_run_dir` for a new one)
+    prepare          data, model, optimiser, schedule and loader (`Training`), restored from the checkpoint on resume
+    train_one_epoch  one pass over the training data (also the federated clients' local fit)
+    validate         single-pass metrics on a split; `end_epoch` logs the row and writes the checkpoint
+    finish_run       final evaluation and files (stochvit.runs.finalize_run)
+
 Resuming restores model, optimiser, schedule and every RNG state saved at the last finished epoch,
 so a run killed mid-epoch and resumed ends with the same weights as an uninterrupted one (on CPU).
 DDP is used when launched with `torchrun` (WORLD_SIZE > 1); rank 0 writes the run directory.
@@ -11,9 +18,9 @@ import io
 import math
 import os
 import random
-import signal
 import sys
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -26,12 +33,12 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from .data import load_data
+from .data import DataBundle, ImageSet, load_data
 from .defaults import AUGMENTS
 from .errors import UserError
 from .eval.metrics import classification_metrics
 from .mlp import set_fused
-from .models import stochastic_config
+from .models import Normalized, stochastic_config
 from .precision import autocast, default_device, resolve_precision
 from .predict import dataset_probs
 from .runs import (
@@ -48,7 +55,6 @@ from .runs import (
 )
 
 MAX_SCALE = 1e4  # largest |--low| / |--high| accepted: a scale of 1e308 made the sampler's range infinite
-KILL_ENV = "STOCHVIT_KILL_AT_STEP"  # fault injection for the resume test: SIGKILL self at this global step
 
 
 @dataclass
@@ -180,20 +186,31 @@ def _lr_lambda(total_steps: int, warmup_steps: int):
     return f
 
 
-def _save_checkpoint(path: Path, model: nn.Module, opt, sched, epoch: int) -> None:
+def save_checkpoint(path: Path, model: nn.Module, opt, sched, epoch: int) -> None:
+    """checkpoint.pt: weights, optimiser, schedule, the finished epoch and every RNG state, written atomically."""
     buf = io.BytesIO()
     torch.save(dict(model=model.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
                     epoch=epoch, rng=_rng_state()), buf)
     atomic_write_bytes(path / "checkpoint.pt", buf.getvalue())
 
 
-def _load_checkpoint(path: Path) -> dict:
+def load_checkpoint(path: Path) -> dict:
+    """A run directory's checkpoint.pt ({} when there is none yet), loaded with weights_only=True: no code runs."""
     try:
         return torch.load(path / "checkpoint.pt", weights_only=True)
     except FileNotFoundError:
         return {}
     except Exception as e:  # unpickling refused or truncated file
         raise UserError(f"cannot load {path / 'checkpoint.pt'} safely: {e}") from None
+
+
+def restore_checkpoint(ckpt: dict, model: nn.Module, opt, sched) -> int:
+    """Load a checkpoint's model, optimiser, schedule and RNG states; returns the first epoch still to train."""
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["optimizer"])
+    sched.load_state_dict(ckpt["scheduler"])
+    _set_rng_state(ckpt["rng"])
+    return ckpt["epoch"] + 1
 
 
 def _distributed() -> tuple[int, int]:
@@ -208,11 +225,12 @@ def is_main_process() -> bool:
     return _distributed()[0] == 0
 
 
-def _param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
+def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
     """AdamW groups: no weight decay on biases, norms, position embeddings and tokens.
 
     Transfer options split off the classifier head: `freeze_backbone` trains only the head (the backbone keeps
     requires_grad=False and is not in the optimiser, so it stays bit-identical); `backbone_lr_scale` scales the rest.
+    Used by the trainer and by the federated clients' local fit.
     """
     split = cfg.freeze_backbone or cfg.backbone_lr_scale != 1
     head = {id(p) for p in model.net.get_classifier().parameters()} if split else set()
@@ -229,6 +247,16 @@ def _param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
         groups += [dict(params=ps, weight_decay=wd, lr=lr) for ps, wd in ((decay, cfg.weight_decay), (no_decay, 0.0)) if ps]
     return groups
 
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, steps_per_epoch: int):
+    """AdamW over `param_groups` and its per-step schedule: linear warmup, then cosine decay to 0 at the last step."""
+    opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr)
+    total = steps_per_epoch * cfg.epochs
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, int(cfg.warmup_epochs * steps_per_epoch)))
+    return opt, sched
+
+
+# -- opening a run directory ---------------------------------------------------------------------------------------
 
 def new_run_dir() -> Path:
     return Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -270,21 +298,18 @@ def _resumed_config(path: Path, config: Any) -> TrainConfig:
     return cfg
 
 
-def train(cfg: TrainConfig | None = None, out: str | Path | None = None, resume: str | Path | None = None,
-          quiet: bool = False) -> Path:
-    """Train (or resume) a run and return its directory.
+def _not_empty(path: Path) -> UserError:
+    return UserError(f"output directory {path} is not empty; choose a new out or continue with resume={path}")
 
-    With `cfg.adv` set, each batch is replaced by adversarial examples from `stochvit.eval.attacks.adversarial_step`;
-    the attack draws from the global RNGs, which the checkpoint saves, so adversarial runs resume exactly too.
-    The writing process holds the run directory's lock (`stochvit.runs.run_lock`) throughout; a fresh run that
-    fails before its first checkpoint leaves nothing behind, a later failure leaves it resumable.
+
+def open_run(stack: ExitStack, cfg: TrainConfig | None, out: str | Path | None,
+             resume: str | Path | None) -> tuple[TrainConfig, Path]:
+    """The validated settings and the directory of a fresh or resumed run; refusals come before anything is loaded.
+
+    A resumed run's directory is locked here (on rank 0, for as long as `stack` lives), and its settings are the ones
+    in its config.json. A fresh run's directory is only checked: `claim_run_dir` locks and writes it once the model
+    is known to build.
     """
-    with ExitStack() as stack:
-        return _train(stack, cfg, out, resume, quiet)
-
-
-def _train(stack: ExitStack, cfg: TrainConfig | None, out: str | Path | None, resume: str | Path | None,
-           quiet: bool) -> Path:
     if resume is not None:
         path = Path(resume)
         if not path.is_dir():
@@ -300,20 +325,53 @@ def _train(stack: ExitStack, cfg: TrainConfig | None, out: str | Path | None, re
         if path.exists() and not path.is_dir():
             raise UserError(f"out {path} is a file, not a directory; choose a new out")
         if not _is_unused(path):
-            raise UserError(f"output directory {path} is not empty; choose a new out or continue with resume={path}")
-    rank, world = _distributed()
-    if resume is not None and rank == 0:
+            raise _not_empty(path)
+    if resume is not None and _distributed()[0] == 0:
         stack.enter_context(run_lock(path))
         if (path / "summary.json").exists():  # finished by another process meanwhile
             raise UserError(f"run {path} already finished")
-    device = default_device() if world == 1 else torch.device("cuda", rank % max(1, torch.cuda.device_count())) \
-        if torch.cuda.is_available() else torch.device("cpu")
-    data = load_data(cfg.data, cfg.data_dir, cfg.download, cfg.split_seed, train_limit=cfg.train_limit, img_size=cfg.img_size)
-    if cfg.augment == "none":
-        data.train.transform = None
-    warn_long_warmup(cfg)
-    config = run_config(cfg, data)
-    _seed_everything(cfg.seed + rank)
+    return cfg, path
+
+
+def claim_run_dir(stack: ExitStack, path: Path, config: dict) -> None:
+    """Lock a fresh run's directory (for as long as `stack` lives) and write its config.json.
+
+    Until the first checkpoint exists, leaving `stack` with an exception removes everything the run wrote.
+    """
+    created = not path.exists()
+    stack.enter_context(run_lock(path))
+    if not _is_unused(path):  # another run wrote here since `open_run` looked
+        raise _not_empty(path)
+    stack.push(lambda kind, *_: _discard_unstarted(path, created)
+               if kind is not None and not (path / "checkpoint.pt").exists() else None)
+    write_json(path / "config.json", config)
+
+
+# -- building what the epochs share --------------------------------------------------------------------------------
+
+@dataclass
+class Training:
+    """What the epochs of one run share: built by `prepare`, advanced by `train_one_epoch`, saved by the checkpoint."""
+
+    cfg: TrainConfig
+    config: dict  # the run's config.json
+    data: DataBundle
+    model: Normalized
+    net: nn.Module  # what the loop calls: `model`, or its DDP wrapper under torchrun
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    loader: torch.utils.data.DataLoader
+    sampler: torch.utils.data.DistributedSampler | None
+    loss_fn: nn.Module
+    precision: str
+    steps_per_epoch: int
+    start_epoch: int = 0  # 0, or the epoch after a resumed run's last checkpoint
+    adv_step: Callable | None = None  # stochvit.eval.attacks.adversarial_step when cfg.adv is set
+    rank: int = 0
+    world: int = 1
+
+
+def _model(cfg: TrainConfig, config: dict, data: DataBundle, device: torch.device) -> Normalized:
     try:
         model = build_model(config).to(device)
     except ValueError as e:
@@ -322,97 +380,170 @@ def _train(stack: ExitStack, cfg: TrainConfig | None, out: str | Path | None, re
     if patch is not None and data.img_size < max(patch):
         raise UserError(f"{cfg.data}: images of {data.img_size}x{data.img_size} are smaller than {cfg.model}'s "
                         f"{max(patch)}-pixel patches; pass a larger img_size or choose another model")
+    return model
+
+
+def prepare(cfg: TrainConfig, path: Path, resumed: bool = False) -> Training:
+    """Data, model, optimiser, schedule and loader of a run; a resumed run also gets its checkpoint's state.
+
+    The order of the random draws is part of the checkpoint format: seed, initialise the model, then (resuming)
+    restore the saved RNG states; the loader draws its shuffle only when iterated. Changing it breaks the bit-exact
+    resume of existing run directories.
+    """
+    rank, world = _distributed()
+    device = default_device() if world == 1 else torch.device("cuda", rank % max(1, torch.cuda.device_count())) \
+        if torch.cuda.is_available() else torch.device("cpu")
+    data = load_data(cfg.data, cfg.data_dir, cfg.download, cfg.split_seed, train_limit=cfg.train_limit, img_size=cfg.img_size)
+    if cfg.augment == "none":
+        data.train.transform = None
+    warn_long_warmup(cfg)
+    config = run_config(cfg, data)
+    _seed_everything(cfg.seed + rank)
+    model = _model(cfg, config, data, device)
     precision = resolve_precision(cfg.precision, device, model)
     if cfg.fused:
         set_fused(model.net)
-    ckpt = _load_checkpoint(path) if resume is not None else {}
+    ckpt = load_checkpoint(path) if resumed else {}
     if cfg.init_weights and not ckpt:  # before the run directory is written: weights that do not fit leave nothing
         load_weights(model.net, path / cfg.init_weights)
-    if resume is None and rank == 0:
-        created = not path.exists()
-        stack.enter_context(run_lock(path))
-        if not _is_unused(path):  # another run wrote here since the check above
-            raise UserError(f"output directory {path} is not empty; choose a new out or continue with resume={path}")
-        stack.push(lambda kind, *_: _discard_unstarted(path, created)
-                   if kind is not None and not (path / "checkpoint.pt").exists() else None)
-        write_json(path / "config.json", config)
     steps_per_epoch = math.ceil(len(data.train) / (cfg.batch_size * world))
-    total = steps_per_epoch * cfg.epochs
-    opt = torch.optim.AdamW(_param_groups(model, cfg), lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, int(cfg.warmup_epochs * steps_per_epoch)))
-    start = 0
-    if ckpt:
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        _set_rng_state(ckpt["rng"])
-        start = ckpt["epoch"] + 1
+    opt, sched = make_optimizer(model, cfg, steps_per_epoch)
+    start = restore_checkpoint(ckpt, model, opt, sched) if ckpt else 0
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     sampler = torch.utils.data.DistributedSampler(data.train, seed=cfg.seed) if world > 1 else None
     loader = torch.utils.data.DataLoader(data.train, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
                                          num_workers=cfg.workers, drop_last=False, persistent_workers=cfg.workers > 0)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    curves = Curves(path)
-    kill_at = int(os.environ.get(KILL_ENV, "-1"))
-    extra_step = None
+    adv_step = None
     if cfg.adv:
         from .eval.attacks import adversarial_step
 
-        extra_step = adversarial_step(cfg.adv)
-    step = start * steps_per_epoch
-    for epoch in range(start, cfg.epochs):
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        net.train()
-        t0, seen, loss_sum, correct = time.perf_counter(), 0, 0.0, 0
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=quiet or rank != 0, mininterval=1)
-        for x, y in bar:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if extra_step is not None:
-                x = extra_step(net, x, y, precision)
-            with autocast(precision, device, model):
-                logits = net(x)
-                loss = loss_fn(logits.float(), y)
-            if not torch.isfinite(loss):
+        adv_step = adversarial_step(cfg.adv)
+    return Training(cfg=cfg, config=config, data=data, model=model, net=net, opt=opt, sched=sched, loader=loader,
+                    sampler=sampler, loss_fn=nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing),
+                    precision=precision, steps_per_epoch=steps_per_epoch, start_epoch=start, adv_step=adv_step,
+                    rank=rank, world=world)
+
+
+# -- the epochs ----------------------------------------------------------------------------------------------------
+
+class NonFiniteLoss(UserError):
+    """The training loss became NaN or infinite; raised before that batch's step, so the weights stay finite."""
+
+    def __init__(self, loss: float, step: int) -> None:
+        super().__init__(f"loss became {loss} at step {step}")
+        self.loss, self.step = loss, step
+
+
+def train_one_epoch(model: nn.Module, loader, opt, *, sched=None, loss_fn: nn.Module | None = None,
+                    precision: str = "fp32", clip_grad: float | None = None, adv_step: Callable | None = None,
+                    net: nn.Module | None = None, step: int = 0, on_step: Callable[[int], None] | None = None,
+                    desc: str | None = None) -> dict[str, float]:
+    """One pass over `loader`: forward under `precision` autocast, backward, clip, optimiser and schedule step.
+
+    `net` is the module called (a DDP wrapper of `model`; by default `model` itself); `adv_step(net, x, y, precision)`
+    replaces each batch (adversarial training). `step` counts the optimiser steps taken before this epoch, and
+    `on_step(step)` runs after every step (progress, or a test's fault injection). `desc` shows a progress bar.
+    Returns train_loss and train_accuracy (means over the epoch's images), images, steps and seconds.
+    """
+    net = model if net is None else net
+    loss_fn = nn.CrossEntropyLoss() if loss_fn is None else loss_fn
+    device = next(model.parameters()).device
+    net.train()
+    t0, first, seen, loss_sum, correct = time.perf_counter(), step, 0, 0.0, 0
+    bar = tqdm(loader, desc=desc, leave=False, disable=desc is None, mininterval=1)
+    for x, y in bar:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if adv_step is not None:
+            x = adv_step(net, x, y, precision)
+        with autocast(precision, device, model):
+            logits = net(x)
+            loss = loss_fn(logits.float(), y)
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(loss.item(), step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip_grad:
+            nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+        opt.step()
+        if sched is not None:
+            sched.step()
+        step += 1
+        if on_step is not None:
+            on_step(step)
+        seen += len(y)
+        loss_sum += loss.item() * len(y)
+        correct += (logits.argmax(1) == y).sum().item()
+        bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+    return dict(train_loss=loss_sum / seen, train_accuracy=correct / seen, images=seen, steps=step - first,
+                seconds=time.perf_counter() - t0)
+
+
+def validate(model: nn.Module, data: ImageSet, precision: str = "auto") -> dict[str, float]:
+    """Single-pass accuracy, NLL, ECE and Brier on `data`: the per-epoch (or per-round) check. Draws from the global RNG."""
+    probs, labels = dataset_probs(model, data, 1, precision=precision)
+    return classification_metrics(probs[0], labels)
+
+
+def end_epoch(t: Training, path: Path, epoch: int, stats: dict[str, float], quiet: bool = False) -> dict:
+    """Rank 0 after an epoch: validation when due, the metrics row, then the checkpoint (RNG state after validation)."""
+    cfg = t.cfg
+    row = dict(epoch=epoch, train_loss=stats["train_loss"], train_accuracy=stats["train_accuracy"],
+               lr=t.sched.get_last_lr()[0], epoch_seconds=stats["seconds"],
+               train_images_per_s=stats["images"] * t.world / stats["seconds"])
+    report = ""
+    if (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs:
+        val = validate(t.model, t.data.val, t.precision)
+        row.update({f"val_{k}": v for k, v in val.items()})
+        report = f"val acc {val['accuracy']:.4f}  val nll {val['nll']:.4f}  "
+    Curves(path).append(row)
+    save_checkpoint(path, t.model, t.opt, t.sched, epoch)
+    if not quiet:
+        tqdm.write(f"epoch {epoch + 1:3d}/{cfg.epochs}  loss {row['train_loss']:.4f}  "
+                   f"train acc {row['train_accuracy']:.4f}  {report}{row['train_images_per_s']:.0f} img/s")
+    return row
+
+
+def finish_run(t: Training, path: Path) -> None:
+    """Rank 0 evaluates and writes the final files (`stochvit.runs.finalize_run`); every rank waits for it."""
+    if t.rank == 0:
+        finalize_run(path, t.model, t.data, t.cfg.eval_samples, t.precision)
+    if t.world > 1:
+        dist.barrier()
+
+
+def train(cfg: TrainConfig | None = None, out: str | Path | None = None, resume: str | Path | None = None,
+          quiet: bool = False, on_step: Callable[[int], None] | None = None) -> Path:
+    """Train (or resume) a run and return its directory: `open_run`, `prepare`, `train_one_epoch` and `end_epoch`
+    per epoch, `finish_run`.
+
+    `on_step(global_step)` runs after every optimiser step (tests kill the process there to check the resume).
+    With `cfg.adv` set, each batch is replaced by adversarial examples from `stochvit.eval.attacks.adversarial_step`;
+    the attack draws from the global RNGs, which the checkpoint saves, so adversarial runs resume exactly too.
+    The writing process holds the run directory's lock (`stochvit.runs.run_lock`) throughout; a fresh run that
+    fails before its first checkpoint leaves nothing behind, a later failure leaves it resumable.
+    """
+    with ExitStack() as stack:
+        cfg, path = open_run(stack, cfg, out, resume)
+        t = prepare(cfg, path, resumed=resume is not None)
+        if resume is None and t.rank == 0:
+            claim_run_dir(stack, path, t.config)
+        step = t.start_epoch * t.steps_per_epoch
+        for epoch in range(t.start_epoch, cfg.epochs):
+            if t.sampler is not None:
+                t.sampler.set_epoch(epoch)
+            desc = None if quiet or t.rank != 0 else f"epoch {epoch + 1}/{cfg.epochs}"
+            try:
+                stats = train_one_epoch(t.model, t.loader, t.opt, sched=t.sched, loss_fn=t.loss_fn, precision=t.precision,
+                                        clip_grad=cfg.clip_grad, adv_step=t.adv_step, net=t.net, step=step,
+                                        on_step=on_step, desc=desc)
+            except NonFiniteLoss as e:
                 kept = ("no epoch had finished, so the run directory was removed"
                         if resume is None and not (path / "checkpoint.pt").exists()
                         else "the run stays resumable from its last epoch")
-                raise UserError(f"loss became {loss.item()} at epoch {epoch + 1}, step {step}: lower the learning "
-                                f"rate (now lr={cfg.lr}) or keep clip_grad; {kept}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.clip_grad:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-            opt.step()
-            sched.step()
-            step += 1
-            if step == kill_at:
-                os.kill(os.getpid(), signal.SIGKILL)
-            seen += len(y)
-            loss_sum += loss.item() * len(y)
-            correct += (logits.argmax(1) == y).sum().item()
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
-        train_time = time.perf_counter() - t0
-        if rank == 0:
-            row = dict(epoch=epoch, train_loss=loss_sum / seen, train_accuracy=correct / seen, lr=sched.get_last_lr()[0],
-                       epoch_seconds=train_time, train_images_per_s=seen * world / train_time)
-            report = ""
-            if (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs:
-                val = classification_metrics(*_single(dataset_probs(model, data.val, 1, precision=precision)))
-                row.update({f"val_{k}": v for k, v in val.items()})
-                report = f"val acc {val['accuracy']:.4f}  val nll {val['nll']:.4f}  "
-            curves.append(row)
-            _save_checkpoint(path, model, opt, sched, epoch)
-            if not quiet:
-                tqdm.write(f"epoch {epoch + 1:3d}/{cfg.epochs}  loss {row['train_loss']:.4f}  "
-                           f"train acc {row['train_accuracy']:.4f}  {report}{row['train_images_per_s']:.0f} img/s")
-    if rank == 0:
-        finalize_run(path, model, data, cfg.eval_samples, precision)
-    if world > 1:
-        dist.barrier()
+                raise UserError(f"loss became {e.loss} at epoch {epoch + 1}, step {e.step}: lower the learning "
+                                f"rate (now lr={cfg.lr}) or keep clip_grad; {kept}") from None
+            step += stats["steps"]
+            if t.rank == 0:
+                end_epoch(t, path, epoch, stats, quiet)
+        finish_run(t, path)
     return path
-
-
-def _single(result: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    probs, labels = result
-    return probs[0], labels

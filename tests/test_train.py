@@ -19,15 +19,24 @@ from stochvit.cli import main
 from stochvit.errors import UserError
 from stochvit.runs import load_run
 from stochvit.suites.evaluate import evaluate
-from stochvit.train import KILL_ENV, TrainConfig, _lr_lambda, train
+from stochvit.train import TrainConfig, _lr_lambda, train
 
 RUN_FILES = ("config.json", "model.safetensors", "checkpoint.pt", "metrics.jsonl", "summary.json", "curves.png")
 
 
-def cli_subprocess(args: list[str], cwd: Path, kill_at: int) -> subprocess.CompletedProcess:
-    env = {**os.environ, KILL_ENV: str(kill_at), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "stochvit.cli", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=300)
+# a training in its own process, SIGKILLed right after optimiser step N through train()'s on_step hook
+KILLED_TRAINING = """
+import json, os, signal, sys
+from stochvit.train import TrainConfig, train
+settings, out, kill_at = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+train(TrainConfig(**settings), out=out, quiet=True,
+      on_step=lambda step: step == kill_at and os.kill(os.getpid(), signal.SIGKILL))
+"""
+
+
+def killed_training(settings: dict, out: Path, kill_at: int) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", KILLED_TRAINING, json.dumps(settings), str(out), str(kill_at)],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
 
 
 def error_line(err: str, command: str = "train") -> str:
@@ -40,14 +49,14 @@ def error_line(err: str, command: str = "train") -> str:
 
 
 @pytest.mark.slow
-def test_resume_after_sigkill_mid_epoch_ends_with_identical_weights(tmp_path, monkeypatch, capsys):
-    monkeypatch.delenv(KILL_ENV, raising=False)
+def test_resume_after_sigkill_mid_epoch_ends_with_identical_weights(tmp_path, capsys):
     # 200 training images at batch 50: 4 steps per epoch; global step 7 is inside the second epoch
     args = ["train", "--epochs", "3", "--train-limit", "200", "--batch-size", "50", "--eval-samples", "1", "--seed", "7"]
-    assert main([*args, "--out", str(tmp_path / "full")]) == 0
+    full = tmp_path / "full"
+    assert main([*args, "--out", str(full)]) == 0
 
-    run = tmp_path / "killed"
-    killed = cli_subprocess([*args, "--out", str(run)], tmp_path, kill_at=7)
+    run = tmp_path / "killed"  # the same settings (the full run's, as the command line resolved them), killed at step 7
+    killed = killed_training(json.loads((full / "config.json").read_text())["train"], run, kill_at=7)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert not (run / "summary.json").exists() and not (run / "model.safetensors").exists()
     assert [json.loads(r)["epoch"] for r in (run / "metrics.jsonl").read_text().splitlines()] == [0]
@@ -55,7 +64,6 @@ def test_resume_after_sigkill_mid_epoch_ends_with_identical_weights(tmp_path, mo
     assert epoch0["epoch"] == 0
 
     assert main(["train", "--resume", str(run)]) == 0
-    full = tmp_path / "full"
     assert (full / "model.safetensors").read_bytes() == (run / "model.safetensors").read_bytes(), "resumed weights differ"
     rows = [[json.loads(r) for r in (d / "metrics.jsonl").read_text().splitlines()] for d in (full, run)]
     assert [r["epoch"] for r in rows[1]] == [0, 1, 2]

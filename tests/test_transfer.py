@@ -18,7 +18,7 @@ from stochvit.layers import StochasticLinear
 from stochvit.mlp import StochasticMlp
 from stochvit.models import create_model
 from stochvit.runs import build_model, load_run, read_json
-from stochvit.train import TrainConfig, _param_groups
+from stochvit.train import TrainConfig, param_groups
 
 TASK = "digits:classes=5-9"
 
@@ -117,17 +117,17 @@ def test_keep_off_add(tmp_path: Path, digits_runs: dict[str, Path]) -> None:
         prepare(stoch, tmp_path / "bad", data=TASK, stochastic="add")
 
 
-def test_backbone_lr_scale_and_freeze_param_groups() -> None:
+def test_backbone_lr_scale_and_freezeparam_groups() -> None:
     model = build_model(dict(model=dict(name="vit_digits_patch2_8", kwargs=dict(num_classes=5)), stochastic=None,
                              data=dict(mean=[0.0], std=[1.0])))
     head = {id(p) for p in model.net.head.parameters()}
-    groups = _param_groups(model, TrainConfig(lr=1e-3, backbone_lr_scale=0.1))
+    groups = param_groups(model, TrainConfig(lr=1e-3, backbone_lr_scale=0.1))
     assert {g["lr"] for g in groups if {id(p) for p in g["params"]} <= head} == {1e-3}
     assert {g["lr"] for g in groups if not {id(p) for p in g["params"]} & head} == {1e-3 * 0.1}
-    groups = _param_groups(model, TrainConfig(lr=1e-3, freeze_backbone=True))
+    groups = param_groups(model, TrainConfig(lr=1e-3, freeze_backbone=True))
     assert {id(p) for g in groups for p in g["params"]} == head
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ["net.head.weight", "net.head.bias"]
-    assert len(_param_groups(build_model(dict(model=dict(name="vit_digits_patch2_8", kwargs={}), stochastic=None,
+    assert len(param_groups(build_model(dict(model=dict(name="vit_digits_patch2_8", kwargs={}), stochastic=None,
                                               data=dict(mean=[0.0], std=[1.0]))), TrainConfig())) == 2  # unchanged default
 
 
