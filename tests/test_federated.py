@@ -25,10 +25,9 @@ from flwr.app import ArrayRecord  # noqa: E402
 from stochvit.cli import main as cli_main  # noqa: E402
 from stochvit.data import load_data  # noqa: E402
 from stochvit.errors import UserError  # noqa: E402
-from stochvit.federated import client_app  # noqa: E402
+from stochvit.federated import task  # noqa: E402
 from stochvit.federated.launch import APP_DIR, processes_with  # noqa: E402
 from stochvit.federated.partition import dirichlet, histogram, iid, label_skew, parse_partition, partition, save_summary  # noqa: E402
-from stochvit.federated.server_app import initial_model  # noqa: E402
 from stochvit.federated.settings import from_run_config, to_run_config  # noqa: E402
 from stochvit.runs import (
     load_run,  # noqa: E402
@@ -131,13 +130,13 @@ def test_run_config_round_trip_and_errors():
 def test_only_learned_weights_travel(stochastic):
     cfg, fed = from_run_config({"stochastic": stochastic})
     config = run_config(cfg, load_data("digits"))
-    net = initial_model(config).net
+    net = task.initial_model(config).net
     record = ArrayRecord(net.state_dict())
     learned = {n for n, _ in net.named_parameters()} | {n for n, _ in net.named_buffers()}
     assert set(record.keys()) == learned
     assert not any("stochastic" in k for k in record.keys())  # the layers hold no state: draws never leave a client
     other, _ = from_run_config({"stochastic": not stochastic})
-    assert set(ArrayRecord(initial_model(run_config(other, load_data("digits"))).net.state_dict()).keys()) == learned
+    assert set(ArrayRecord(task.initial_model(run_config(other, load_data("digits"))).net.state_dict()).keys()) == learned
 
 
 def test_cli_rejects_bad_settings_before_starting_anything(tmp_path, capsys):
@@ -183,11 +182,11 @@ def test_one_round_fedavg_is_weighted_average_of_client_updates(tmp_path, marker
     assert leftovers(marker) == []
     run = load_run(out)
     config = run.config
-    start = ArrayRecord(initial_model(config).net.state_dict())
+    start = ArrayRecord(task.initial_model(config).net.state_dict())
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the ClientApp
     try:
-        updates = [client_app.local_update(config, start, {"partition-id": i, "num-partitions": 2}, 1) for i in range(2)]
+        updates = [task.local_update(config, start, {"partition-id": i, "num-partitions": 2}, 1) for i in range(2)]
     finally:
         torch.set_num_threads(threads)
     weights = torch.tensor([float(m["num-examples"]) for _, m in updates])

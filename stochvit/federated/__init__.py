@@ -2,7 +2,8 @@
 
     partition.py   IID, Dirichlet(alpha) label-skew and label-shard client partitions, and their summary
     settings.py    the app's flat run config <-> TrainConfig
-    client_app.py  ClientApp: local training / evaluation handlers
+    task.py        what both apps share: the model, a node's data, local training (the trainer's epoch), evaluation
+    client_app.py  ClientApp: the train / evaluate message handlers
     server_app.py  ServerApp: FedAvg (flwr.serverapp.strategy), central evaluation, a normal run directory
     launch.py      SuperLink / SuperNode processes and `flwr run` for simulation and loopback deployment
     app/           the Flower app manifest (`flwr run stochvit/federated/app <connection>`)

@@ -19,7 +19,6 @@ import time
 from logging import INFO
 from pathlib import Path
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
@@ -27,13 +26,10 @@ from flwr.serverapp.strategy import FedAvg
 
 from ..data import load_data
 from ..errors import UserError
-from ..eval.metrics import classification_metrics
-from ..models import Normalized
 from ..precision import default_device
-from ..predict import dataset_probs
-from ..runs import Curves, build_model, finalize_run, run_config, write_json
+from ..runs import Curves, finalize_run, pyplot, run_config, write_json
 from ..train import warn_long_warmup
-from .client_app import CONFIG_KEY
+from . import task
 from .partition import partition, save_summary
 from .settings import from_run_config
 
@@ -82,8 +78,6 @@ def _wait_for_nodes(grid: Grid, expected: int, minimum: int, seconds: float) -> 
 
 def plot_rounds(path: Path, rows: list[dict]) -> None:
     """rounds.png: global val accuracy, NLL, ECE and clients per round (atomic write)."""
-    from ..runs import pyplot
-
     plt = pyplot()
     from matplotlib.ticker import MaxNLocator
 
@@ -106,12 +100,6 @@ def plot_rounds(path: Path, rows: list[dict]) -> None:
     tmp.replace(path)
 
 
-def initial_model(config: dict) -> Normalized:
-    """The global model before round 1: the run's architecture, initialised from the run's seed."""
-    torch.manual_seed(config["train"]["seed"])
-    return build_model(config)
-
-
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run FedAvg for `rounds` rounds, evaluating the global model on the server's validation split after each."""
@@ -128,7 +116,7 @@ def main(grid: Grid, context: Context) -> None:
     labels = data.train.labels.numpy()
     save_summary(out, labels, partition(labels, fed["clients"], fed["partition"], cfg.seed), data.class_names,
                  fed["partition"], cfg.seed)
-    model = initial_model(config).to(default_device())
+    model = task.initial_model(config).to(default_device())
     curves = Curves(out)
     strategy = TrackedFedAvg(fraction_train=fed["fraction-train"], fraction_evaluate=fed["fraction-evaluate"],
                              min_train_nodes=fed["min-clients"], min_evaluate_nodes=fed["min-clients"],
@@ -138,9 +126,7 @@ def main(grid: Grid, context: Context) -> None:
         if server_round == 0:
             return None
         model.net.load_state_dict(arrays.to_torch_state_dict())
-        torch.manual_seed(cfg.seed + server_round)
-        probs, y = dataset_probs(model, data.val, 1, precision=cfg.precision)
-        val = classification_metrics(probs[0], y)
+        val = task.evaluate(model, data.val, cfg.precision, cfg.seed + server_round)
         rec = strategy.rounds[server_round]
         seconds = time.perf_counter() - rec["start"]
         train = rec.get("train", {})
@@ -158,7 +144,7 @@ def main(grid: Grid, context: Context) -> None:
 
     nodes = _wait_for_nodes(grid, fed["clients"], fed["min-clients"], fed["wait-for-clients"])
     log(INFO, "stochvit: %d SuperNodes connected (expected %d, minimum %d)", nodes, fed["clients"], fed["min-clients"])
-    train_config = ConfigRecord({CONFIG_KEY: json.dumps(config)})
+    train_config = ConfigRecord({task.CONFIG_KEY: json.dumps(config)})
     result = strategy.start(grid=grid, initial_arrays=ArrayRecord(model.net.state_dict()), num_rounds=fed["rounds"],
                             timeout=fed["round-timeout"], train_config=train_config, evaluate_config=train_config,
                             evaluate_fn=evaluate)
