@@ -22,7 +22,7 @@ import sys
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .data import DataBundle, ImageSet, load_data
-from .defaults import AUGMENTS
+from .defaults import AUGMENTS, recipe_for
 from .errors import UserError
 from .eval.metrics import classification_metrics
 from .mlp import set_fused
@@ -56,23 +56,26 @@ from .runs import (
 
 MAX_SCALE = 1e4  # largest |--low| / |--high| accepted: a scale of 1e308 made the sampler's range infinite
 
-
 @dataclass
 class TrainConfig:
+    """Every setting of a training run. model, epochs, batch_size and lr left None come from `recipe_for(data)`
+    (`resolved`, also done by `validate`), so `TrainConfig(data="cifar10")` gets what `stochvit train --data cifar10`
+    gets; explicit values win. A run's config.json stores the resolved values."""
+
     data: str = "digits"
     data_dir: str | None = None
     download: bool = False
     split_seed: int = 0
     train_limit: int | None = None
     img_size: int | None = None
-    model: str = "vit_digits_patch2_8"
+    model: str | None = None  # None: from the recipe
     act: str = "gelu"
     drop_rate: float = 0.0
     mc_dropout: bool = False
     stochastic: dict | None = field(default_factory=lambda: stochastic_config(True))
-    epochs: int = 60
-    batch_size: int = 64
-    lr: float = 3e-3
+    epochs: int | None = None  # None: from the recipe, as batch_size and lr
+    batch_size: int | None = None
+    lr: float | None = None
     weight_decay: float = 0.05
     warmup_epochs: float = 2.0
     label_smoothing: float = 0.0
@@ -91,12 +94,20 @@ class TrainConfig:
     backbone_lr_scale: float = 1.0  # fine-tuning: the backbone's learning rate is lr * this
     norm: dict | None = None  # {"mean": [...], "std": [...]} input normalisation instead of the data's (the source's)
 
+    def resolved(self) -> TrainConfig:
+        """A copy with the recipe's values (`recipe_for(self.data)`) in the fields left None."""
+        recipe = recipe_for(self.data) if isinstance(self.data, str) else {}
+        return replace(self, **{k: v for k, v in recipe.items() if getattr(self, k) is None})
+
     def validate(self) -> None:
-        """Refuse bad settings naming their flag, before the data is loaded or the run directory exists.
+        """Fill in the recipe (`resolved`), then refuse bad settings naming their flag, before the data is loaded or
+        the run directory exists.
 
         Each check states its rule: a negative seed or `--train-limit 0` used to surface as sklearn's or numpy's
         text, and `--weight-decay nan` as a NaN loss blamed on `--lr`. Wrong types (an edited config.json) too.
         """
+        self.__dict__.update(vars(self.resolved()))
+
         def fail(name: str, rule: str) -> None:
             raise UserError(f"invalid {name}={getattr(self, name)}: must be {rule}")
 
@@ -166,6 +177,7 @@ def warn_long_warmup(cfg: TrainConfig) -> str | None:
 
     Returns the message (None when the schedule is fine); printed on rank 0 only.
     """
+    cfg = cfg.resolved()
     if cfg.warmup_epochs <= cfg.epochs:
         return None
     msg = (f"stochvit: warning: --warmup-epochs {cfg.warmup_epochs:g} is longer than the run (--epochs {cfg.epochs}): "
@@ -232,6 +244,7 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
     requires_grad=False and is not in the optimiser, so it stays bit-identical); `backbone_lr_scale` scales the rest.
     Used by the trainer and by the federated clients' local fit.
     """
+    cfg = cfg.resolved()
     split = cfg.freeze_backbone or cfg.backbone_lr_scale != 1
     head = {id(p) for p in model.net.get_classifier().parameters()} if split else set()
     if cfg.freeze_backbone:

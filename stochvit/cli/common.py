@@ -12,7 +12,7 @@ import argparse
 import math
 from typing import Any
 
-from ..defaults import DEFAULT_STOCHASTIC, DISTRIBUTIONS, POSITIONS, PRECISIONS, SHARINGS, SPECS_HELP
+from ..defaults import DEFAULT_STOCHASTIC, DISTRIBUTIONS, POSITIONS, PRECISIONS, SHARINGS, SPECS_HELP, recipe_help
 
 
 class Formatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -113,8 +113,7 @@ def layer_from_args(a: argparse.Namespace) -> dict:
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and stochastic layer")
-    g.add_argument("--model", default=None, help="timm model name (None: vit_digits_patch2_8 for digits, "
-                   "vit_tiny_patch4_32 otherwise)")
+    g.add_argument("--model", default=None, help=f"timm model name ({recipe_help('model')})")
     g.add_argument("--act", default="gelu", choices=("gelu", "relu"), help="MLP activation")
     g.add_argument("--drop-rate", type=float, default=0.0, help="dropout rate in the MLPs and projections")
     g.add_argument("--mc-dropout", action="store_true", help="keep dropout on at inference (MC dropout baseline)")

@@ -6,7 +6,7 @@ import argparse
 from dataclasses import fields
 from pathlib import Path
 
-from ..defaults import AUGMENTS
+from ..defaults import AUGMENTS, recipe_help
 from ..errors import UserError
 from .common import (
     add_batch_size,
@@ -22,16 +22,13 @@ from .common import (
     parse_eps,
 )
 
-# recipe defaults by dataset: digits is tiny (1,257 training images) and likes a short, hot schedule
-RECIPES = {"digits": dict(epochs=60, batch_size=64, lr=3e-3), None: dict(epochs=10, batch_size=128, lr=1e-3)}
-
 
 def add_optimisation_args(p: argparse.ArgumentParser, federated: bool = False) -> argparse._ArgumentGroup:
     """The optimiser's flags shared by train and federated (local training)."""
     g = p.add_argument_group("local optimisation" if federated else "optimisation")
-    add_batch_size(g, None, "images per step (None: 64 for digits, 128 otherwise)")
+    add_batch_size(g, None, f"images per step ({recipe_help('batch_size')})")
     g.add_argument("--lr", type=float, default=None, help="peak learning rate" + (", cosine-decayed over rounds" if federated
-                   else "") + " (None: 3e-3 for digits, 1e-3 otherwise)")
+                   else "") + f" ({recipe_help('lr')})")
     g.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay")
     g.add_argument("--clip-grad", type=float, default=1.0, help="max gradient norm (0 disables)")
     add_seed(g, "the initial model, the data order, the stochastic draws" + (" and the partition" if federated else ""))
@@ -49,7 +46,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--download", action="store_true", help="allow torchvision to download the dataset (needs internet)")
     add_model_args(p)
     g = add_optimisation_args(p)
-    g.add_argument("--epochs", type=int, default=None, help="None: 60 for digits, 10 otherwise")
+    g.add_argument("--epochs", type=int, default=None, help=recipe_help("epochs"))
     g.add_argument("--warmup-epochs", type=float, default=2.0, help="linear warmup before the cosine decay")
     g.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing of the training loss")
     g.add_argument("--augment", default="crop-flip", choices=AUGMENTS,
@@ -88,20 +85,17 @@ def train_config_from_args(a: argparse.Namespace):
     """A TrainConfig from `train`'s flags; commands that share only some of them (federated) get the defaults."""
     from ..train import TrainConfig
 
-    base = a.data.split(":classes=")[0]  # a class subset keeps its parent dataset's recipe
-    recipe = RECIPES.get(base, RECIPES[None])
     default = {f.name: f.default for f in fields(TrainConfig)}
     optional = {k: getattr(a, k, default[k])
                 for k in ("download", "warmup_epochs", "label_smoothing", "augment", "workers", "val_every", "fused")}
     return TrainConfig(
         data=a.data, data_dir=a.data_dir, split_seed=a.split_seed, train_limit=a.train_limit,
-        img_size=a.img_size, model=a.model or ("vit_digits_patch2_8" if base == "digits" else "vit_tiny_patch4_32"),
+        img_size=a.img_size, model=a.model,
         act=a.act, drop_rate=a.drop_rate, mc_dropout=a.mc_dropout, stochastic=layer_from_args(a) if a.stochastic else None,
-        **{k: recipe[k] if getattr(a, k, None) is None else getattr(a, k)  # 0 is an error
-           for k in ("epochs", "batch_size", "lr")},
+        **{k: getattr(a, k, None) for k in ("epochs", "batch_size", "lr")},  # None: the data's recipe; 0 is an error
         weight_decay=a.weight_decay, clip_grad=a.clip_grad or None, seed=a.seed, precision=a.precision,
         eval_samples=a.samples, init_weights=init_weights_path(getattr(a, "init_weights", None)), **optional,
-    )
+    ).resolved()
 
 
 def flags_given_with(a: argparse.Namespace, command: str, keep: tuple[str, ...] = ()) -> list[str]:

@@ -44,7 +44,7 @@ def to_run_config(cfg: TrainConfig, federated: dict[str, Any]) -> dict[str, Any]
     unknown = set(federated) - set(FEDERATED_DEFAULTS)
     if unknown:
         raise ValueError(f"unknown federated settings {sorted(unknown)}")
-    values = asdict(cfg)
+    values = asdict(cfg.resolved())
     rc: dict[str, Any] = {}
     for key, name in TRAIN_KEYS.items():
         v = values[name]
