@@ -168,6 +168,40 @@ def test_non_empty_out_is_refused(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
 
 
+RECIPE_FIELDS = ("model", "epochs", "batch_size", "lr")
+
+
+def test_recipes_resolve_by_data_and_explicit_values_win():
+    from stochvit.defaults import RECIPES
+
+    def recipe(cfg: TrainConfig) -> tuple:
+        return tuple(getattr(cfg, k) for k in RECIPE_FIELDS)
+
+    assert recipe(TrainConfig(data="cifar10").resolved()) == ("vit_tiny_patch4_32", 10, 128, 1e-3)
+    assert recipe(TrainConfig().resolved()) == ("vit_digits_patch2_8", 60, 64, 3e-3)
+    assert recipe(TrainConfig(data="digits:classes=5-9").resolved()) == recipe(TrainConfig().resolved())  # the parent's
+    assert recipe(TrainConfig(data="imagefolder:/x:classes=0-1").resolved()) == tuple(RECIPES["default"][k]
+                                                                                     for k in RECIPE_FIELDS)
+    explicit = TrainConfig(data="cifar10", model="vit_small_patch4_32", epochs=3, lr=5e-4)
+    assert recipe(explicit.resolved()) == ("vit_small_patch4_32", 3, 128, 5e-4)
+    assert explicit.model == "vit_small_patch4_32" and explicit.batch_size is None  # resolved() returns a copy
+    explicit.validate()  # validation resolves in place: what a run's config.json records
+    assert recipe(explicit) == ("vit_small_patch4_32", 3, 128, 5e-4)
+
+
+@pytest.mark.parametrize("data", ["digits", "cifar10", "svhn:classes=0-4", "imagefolder:/x"])
+def test_the_command_line_and_python_resolve_the_same_config(data):
+    from stochvit.cli import build_parser
+    from stochvit.cli.train import train_config_from_args
+
+    cli = train_config_from_args(build_parser().parse_args(["train", "--data", data]))
+    python = TrainConfig(data=data)
+    cli.validate()
+    python.validate()
+    assert cli == python
+    assert None not in (getattr(cli, k) for k in RECIPE_FIELDS)
+
+
 def test_schedule_warms_up_linearly_then_follows_a_cosine():
     f = _lr_lambda(total_steps=100, warmup_steps=10)
     assert [f(s) for s in range(10)] == pytest.approx([(s + 1) / 10 for s in range(10)])
