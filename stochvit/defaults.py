@@ -6,7 +6,9 @@ line, which can then print them in `--help` without loading torch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+import numbers
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 DISTRIBUTIONS: dict[str, tuple[str, ...]] = {
@@ -20,10 +22,91 @@ PRECISIONS = ("auto", "fp32", "bf16")
 AUGMENTS = ("crop-flip", "none")  # training augmentation: random crop with padding and flip, or the raw images
 SPECS_HELP = "digits | cifar10 | cifar100 | svhn | imagefolder:PATH, optionally with :classes=5-9 (indices or names)"
 
-# the default stochastic layer: a per-channel scale U(0.5, 1.5) after fc1, one draw per image, in every block
-DEFAULT_STOCHASTIC: dict[str, Any] = dict(
-    kind="diagonal", distribution="uniform", low=0.5, high=1.5, sharing="image", position="pre_act", blocks=None
-)
+MAX_SCALE = 1e4  # largest |low| / |high| accepted: a scale of 1e308 made the sampler's range infinite
+
+
+def check_choice(name: str, value: Any, allowed: tuple) -> Any:
+    """`value` if it is one of `allowed`, else a ValueError naming the setting and its choices."""
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, allowed))}")
+    return value
+
+
+@dataclass(frozen=True)
+class LayerConfig:
+    """The stochastic layer's settings: the one place of their defaults and their checks.
+
+    kind, distribution, low, high and sharing configure `stochvit.StochasticLinear`; position is where it sits in the
+    MLP (`stochvit.StochasticMlp`); blocks are the block indices that get one (None: every block). The default is a
+    per-channel scale U(0.5, 1.5) after fc1, one draw per image, in every block. The JSON form, `to_dict()` (read back
+    by `from_dict`), is what a run's config.json stores under "stochastic" and what `TrainConfig.stochastic` holds;
+    the command line's flags and the Flower app's run-config keys are its fields.
+    """
+
+    kind: str = "diagonal"
+    distribution: str = "uniform"
+    low: float = 0.5
+    high: float = 1.5
+    sharing: str = "image"
+    position: str = "pre_act"
+    blocks: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        check_choice("kind", self.kind, tuple(DISTRIBUTIONS))
+        check_choice("distribution", self.distribution, DISTRIBUTIONS[self.kind])
+        check_choice("sharing", self.sharing, SHARINGS)
+        check_choice("position", self.position, POSITIONS)
+        if self.kind == "full" and self.sharing == "token":
+            raise ValueError("sharing='token' is only defined for kind='diagonal' (a full matrix per token is not a token map)")
+        for side in ("low", "high"):
+            v = getattr(self, side)
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or abs(v) > MAX_SCALE:
+                raise ValueError(f"invalid {side}={v}: must be a finite number within +-{MAX_SCALE:g} (scales that "
+                                 "large overflow the activations; the default range is 0.5..1.5)")
+        if self.low > self.high:
+            raise ValueError(f"low={self.low} must not exceed high={self.high} (the variance (high-low)^2/12 would be negative)")
+        if self.kind == "diagonal" and self.distribution == "bernoulli" and self.low + self.high <= 0:
+            raise ValueError(f"distribution='bernoulli' needs a positive mean (low+high)/2, got {(self.low + self.high) / 2}")
+        if self.blocks is not None:
+            ok = isinstance(self.blocks, (list, tuple)) and all(isinstance(b, int) and not isinstance(b, bool)
+                                                                 for b in self.blocks)
+            if not ok:
+                raise ValueError(f"blocks={self.blocks!r} must be a list of block indices (or None: every block)")
+            object.__setattr__(self, "blocks", tuple(self.blocks))
+
+    @classmethod
+    def from_dict(cls, settings: dict[str, Any]) -> LayerConfig:
+        """From the JSON form; missing keys take the defaults, unknown keys are refused."""
+        known = [f.name for f in fields(cls)]
+        if unknown := set(settings) - set(known):
+            raise ValueError(f"stochastic: unknown settings {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**settings)
+
+    @classmethod
+    def coerce(cls, stochastic: bool | dict | LayerConfig | None) -> LayerConfig | None:
+        """None for a deterministic model (None or False), the default layer for True, else the given settings."""
+        if stochastic is None or stochastic is False:
+            return None
+        if stochastic is True:
+            return cls()
+        if isinstance(stochastic, cls):
+            return stochastic
+        if not isinstance(stochastic, dict):
+            raise ValueError(f"stochastic must be True, False or a dict of layer settings, got {stochastic!r}")
+        return cls.from_dict(stochastic)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form: the dict a run's config.json has always stored (blocks a list, or None)."""
+        return {**asdict(self), "blocks": None if self.blocks is None else list(self.blocks)}
+
+    def layer_kwargs(self) -> dict[str, Any]:
+        """The `StochasticLinear` keywords (everything but position and blocks)."""
+        return dict(kind=self.kind, distribution=self.distribution, low=self.low, high=self.high, sharing=self.sharing)
+
+
+DEFAULT_LAYER = LayerConfig()
+DEFAULT_STOCHASTIC: dict[str, Any] = DEFAULT_LAYER.to_dict()  # its JSON form (the command line's defaults)
+
 
 # per-dataset training recipes: what a TrainConfig field left None takes. digits is tiny (1,257 training images)
 # and likes a short, hot schedule on its 8x8 model; every other dataset gets the CIFAR-size recipe.

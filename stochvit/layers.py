@@ -18,18 +18,11 @@ from typing import Literal
 import torch
 from torch import nn
 
-from .defaults import DISTRIBUTIONS, MODES, SHARINGS
+from .defaults import DEFAULT_LAYER, MODES, LayerConfig, check_choice
 
 Kind = Literal["diagonal", "full"]
 Sharing = Literal["image", "batch", "token"]
 Mode = Literal["on", "mean", "off"]
-
-
-
-def _choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
-    if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, allowed))}")
-    return value
 
 
 class RandomAtInference(nn.Module):
@@ -69,31 +62,22 @@ class StochasticLinear(RandomAtInference):
     def __init__(
         self,
         features: int,
-        kind: Kind = "diagonal",
-        distribution: str = "uniform",
-        low: float = 0.5,
-        high: float = 1.5,
-        sharing: Sharing = "image",
+        kind: Kind = DEFAULT_LAYER.kind,
+        distribution: str = DEFAULT_LAYER.distribution,
+        low: float = DEFAULT_LAYER.low,
+        high: float = DEFAULT_LAYER.high,
+        sharing: Sharing = DEFAULT_LAYER.sharing,
     ) -> None:
         super().__init__()
         if not isinstance(features, int) or features <= 0:
             raise ValueError(f"features must be a positive int, got {features!r}")
+        LayerConfig(kind=kind, distribution=distribution, low=low, high=high, sharing=sharing)  # the settings' checks
         self.features = features
-        self.kind = _choice("kind", kind, tuple(DISTRIBUTIONS))
-        self.distribution = _choice("distribution", distribution, DISTRIBUTIONS[kind])
-        self.sharing = _choice("sharing", sharing, SHARINGS)
-        if kind == "full" and sharing == "token":
-            raise ValueError("sharing='token' is only defined for kind='diagonal' (a full matrix per token is not a token map)")
-        if not (math.isfinite(low) and math.isfinite(high)):
-            raise ValueError(f"low and high must be finite, got low={low}, high={high}")
-        if low > high:
-            raise ValueError(f"low={low} must not exceed high={high} (the variance (high-low)^2/12 would be negative)")
+        self.kind, self.distribution, self.sharing = kind, distribution, sharing
         self.low, self.high = float(low), float(high)
         self.mean = (self.low + self.high) / 2
         self.var = (self.high - self.low) ** 2 / 12
         if kind == "diagonal" and distribution == "bernoulli":
-            if self.mean <= 0:
-                raise ValueError(f"distribution='bernoulli' needs a positive mean (low+high)/2, got {self.mean}")
             # values {0, m/p}: mean m, variance m^2 (1/p - 1) = var  =>  p = m^2 / (m^2 + var)
             self.keep_prob = self.mean**2 / (self.mean**2 + self.var)
 
@@ -175,7 +159,7 @@ def sampling(model: nn.Module, mode: Mode = "on") -> Iterator[nn.Module]:
 
     "on": sample (the default); "mean": the deterministic expected transform; "off": identity.
     """
-    _choice("mode", mode, MODES)
+    check_choice("mode", mode, MODES)
     layers = random_modules(model)
     if mode == "mean":
         full = [m for m in layers if isinstance(m, StochasticLinear) and m.kind == "full"]

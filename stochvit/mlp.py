@@ -14,7 +14,7 @@ import torch
 from timm.layers import Mlp
 from torch import nn
 
-from .defaults import POSITIONS
+from .defaults import DEFAULT_LAYER, LayerConfig
 from .layers import StochasticLinear
 
 Position = Literal["pre_act", "post_act", "output"]
@@ -33,29 +33,28 @@ class StochasticMlp(Mlp):
         hidden_features: int | None = None,
         out_features: int | None = None,
         *args: Any,
-        position: Position = "pre_act",
-        kind: str = "diagonal",
-        distribution: str = "uniform",
-        low: float = 0.5,
-        high: float = 1.5,
-        sharing: str = "image",
+        position: Position = DEFAULT_LAYER.position,
+        kind: str = DEFAULT_LAYER.kind,
+        distribution: str = DEFAULT_LAYER.distribution,
+        low: float = DEFAULT_LAYER.low,
+        high: float = DEFAULT_LAYER.high,
+        sharing: str = DEFAULT_LAYER.sharing,
         **kwargs: Any,
     ) -> None:
         super().__init__(in_features, hidden_features, out_features, *args, **kwargs)
         self._attach(position, dict(kind=kind, distribution=distribution, low=low, high=high, sharing=sharing))
 
     def _attach(self, position: str, layer_cfg: dict[str, Any]) -> None:
-        if position not in POSITIONS:
-            raise ValueError(f"position={position!r} is not one of {', '.join(map(repr, POSITIONS))}")
+        cfg = LayerConfig(position=position, **layer_cfg)  # the settings' checks
         if not isinstance(self.fc1, nn.Linear):
             raise ValueError("StochasticMlp needs token-last nn.Linear layers (use_conv=True is not supported)")
         self.position = position
         self.fused: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None  # act(h * s) kernel, see set_fused
         width = self.fc2.out_features if position == "output" else self.fc1.out_features
-        self.stochastic = StochasticLinear(width, **layer_cfg)
+        self.stochastic = StochasticLinear(width, **cfg.layer_kwargs())
 
     @classmethod
-    def from_mlp(cls, mlp: Mlp, position: Position = "pre_act", **layer_cfg: Any) -> StochasticMlp:
+    def from_mlp(cls, mlp: Mlp, position: Position = DEFAULT_LAYER.position, **layer_cfg: Any) -> StochasticMlp:
         """Wrap an existing `Mlp`, sharing its submodules (and so its weights)."""
         new = cls.__new__(cls)
         nn.Module.__init__(new)
@@ -146,12 +145,13 @@ def _mlps_in(model: nn.Module, blocks: Iterable[int] | None) -> list[tuple[nn.Mo
     return found
 
 
-def stochastify(model: nn.Module, blocks: Iterable[int] | None = None, position: Position = "pre_act", **layer_cfg: Any) -> int:
+def stochastify(model: nn.Module, blocks: Iterable[int] | None = None, position: Position = DEFAULT_LAYER.position,
+                **layer_cfg: Any) -> int:
     """Convert, in place, every timm `Mlp` of `model` (or of `model.blocks[i]` for i in `blocks`).
 
     Returns the number of MLPs converted. Weights are untouched.
     """
-    StochasticLinear(8, **layer_cfg)  # validate settings once, before touching the model
+    LayerConfig(position=position, **layer_cfg)  # validate the settings once, before touching the model
     converted = _mlps_in(model, blocks)
     for parent, name, mlp in converted:
         setattr(parent, name, StochasticMlp.from_mlp(mlp, position, **layer_cfg))

@@ -17,9 +17,8 @@ from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from .defaults import DEFAULT_STOCHASTIC, POSITIONS
+from .defaults import LayerConfig
 from .errors import UserError
-from .layers import StochasticLinear
 
 _SMALL_VITS: dict[str, dict[str, Any]] = {
     "vit_digits_patch2_8": dict(img_size=8, patch_size=2, in_chans=1, embed_dim=64, depth=4, num_heads=4, mlp_ratio=4.0),
@@ -98,23 +97,11 @@ def timm_config(name: str, kwargs: dict[str, Any], mean: list[float], std: list[
     return dict(architecture=architecture, num_classes=num_classes, model_args=model_args, pretrained_cfg=pretrained_cfg)
 
 
-def stochastic_config(stochastic: bool | dict | None) -> dict[str, Any] | None:
-    """Normalise `stochastic=True | False | dict` into a full layer config, or None for deterministic."""
-    if stochastic is None or stochastic is False:
-        return None
-    if stochastic is True:
-        return dict(DEFAULT_STOCHASTIC)
-    if not isinstance(stochastic, dict):
-        raise ValueError(f"stochastic must be True, False or a dict of layer settings, got {stochastic!r}")
-    unknown = set(stochastic) - set(DEFAULT_STOCHASTIC)
-    if unknown:
-        raise ValueError(f"stochastic: unknown settings {sorted(unknown)}; known: {sorted(DEFAULT_STOCHASTIC)}")
-    cfg = {**DEFAULT_STOCHASTIC, **stochastic}
-    layer = {k: v for k, v in cfg.items() if k not in ("position", "blocks")}
-    StochasticLinear(8, **layer)  # raises ValueError naming a bad setting
-    if cfg["position"] not in POSITIONS:
-        raise ValueError(f"position={cfg['position']!r} is not one of {', '.join(map(repr, POSITIONS))}")
-    return cfg
+def stochastic_config(stochastic: bool | dict | LayerConfig | None) -> dict[str, Any] | None:
+    """Normalise `stochastic=True | False | dict | LayerConfig` into the layer's full JSON form, or None for
+    deterministic; a bad setting is a ValueError naming it (`stochvit.defaults.LayerConfig`)."""
+    layer = LayerConfig.coerce(stochastic)
+    return None if layer is None else layer.to_dict()
 
 
 def create_model(name: str, stochastic: bool | dict | None = True, **timm_kwargs: Any) -> nn.Module:

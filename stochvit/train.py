@@ -34,7 +34,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .data import DataBundle, ImageSet, load_data
-from .defaults import AUGMENTS, recipe_for
+from .defaults import AUGMENTS, DEFAULT_LAYER, recipe_for
 from .errors import UserError
 from .eval.metrics import classification_metrics
 from .mlp import set_fused
@@ -54,7 +54,6 @@ from .runs import (
     write_json,
 )
 
-MAX_SCALE = 1e4  # largest |--low| / |--high| accepted: a scale of 1e308 made the sampler's range infinite
 
 @dataclass
 class TrainConfig:
@@ -72,7 +71,7 @@ class TrainConfig:
     act: str = "gelu"
     drop_rate: float = 0.0
     mc_dropout: bool = False
-    stochastic: dict | None = field(default_factory=lambda: stochastic_config(True))
+    stochastic: dict | None = field(default_factory=DEFAULT_LAYER.to_dict)  # LayerConfig's JSON form; None: off
     epochs: int | None = None  # None: from the recipe, as batch_size and lr
     batch_size: int | None = None
     lr: float | None = None
@@ -130,21 +129,14 @@ class TrainConfig:
                 continue
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not ok(v):
                 fail(name, f"a finite number {rule}")
-        layer = self.stochastic if isinstance(self.stochastic, dict) else {}
-        for side in ("low", "high"):
-            v = layer.get(side)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
-                                  or abs(v) > MAX_SCALE):
-                raise UserError(f"invalid {side}={v}: must be a finite number within +-{MAX_SCALE:g} (scales that "
-                                "large overflow the activations; the default range is 0.5..1.5)")
+        try:
+            self.stochastic = stochastic_config(self.stochastic)  # stochvit.defaults.LayerConfig's checks
+        except ValueError as e:
+            raise UserError(f"stochastic layer: {e}") from None
         if self.augment not in AUGMENTS:
             raise UserError(f"invalid augment={self.augment}; expected one of {', '.join(AUGMENTS)}")
         if self.mc_dropout and self.drop_rate <= 0:
             raise UserError("mc_dropout needs drop_rate > 0")
-        try:
-            self.stochastic = stochastic_config(self.stochastic)
-        except ValueError as e:
-            raise UserError(f"stochastic layer: {e}") from None
 
 
 def _seed_everything(seed: int) -> None:

@@ -113,6 +113,19 @@ def test_app_manifest_defaults_match_settings():
     assert "federations" not in manifest["tool"]["flwr"]  # legacy section: flwr run would rewrite the file
 
 
+def test_app_manifest_lists_the_layer_keys_of_layer_config():
+    """The manifest must list its keys statically; the stochastic layer's are LayerConfig's fields and defaults."""
+    import tomli
+
+    from stochvit.defaults import DEFAULT_LAYER
+    from stochvit.federated.settings import STOCHASTIC_KEYS
+
+    config = tomli.loads((APP_DIR / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert STOCHASTIC_KEYS == tuple(DEFAULT_LAYER.to_dict())
+    layer = {k: config[k] for k in STOCHASTIC_KEYS}
+    assert layer == {**DEFAULT_LAYER.to_dict(), "blocks": ""}  # TOML has no null: "" means every block
+
+
 def test_run_config_round_trip_and_errors():
     cfg = TrainConfig(epochs=2, batch_size=32, lr=1e-3, stochastic=dict(distribution="gaussian", blocks=[0, 2]), train_limit=500)
     cfg.validate()

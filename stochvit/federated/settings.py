@@ -7,11 +7,11 @@ plus the federated settings. `None` travels as "" (strings) or 0 (numbers) becau
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from typing import Any
 
+from ..defaults import DEFAULT_LAYER, LayerConfig
 from ..errors import UserError
-from ..models import DEFAULT_STOCHASTIC
 from ..train import TrainConfig
 from .partition import parse_partition
 
@@ -23,7 +23,7 @@ TRAIN_KEYS = {
     "precision": "precision", "eval-samples": "eval_samples",
 }
 NULLABLE = {"data_dir": "", "train_limit": 0, "img_size": 0, "clip_grad": 0.0}
-STOCHASTIC_KEYS = ("kind", "distribution", "low", "high", "sharing", "position", "blocks")
+STOCHASTIC_KEYS = tuple(f.name for f in fields(LayerConfig))  # the layer's keys: LayerConfig's fields
 
 # federated settings and their defaults (also the defaults in app/pyproject.toml, which a test keeps in sync)
 FEDERATED_DEFAULTS: dict[str, Any] = {
@@ -52,7 +52,7 @@ def to_run_config(cfg: TrainConfig, federated: dict[str, Any]) -> dict[str, Any]
     st = cfg.stochastic
     rc["stochastic"] = st is not None
     for key in STOCHASTIC_KEYS:
-        v = (st or DEFAULT_STOCHASTIC)[key]
+        v = (st or DEFAULT_LAYER.to_dict())[key]
         rc[key] = ",".join(map(str, v)) if key == "blocks" and v is not None else ("" if v is None else v)
     return {**rc, **FEDERATED_DEFAULTS, **federated}
 
