@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import re
 
 import pytest
 import timm
@@ -336,3 +337,48 @@ def test_fused_scale_falls_back_to_eager_when_compilation_fails(monkeypatch):
     for a, b in zip(fused, eager):
         torch.testing.assert_close(a, b)
     assert mlp_module._EAGER_ONLY  # later calls skip compilation
+
+
+# -- LayerConfig: the layer's one source of defaults and checks --------------------------------------------------
+
+def test_layer_config_is_the_layers_defaults_and_keeps_the_stored_json_form():
+    import inspect
+    import json
+    from pathlib import Path
+
+    from stochvit.defaults import DEFAULT_LAYER, LayerConfig
+    from stochvit.models import stochastic_config
+    from stochvit.train import TrainConfig
+
+    for cls in (stochvit.StochasticLinear, stochvit.StochasticMlp):
+        params = inspect.signature(cls).parameters
+        for name, value in DEFAULT_LAYER.to_dict().items():
+            if name in params:
+                assert params[name].default == value, (cls.__name__, name)
+    assert TrainConfig().stochastic == stochastic_config(True) == DEFAULT_LAYER.to_dict()
+    # every committed run's config.json "stochastic" dict reads back and writes out unchanged (old runs still load)
+    stored = [json.loads(p.read_text())["stochastic"] for p in Path(__file__).parents[1].glob("benchmarks/**/config.json")]
+    layers = [s for s in stored if s is not None]
+    assert layers, "no committed stochastic run directories found"
+    for s in layers:
+        assert LayerConfig.from_dict(s).to_dict() == s == stochastic_config(s)
+    assert LayerConfig.from_dict({"blocks": [0, 2]}).blocks == (0, 2)  # hashable; to_dict gives the list back
+    assert LayerConfig(blocks=(0, 2)).to_dict()["blocks"] == [0, 2]
+
+
+@pytest.mark.parametrize("settings,named", [
+    (dict(kind="sparse"), "kind='sparse'"), (dict(kind="full", distribution="bernoulli"), "distribution='bernoulli'"),
+    (dict(sharing="pixel"), "sharing='pixel'"), (dict(position="inside"), "position='inside'"),
+    (dict(kind="full", sharing="token"), "sharing='token'"), (dict(low=2.0, high=1.0), "low=2.0 must not exceed"),
+    (dict(low=float("nan")), "low=nan"), (dict(high=1e5), "high=100000.0"), (dict(low=True), "low=True"),
+    (dict(distribution="bernoulli", low=-1.0, high=0.5), "positive mean"), (dict(blocks=[0, "1"]), "blocks="),
+    (dict(colour="red"), "unknown settings"),
+])
+def test_layer_config_refuses_bad_settings_naming_them(settings, named):
+    from stochvit.defaults import LayerConfig
+
+    with pytest.raises(ValueError, match=re.escape(named)):
+        LayerConfig.from_dict(settings)
+    if "colour" not in settings and "blocks" not in settings and "position" not in settings:
+        with pytest.raises(ValueError, match=re.escape(named)):  # the layer itself gives the same refusal
+            stochvit.StochasticLinear(8, **settings)
