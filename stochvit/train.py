@@ -416,8 +416,11 @@ def prepare(cfg: TrainConfig, path: Path, resumed: bool = False) -> Training:
     start = restore_checkpoint(ckpt, model, opt, sched) if ckpt else 0
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     sampler = torch.utils.data.DistributedSampler(data.train, seed=cfg.seed) if world > 1 else None
+    # Workers are not persistent: each epoch's iterator draws the workers' base seed (and the shuffle) from the global
+    # torch RNG, which the checkpoint restores at the epoch boundary, so `--resume` stays bit-exact with --workers N.
+    # Persistent workers carried their augmentation RNG across epochs, a state no checkpoint holds.
     loader = torch.utils.data.DataLoader(data.train, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
-                                         num_workers=cfg.workers, drop_last=False, persistent_workers=cfg.workers > 0)
+                                         num_workers=cfg.workers, drop_last=False)
     adv_step = None
     if cfg.adv:
         from .eval.attacks import adversarial_step
