@@ -153,7 +153,20 @@ def check_output_dir(out: Path, settings: dict, marker: str, overwrite: bool = F
 def read_metrics(path: Path) -> list[dict]:
     """The rows of a run's metrics.jsonl (one per epoch or round); [] when there is none yet. The one reader."""
     f = Path(path) / "metrics.jsonl"
-    return [json.loads(line) for line in f.read_text().splitlines() if line.strip()] if f.exists() else []
+    if not f.exists():
+        return []
+    rows = []
+    for n, line in enumerate(f.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            row = e
+        if not isinstance(row, dict) or not isinstance(row.get("epoch"), int):  # truncated or edited by hand
+            raise UserError(f"{f} line {n} is not a metrics row ({line[:60]!r}); restore the file or remove that line")
+        rows.append(row)
+    return rows
 
 
 def pyplot():

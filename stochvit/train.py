@@ -49,6 +49,7 @@ from .runs import (
     finalize_run,
     load_weights,
     read_json,
+    read_metrics,
     run_config,
     run_lock,
     write_json,
@@ -198,23 +199,48 @@ def save_checkpoint(path: Path, model: nn.Module, opt, sched, epoch: int) -> Non
     atomic_write_bytes(path / "checkpoint.pt", buf.getvalue())
 
 
+CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "epoch", "rng")
+
+
 def load_checkpoint(path: Path) -> dict:
-    """A run directory's checkpoint.pt ({} when there is none yet), loaded with weights_only=True: no code runs."""
+    """A run directory's checkpoint.pt ({} when there is none yet), loaded with weights_only=True: no code runs.
+
+    Every entry `--resume` needs must be there; an empty, truncated or foreign file is one line, not a traceback.
+    """
+    f = path / "checkpoint.pt"
     try:
-        return torch.load(path / "checkpoint.pt", weights_only=True)
+        if f.is_file() and f.stat().st_size == 0:
+            raise UserError(f"{f} is empty (0 bytes); it cannot be resumed, so start a new run")
+        ckpt = torch.load(f, weights_only=True)
     except FileNotFoundError:
         return {}
-    except Exception as e:  # unpickling refused or truncated file
-        raise UserError(f"cannot load {path / 'checkpoint.pt'} safely: {e}") from None
+    except UserError:
+        raise
+    except Exception as e:  # unpickling refused, truncated file, a directory
+        raise UserError(f"cannot load {f} safely: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")\
+            from None
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise UserError(f"{f} lacks {', '.join(missing)}: not a stochvit training checkpoint, so it cannot be resumed")
+    return ckpt
 
 
-def restore_checkpoint(ckpt: dict, model: nn.Module, opt, sched) -> int:
-    """Load a checkpoint's model, optimiser, schedule and RNG states; returns the first epoch still to train."""
-    model.load_state_dict(ckpt["model"])
-    opt.load_state_dict(ckpt["optimizer"])
-    sched.load_state_dict(ckpt["scheduler"])
-    _set_rng_state(ckpt["rng"])
-    return ckpt["epoch"] + 1
+def restore_checkpoint(ckpt: dict, model: nn.Module, opt, sched, path: Path | None = None) -> int:
+    """Load a checkpoint's model, optimiser, schedule and RNG states; returns the first epoch still to train.
+
+    A checkpoint from another model (or a config.json edited to another model) is one line, not torch's 70.
+    """
+    try:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        _set_rng_state(ckpt["rng"])
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
+        first = " ".join(str(e).strip().splitlines()[:2])[:300]
+        where = f"{path / 'checkpoint.pt'} does not fit the model in {path / 'config.json'}" if path else \
+            "the checkpoint does not fit the model"
+        raise UserError(f"{where} ({first}); was either file replaced or edited?") from None
+    return int(ckpt["epoch"]) + 1
 
 
 def _distributed() -> tuple[int, int]:
@@ -413,7 +439,12 @@ def prepare(cfg: TrainConfig, path: Path, resumed: bool = False) -> Training:
         load_weights(model.net, path / cfg.init_weights)
     steps_per_epoch = math.ceil(len(data.train) / (cfg.batch_size * world))
     opt, sched = make_optimizer(model, cfg, steps_per_epoch)
-    start = restore_checkpoint(ckpt, model, opt, sched) if ckpt else 0
+    start = restore_checkpoint(ckpt, model, opt, sched, path) if ckpt else 0
+    if ckpt:
+        done = sorted({r["epoch"] for r in read_metrics(path) if r["epoch"] < start})
+        if done != list(range(start)):  # before training: a deleted or cut metrics.jsonl would misreport the run
+            raise UserError(f"{path / 'metrics.jsonl'} has rows for epochs {done} but checkpoint.pt is at epoch "
+                            f"{start - 1} (counting from 0); restore metrics.jsonl to resume")
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     sampler = torch.utils.data.DistributedSampler(data.train, seed=cfg.seed) if world > 1 else None
     # Workers are not persistent: each epoch's iterator draws the workers' base seed (and the shuffle) from the global

@@ -317,3 +317,79 @@ def test_resume_with_workers_is_bit_exact_tensor_by_tensor(tmp_path, monkeypatch
     assert differ == [], f"{len(differ)} tensors differ, e.g. {differ[:3]}"
     rows = [[json.loads(r) for r in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("full", "killed")]
     assert [r["train_loss"] for r in rows[0]] == [r["train_loss"] for r in rows[1]]
+
+
+# --- --resume of a damaged or edited run: one line, exit 2, before any training --------------------------------
+
+
+@pytest.fixture(scope="module")
+def one_epoch_left(tmp_path_factory) -> Path:
+    """A run with its epoch-0 checkpoint and one epoch still to train (config.json says 2 epochs)."""
+    run = train(TrainConfig(**QUICK), out=tmp_path_factory.mktemp("resumable") / "run", quiet=True)
+    (run / "summary.json").unlink()
+    config = json.loads((run / "config.json").read_text())
+    config["train"]["epochs"] = 2
+    (run / "config.json").write_text(json.dumps(config))
+    return run
+
+
+def _edit_json(path: Path, edit) -> None:
+    obj = json.loads(path.read_text())
+    path.write_text(json.dumps(edit(obj)))
+
+
+def _edit_checkpoint(path: Path, edit) -> None:
+    ckpt = torch.load(path, weights_only=True)
+    edit(ckpt)
+    torch.save(ckpt, path)
+
+
+def _config_other_model(c):
+    c["train"]["model"] = "vit_tiny_patch4_32"  # builds on 8x8 images, but is 192 wide, not 64
+    return c
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda r: _edit_json(r / "config.json", lambda c: {k: v for k, v in c.items() if k != "train"}), "no `train` settings"),
+    (lambda r: (r / "config.json").write_text("[]"), "no `train` settings"),
+    (lambda r: _edit_json(r / "config.json", _config_other_model), "checkpoint.pt does not fit the model in .*config.json"),
+    (lambda r: _edit_checkpoint(r / "checkpoint.pt", lambda c: c["model"].update({"net.head.weight": torch.zeros(3, 64)})),
+     "checkpoint.pt does not fit the model .*head.weight"),
+    (lambda r: _edit_checkpoint(r / "checkpoint.pt", lambda c: c.pop("rng")), "checkpoint.pt lacks rng: not a stochvit"),
+    (lambda r: (r / "checkpoint.pt").write_bytes(b""), r"checkpoint.pt is empty \(0 bytes\)"),
+    (lambda r: (r / "metrics.jsonl").write_text((r / "metrics.jsonl").read_text()[:-30]),
+     "metrics.jsonl line 1 is not a metrics row"),
+    (lambda r: (r / "metrics.jsonl").unlink(), r"metrics.jsonl has rows for epochs \[\] but checkpoint.pt is at epoch 0"),
+], ids=["no-train", "list", "config-other-model", "checkpoint-other-model", "no-rng", "empty-checkpoint",
+        "truncated-metrics", "deleted-metrics"])
+def test_a_damaged_run_is_refused_in_one_line_before_training(one_epoch_left, tmp_path, monkeypatch, capsys, damage,
+                                                              message):
+    import re
+    import shutil
+
+    run = Path(shutil.copytree(one_epoch_left, tmp_path / "run"))
+    damage(run)
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("an epoch was trained before the damage was noticed")
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", no_training)
+    assert main(["train", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(message, err), err
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before, "nothing was rewritten"
+
+
+def test_resume_of_a_file_is_refused_in_one_line(one_epoch_left, capsys):
+    assert main(["train", "--resume", str(one_epoch_left / "config.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "config.json: not a run directory" in err, err
+
+
+def test_the_undamaged_copy_resumes(one_epoch_left, tmp_path):
+    """The control for the damaged cases: the same copy, untouched, trains its second epoch and finishes."""
+    import shutil
+
+    run = Path(shutil.copytree(one_epoch_left, tmp_path / "run"))
+    assert json.loads((train(resume=run, quiet=True) / "summary.json").read_text())["epochs"] == 2
