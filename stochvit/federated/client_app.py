@@ -7,12 +7,15 @@ The handlers only unpack and pack Flower messages; the model, the node's data an
 from __future__ import annotations
 
 import json
+import os
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from . import task
+
+FAIL_ENV = "STOCHVIT_FED_FAIL_FROM_ROUND"  # fault injection for the tests: every client fails from this round on
 
 app = ClientApp()
 
@@ -27,6 +30,9 @@ def _setup(msg: Message) -> tuple[dict, ArrayRecord, ConfigRecord]:
 def train(msg: Message, context: Context) -> Message:
     """Train the global model on local data; reply with the new weights and `num-examples` for FedAvg."""
     config, arrays, cfg_record = _setup(msg)
+    fail_from = int(os.environ.get(FAIL_ENV, "0"))
+    if fail_from and int(cfg_record["server-round"]) >= fail_from:
+        raise RuntimeError(f"{FAIL_ENV}={fail_from}: this client fails from round {fail_from} on (fault injection)")
     new, metrics = task.local_update(config, arrays, context.node_config, int(cfg_record["server-round"]))
     return Message(content=RecordDict({"arrays": new, "metrics": MetricRecord(metrics)}), reply_to=msg)
 

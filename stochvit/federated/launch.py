@@ -6,14 +6,18 @@ same with real `flower-supernode` processes (docs/federated.md). Facts this reli
   * `flwr run` returns once the run is submitted; its state comes from `flwr ls <conn> --run-id ID --format json`
     (`flwr run --stream` exits 0 even when the run failed);
   * without FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 every run tries to `uv sync` (downloads torch).
-The SuperLink starts in its own session (process group), so stopping the group also stops what it spawned
-(the simulation process with the ServerApp, and Ray's processes).
+The SuperLink starts in its own session (process group) and dies with us (PR_SET_PDEATHSIG); what it spawns in
+sessions of its own (the simulation process with the ServerApp, Ray's daemons) carries our FLWR_HOME or Ray temp dir,
+and `close()` ends it on every exit path, or, after a SIGKILL of this process, the watchdog (`stochvit.procs`).
+Children find flwr's executables on PATH: this interpreter's bin directory comes first there, so a virtual
+environment run by its full path (pipx, cron, CI) works without being activated.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -25,6 +29,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import UserError
+from ..procs import (
+    child_dies_with_parent,
+    cleanup,
+    processes_with,  # noqa: F401 (re-exported: the tests look for leftovers with it)
+    signal_group,
+    start_watchdog,
+    stop_watchdog,
+)
 
 APP_DIR = Path(__file__).resolve().parent / "app"
 CONNECTION = "stochvit"
@@ -40,11 +52,23 @@ def free_port() -> int:
 def flwr_env(home: Path, ray_tmp: Path | None = None) -> dict[str, str]:
     """Environment for flwr processes: own FLWR_HOME, no telemetry, update checks or `uv sync`, one thread per node."""
     env = dict(os.environ)
+    bin_dir = str(Path(sys.executable).parent)  # flower-superlink starts flower-superexec from PATH
+    env["PATH"] = os.pathsep.join([bin_dir, *[p for p in env.get("PATH", "").split(os.pathsep) if p and p != bin_dir]])
     env.update(FLWR_HOME=str(home), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", FLWR_TELEMETRY_ENABLED="0",
                FLWR_DISABLE_UPDATE_CHECK="1", RAY_USAGE_STATS_ENABLED="0", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     if ray_tmp is not None:
         env["RAY_TMPDIR"] = str(ray_tmp)
     return env
+
+
+def last_error_line(log: Path) -> str:
+    """The last line of a Flower log that names an error (else its last line): what to print when a process dies."""
+    try:
+        lines = [line.strip() for line in Path(log).read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return ""
+    errors = [line for line in lines if re.search(r"error|exception|failed|not found", line, re.IGNORECASE)]
+    return (errors or lines or [""])[-1][:300]
 
 
 def _binary(name: str) -> str:
@@ -72,21 +96,25 @@ class Federation:
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
+        self.watchdog: subprocess.Popen | None = None
 
     def start(self) -> Federation:
         for d in (self.home, self.logs):
             d.mkdir(parents=True, exist_ok=True)
         (self.home / "config.toml").write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "{self.address}"\ninsecure = true\n')
+        self.watchdog = start_watchdog(f"FLWR_HOME={self.home}", str(self.ray_tmp), [str(self.ray_tmp), str(self.workdir)])
         argv = [_binary("flower-superlink"), "--insecure", "--simulation", "--host", "127.0.0.1", "--port", str(self.port),
                 "--disable-runtime-dependency-installation"]
         with open(self.logs / "superlink.log", "ab") as log:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.workdir,
-                                         start_new_session=True)
+                                         start_new_session=True, preexec_fn=child_dies_with_parent)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise UserError(f"flower-superlink exited with status {self.proc.returncode}; see {self.logs / 'superlink.log'}")
+                log = self.logs / "superlink.log"
+                raise UserError(f"flower-superlink exited with status {self.proc.returncode}: {last_error_line(log)} "
+                                f"(see {log})")
             with socket.socket() as s:
                 if s.connect_ex(("127.0.0.1", self.port)) == 0:
                     return self
@@ -95,17 +123,19 @@ class Federation:
         raise UserError(f"flower-superlink did not open port {self.port} within 120 s; see {self.logs / 'superlink.log'}")
 
     def close(self, grace: float = 15) -> None:
-        """Stop the SuperLink's process group, then every process that inherited our FLWR_HOME (the simulation
-        process and Ray's daemons and actors start sessions of their own), by PID: SIGTERM, SIGKILL after `grace` s."""
+        """Stop the SuperLink's process group, then every process that inherited our FLWR_HOME or names our Ray temp
+        dir (the simulation process and Ray's daemons and actors start sessions of their own), by PID: SIGTERM,
+        SIGKILL after `grace` s; remove the temp dirs. Then the watchdog, which has nothing left to do."""
         if self.proc is not None:
-            _signal_group(self.proc.pid, signal.SIGTERM)
+            signal_group(self.proc.pid, signal.SIGTERM)
             try:
                 self.proc.wait(timeout=grace)
             except subprocess.TimeoutExpired:
-                _signal_group(self.proc.pid, signal.SIGKILL)
+                signal_group(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
-        stop_processes_with(f"FLWR_HOME={self.home}", grace)
-        shutil.rmtree(self.ray_tmp, ignore_errors=True)
+        cleanup(f"FLWR_HOME={self.home}", str(self.ray_tmp), [str(self.ray_tmp)], grace)
+        if self.watchdog is not None:
+            stop_watchdog(self.watchdog)
 
     def __enter__(self) -> Federation:
         return self.start()
@@ -136,15 +166,23 @@ class Federation:
 
     def status(self, run_id: int) -> str:
         """The run's status, e.g. "pending", "running", "finished:completed", "finished:failed"."""
+        return str(self._ls(run_id).get("status", "unknown"))
+
+    def failure_reason(self, run_id: int) -> str:
+        """The last line of a failed run's reason (Flower's status details, e.g. the ServerApp's exception)."""
+        lines = [line.strip() for line in str(self._ls(run_id).get("status-details", "")).splitlines() if line.strip()]
+        return lines[-1] if lines else ""
+
+    def _ls(self, run_id: int) -> dict:
         try:
             done = self._flwr("ls", CONNECTION, "--run-id", str(run_id), "--format", "json", timeout=180)
         except subprocess.TimeoutExpired:  # a loaded machine: ask again later
-            return "unknown"
+            return {}
         try:
-            runs = json.loads(done.stdout)["runs"]
-            return str(runs[0]["status"])
+            run = json.loads(done.stdout)["runs"][0]
         except (json.JSONDecodeError, KeyError, IndexError, TypeError):
-            return "unknown"
+            return {}
+        return run if isinstance(run, dict) else {}
 
     def wait(self, run_id: int, timeout: float, done: Callable[[], bool] | None = None, status_every: float = 15) -> str:
         """Wait until the run finishes; returns its status. `done()` is polled each second (cheap: files), `flwr ls`
@@ -160,7 +198,8 @@ class Federation:
                 if status.startswith("finished"):
                     return status
             if self.proc is not None and self.proc.poll() is not None:
-                raise UserError(f"the SuperLink exited (status {self.proc.returncode}); see {self.logs}")
+                log = self.logs / "superlink.log"
+                raise UserError(f"the SuperLink exited (status {self.proc.returncode}): {last_error_line(log)} (see {log})")
             time.sleep(1)
         try:
             self._flwr("stop", str(run_id), CONNECTION, timeout=180)
@@ -175,41 +214,3 @@ class Federation:
         except subprocess.TimeoutExpired:
             return "(flwr log timed out)"
         return done.stdout + done.stderr
-
-
-def processes_with(entry: str) -> list[int]:
-    """PIDs (not ours) whose environment holds `entry` ("KEY=value"); Linux /proc, empty elsewhere."""
-    needle = b"\0" + entry.encode() + b"\0"
-    found = []
-    for d in Path("/proc").glob("[0-9]*"):
-        try:
-            if int(d.name) != os.getpid() and needle in b"\0" + (d / "environ").read_bytes() + b"\0":
-                found.append(int(d.name))
-        except (OSError, ValueError):
-            pass
-    return found
-
-
-def stop_processes_with(entry: str, grace: float = 15) -> None:
-    """SIGTERM the processes whose environment holds `entry`, SIGKILL those left after `grace` seconds."""
-    for pid in processes_with(entry):
-        _signal(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while (left := processes_with(entry)) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    for pid in left:
-        _signal(pid, signal.SIGKILL)
-
-
-def _signal(pid: int, sig: int) -> None:
-    try:
-        os.kill(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _signal_group(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass

@@ -9,7 +9,8 @@ The ServerApp owns the output directory (`out-dir` in the run config):
     model.safetensors, summary.json, curves.png   via stochvit.runs.finalize_run (summary.json last)
 so `stochvit evaluate`, `calibration`, `robustness` and `privacy` load the result like any trained run.
 
-`FedAvg` comes from `flwr.serverapp.strategy`; `TrackedFedAvg` only records who took part in each round.
+`FedAvg` comes from `flwr.serverapp.strategy`; `TrackedFedAvg` records who took part in each round, and fails the
+run at the first round with fewer replies than min-clients (fewer than expected but enough is tolerated and recorded).
 """
 
 from __future__ import annotations
@@ -58,6 +59,10 @@ class TrackedFedAvg(FedAvg):
         rec.update(replied=len(ok), failed=rec["sampled"] - len(ok),
                    missing_nodes=[n for n in rec["sampled_nodes"] if n not in replied],
                    errors=[m.error.reason for m in replies if m.has_error()])
+        if len(ok) < self.min_train_nodes:  # FedAvg would go on with the old model and a NaN loss, and report success
+            last = rec["errors"][-1].strip().splitlines()[-1] if rec["errors"] and rec["errors"][-1].strip() else "none"
+            raise UserError(f"round {server_round} failed: {len(ok)} of {rec['sampled']} sampled clients replied, fewer "
+                            f"than --min-clients {self.min_train_nodes} (last client error: {last[:200]})")
         arrays, metrics = super().aggregate_train(server_round, replies)
         rec["train"] = dict(metrics) if metrics is not None else {}
         return arrays, metrics

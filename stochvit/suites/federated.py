@@ -9,6 +9,7 @@ directory's metrics.jsonl, and stops the SuperLink by PID. Real deployments use 
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 import time
 from dataclasses import replace
@@ -42,19 +43,39 @@ def federated_run_config(s: Settings) -> dict:
 
 
 def run(s: Settings) -> Path:
-    """Simulate the federation (what `stochvit federated` does); returns the finished run directory."""
-    import tomli_w
-    from tqdm import tqdm
+    """Simulate the federation (what `stochvit federated` does); returns the finished run directory.
 
-    from ..federated.launch import FINISHED, Federation
-    from ..runs import read_metrics
+    The run directory is locked (`stochvit.runs.run_lock`) throughout. A run that fails or is interrupted leaves
+    only `logs/` in it (a federated run cannot be resumed), and its reason in one line: the ServerApp's last
+    words, e.g. a round with fewer replies than min-clients.
+    """
+    from ..runs import LOCK_FILE, run_lock
 
     if s.cpus_per_client < 1:
         raise UserError(f"cpus_per_client={s.cpus_per_client} must be a positive integer")
     rc = federated_run_config(s)
     out = Path(rc["out-dir"])
+    if out.exists() and not out.is_dir():
+        raise UserError(f"out {out} is a file, not a directory; choose a new out")
     if out.exists() and any(out.iterdir()):
         raise UserError(f"output directory {out} is not empty; choose a new out")
+    with run_lock(out):
+        try:
+            return _run(s, rc, out)
+        except BaseException:
+            for f in out.iterdir():  # what the ServerApp wrote (the directory was empty): a failed run is not resumable
+                if f.name not in ("logs", LOCK_FILE):
+                    shutil.rmtree(f) if f.is_dir() and not f.is_symlink() else f.unlink(missing_ok=True)
+            raise
+
+
+def _run(s: Settings, rc: dict, out: Path) -> Path:
+    import tomli_w
+    from tqdm import tqdm
+
+    from ..federated.launch import FINISHED, Federation, last_error_line
+    from ..runs import read_metrics
+
     logs = out / "logs"
     logs.mkdir(parents=True)
     (logs / "run-config.toml").write_text(tomli_w.dumps(rc))
@@ -83,9 +104,11 @@ def run(s: Settings) -> Path:
             bar.close()
         progress()
         if status != FINISHED or not (out / "summary.json").exists():
-            (logs / "serverapp.log").write_text(fed.logs_of(run_id))
-            raise UserError(f"federated run {run_id} ended as {status!r} without a finished run directory; "
-                            f"see {logs / 'serverapp.log'}")
+            log = logs / "serverapp.log"
+            log.write_text(fed.logs_of(run_id))
+            reason = fed.failure_reason(run_id) or last_error_line(log) or "no reason given"
+            raise UserError(f"federated run {run_id} ended as {status!r}: {reason}; the run directory keeps only "
+                            f"logs/ (see {log})")
     summary = json.loads((out / "summary.json").read_text())
     t = summary["test"]
     fewer = summary["federated"]["rounds_with_fewer_clients"]

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ from typing import Any
 import torch
 
 from ..errors import UserError
+from ..procs import child_dies_with_parent
 from ..train import TrainConfig
 
 # settings that do not change what a run learns, so a finished run is reused even if they differ
@@ -167,15 +167,6 @@ def _canonical(key: str, value: Any) -> Any:
     return value
 
 
-def _child_dies_with_parent() -> None:  # preexec_fn: SIGKILL of the driver must not leave trainings behind
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
 def _train_command(spec: StudySpec, method: str, seed: int, status: str) -> list[str]:
     path = str(spec.run_dir(method, seed))
     if status == "partial":
@@ -202,7 +193,7 @@ def train_missing(spec: StudySpec, log=print) -> dict[str, float]:
             log(f"study {spec.name}: {'resuming' if status == 'partial' else 'training'} {name}")
             logf = open(spec.out / "logs" / f"{name}.log", "a")  # noqa: SIM115 (closed when the child ends)
             proc = subprocess.Popen(_train_command(spec, m, s, status), stdout=logf, stderr=subprocess.STDOUT, env=env,
-                                    preexec_fn=_child_dies_with_parent)
+                                    preexec_fn=child_dies_with_parent)  # SIGKILL of the driver: none left
             running.append((proc, name, time.perf_counter(), logf))
         time.sleep(0.5)
         for item in list(running):
