@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import uuid
@@ -249,3 +250,96 @@ def test_relative_data_paths_reach_the_flower_apps_absolute(tmp_path, monkeypatc
     cfg, _ = from_run_config(federated_run_config(settings_from_args(a)))
     assert cfg.data == f"imagefolder:{tmp_path / 'imgs'}:classes=0-1"
     assert cfg.data_dir == str(tmp_path / "tv")
+
+
+# -- failures and interruptions: one line, nothing half-written, nothing left running --------------------------
+def _clean_path() -> str:
+    """PATH without this interpreter's bin directory or pyenv shims: as cron, pipx or CI run `/venv/bin/stochvit`."""
+    bin_dir = str(Path(sys.executable).parent)
+    path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if p != bin_dir and "shims" not in p)
+    import shutil
+
+    assert shutil.which("flower-superexec", path=path) is None, "precondition: flwr's scripts are not on PATH"
+    return path
+
+
+def _cli(out: Path, tmp: Path, *args: str, **env: str) -> subprocess.Popen:
+    """`stochvit federated` by its full path, in its own session, temp folders under `tmp` (short: Ray's sockets)."""
+    env = {**os.environ, "PATH": _clean_path(), "TMPDIR": str(tmp), "OMP_NUM_THREADS": "1", **env}
+    cmd = [str(Path(sys.executable).with_name("stochvit")), "federated", "--out", str(out), "--eval-samples", "2",
+           "--clients", "2", "--train-limit", "200", "--fraction-evaluate", "0", *args]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def _gone(marker_value: str, tmp: Path, seconds: float = 90) -> tuple[list[int], list[str]]:
+    """Wait until no marked process and no temp folder is left; returns what is left after `seconds`."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while (left := (leftovers(marker_value), sorted(p.name for p in tmp.iterdir()))) != ([], []) \
+            and time.monotonic() < deadline:
+        time.sleep(1)
+    return left
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+@pytest.fixture
+def short_tmp():
+    import shutil
+    import tempfile
+
+    d = Path(tempfile.mkdtemp(prefix="svt", dir="/tmp"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_a_round_below_min_clients_fails_the_run_in_one_line_without_activated_env(tmp_path, marker, short_tmp):
+    """Run by full path with flwr's scripts off PATH; every client fails from round 2: exit 2, the round named,
+    the client's error quoted, only logs/ left in --out, no process or temp folder left."""
+    from stochvit.federated.client_app import FAIL_ENV
+
+    out = tmp_path / "fed"
+    proc = _cli(out, short_tmp, "--rounds", "3", **{FAIL_ENV: "2"})
+    stdout, stderr = proc.communicate(timeout=600)
+    lines = [line for line in stderr.replace("\r", "\n").splitlines() if line.strip()]
+    assert proc.returncode == 2 and "Traceback" not in stderr, stderr[-3000:]
+    assert lines[-1].startswith("stochvit federated: error: federated run"), lines[-3:]
+    assert "round 2 failed: 0 of 2 sampled clients replied, fewer than --min-clients 2" in lines[-1], lines[-1]
+    assert f"{FAIL_ENV}=2: this client fails" in lines[-1] and "keeps only logs/" in lines[-1], lines[-1]
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "logs"]
+    assert "round   1/3" in stdout  # round 1 ran with both clients
+    assert _gone(marker, short_tmp) == ([], [])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "sigkill"])
+def test_interrupting_the_cli_leaves_no_process_and_no_temp_folder(tmp_path, marker, short_tmp, sig):
+    """Ctrl-C (SIGINT to the CLI's process group, as a terminal sends it) or SIGKILL of the CLI while Ray runs the
+    clients: every Flower and Ray process ends (Ray's agents ignore SIGTERM), the temp folders go."""
+    import time
+
+    out = tmp_path / "fed"
+    proc = _cli(out, short_tmp, "--rounds", "50")
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:  # until Ray's daemons run
+        if any(b"raylet" in _cmdline(p) for p in leftovers(marker)):
+            break
+        time.sleep(1)
+    else:
+        pytest.fail(f"Ray did not start: {proc.communicate()[1][-2000:]}")
+    time.sleep(5)  # the simulation's actors are starting
+    (os.killpg if sig == signal.SIGINT else os.kill)(proc.pid, sig)  # our own child (and its group), by id
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == (130 if sig == signal.SIGINT else -signal.SIGKILL), stderr[-2000:]
+    if sig == signal.SIGINT:
+        assert stderr.strip().splitlines()[-1] == "stochvit federated: interrupted", stderr[-2000:]
+        assert sorted(p.name for p in out.iterdir()) == [".lock", "logs"]
+    assert _gone(marker, short_tmp) == ([], [])
