@@ -208,7 +208,7 @@ def _decode_folder(root: Path, samples: list[tuple[str, str]], class_index: dict
         try:
             img = decode_image(read_file(path), mode=ImageReadMode.RGB)
         except RuntimeError as e:
-            raise UserError(f"cannot decode image {path}: {e}") from None
+            img = _decode_with_pil(path, e)
         if resize is not None:
             img = resize(img)
         elif size is None:
@@ -218,6 +218,19 @@ def _decode_folder(root: Path, samples: list[tuple[str, str]], class_index: dict
                             "pass --img-size to resize all")
         images.append(img)
     return torch.stack(images), torch.tensor([class_index[c] for _, c in samples])
+
+
+def _decode_with_pil(path: str, error: RuntimeError) -> torch.Tensor:
+    """BMP, PPM, PGM and TIFF, which torchvision lists as image files but does not decode: through PIL (RGB)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            rgb = np.asarray(im.convert("RGB"))
+    except (OSError, UnidentifiedImageError, ValueError):
+        first = (str(error).strip().splitlines() or [""])[-1].split(". ")[0][-200:]
+        raise UserError(f"cannot decode image {path}: {first}") from None
+    return torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous()
 
 
 def _load_folders(root: Path, img_size: int | None) -> tuple[tuple[torch.Tensor, torch.Tensor, list[str]], dict]:
@@ -233,6 +246,8 @@ def _load_folders(root: Path, img_size: int | None) -> tuple[tuple[torch.Tensor,
     seen: dict[tuple[int, int], str] = {}
     train_root = parts.pop("train", root)
     names, samples = _list_folder(train_root, seen)
+    if len(names) < 2:  # a classifier of one class fails in torchmetrics after the first epoch
+        raise UserError(f"{train_root} has only one class folder ({names[0]}); a classifier needs at least two")
     listed = {p: _list_folder(d, seen) for p, d in parts.items()}
     for p, (classes, _) in listed.items():
         unknown = [c for c in classes if c not in names]

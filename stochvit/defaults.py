@@ -72,6 +72,9 @@ class LayerConfig:
                                                                  for b in self.blocks)
             if not ok:
                 raise ValueError(f"blocks={self.blocks!r} must be a list of block indices (or None: every block)")
+            if not self.blocks:  # an empty list used to surface as the model "has no timm Mlp"
+                raise ValueError("blocks is empty: give block indices such as 0,1 (None for every block; a deterministic "
+                                 "model has no stochastic layer at all)")
             object.__setattr__(self, "blocks", tuple(self.blocks))
 
     @classmethod

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .defaults import DEFAULT_LAYER, MODES, LayerConfig, check_choice
+from .errors import UserError
 
 Kind = Literal["diagonal", "full"]
 Sharing = Literal["image", "batch", "token"]
@@ -132,7 +133,7 @@ class StochasticLinear(RandomAtInference):
             return x
         if self.mode == "mean":
             if self.kind == "full":
-                raise ValueError("mode='mean' is undefined for kind='full': the expected random matrix is zero")
+                raise UserError("mode='mean' is undefined for kind='full': the expected random matrix is zero")
             return x.mul_(self.mean) if inplace else x * self.mean
         w = self.draw(x)
         if self.kind == "diagonal":
@@ -164,7 +165,8 @@ def sampling(model: nn.Module, mode: Mode = "on") -> Iterator[nn.Module]:
     if mode == "mean":
         full = [m for m in layers if isinstance(m, StochasticLinear) and m.kind == "full"]
         if full:
-            raise ValueError("mode='mean' is undefined for kind='full' layers: their expected matrix is zero; use 'on' or 'off'")
+            raise UserError("mode='mean' is undefined for kind='full' layers (their expected matrix is zero); "
+                            "use mode 'on' or 'off'")
     previous = [m.mode for m in layers]
     for m in layers:
         m.mode = mode

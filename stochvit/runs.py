@@ -16,8 +16,10 @@ import fcntl
 import io
 import json
 import os
+import pickle
 import platform
 import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
@@ -86,6 +88,29 @@ def run_lock(path: Path) -> Iterator[Path]:
         os.close(fd)
 
 
+def check_writable(path: str | Path, name: str = "out") -> Path:
+    """Check, before any work, that `path` can become an output folder; creates nothing.
+
+    A file there, a path under /proc or on a read-only mount used to fail as a traceback after the computation;
+    now it is one line naming the setting. The probe is a temp file in the nearest existing folder, removed at once.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{name} {path} is a file, not a directory; choose another {name}")
+    folder = path.absolute()
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UserError(f"{name} {path}: {folder} is a file, not a directory; choose another {name}")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".stochvit-write-test-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"{name} {path}: cannot write in {folder} ({e.strerror or e}); choose another {name}") from None
+    return path
+
+
 def write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, default=float) + "\n").encode())
 
@@ -148,6 +173,7 @@ def check_output_dir(out: Path, settings: dict, marker: str, overwrite: bool = F
         elif older and not overwrite:
             raise UserError(f"{out} holds a report without a settings record; choose another output or allow "
                             "replacing it (overwrite)")
+    check_writable(out)
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -232,15 +258,35 @@ def read_json(path: Path, what: str) -> dict:
         raise UserError(f"{path} is not valid JSON ({e})") from None
 
 
-def load_weights(model: nn.Module, path: Path) -> None:
-    """Load a safetensors state dict into `model`, turning mismatches into a clear error."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from a local .safetensors or .pth file; never executes code from the file (`weights_only=True`).
 
+    The one reader of weight files: `--init-weights`, `transfer --weights` and every run's model.safetensors."""
+    from timm.models import load_state_dict
+
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise UserError(f"weights file {p} is a directory, not a .safetensors or .pth file")
+    if not p.is_file():
+        raise UserError(f"weights file {p} does not exist")
     try:
-        state = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"cannot read weights {path}: {e}") from None
+        state = load_state_dict(str(p), use_ema=True, weights_only=True)
+    except Exception as e:  # refused pickle, truncated zip, corrupt safetensors header, not a checkpoint at all
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        if isinstance(e, pickle.UnpicklingError) or "weights_only" in first or "Weights only" in first:
+            raise UserError(f"refusing to load {p}: it holds Python objects beyond tensors, and unpickling them could run "
+                            f"code ({first}); save a plain state dict (torch.save(model.state_dict()) or safetensors)") from None
+        raise UserError(f"cannot read weights {p}: not a readable .safetensors or .pth state dict "
+                        f"({type(e).__name__}: {first})") from None
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)} if isinstance(state, dict) else {}
+    if not tensors:
+        raise UserError(f"{p} holds no tensors: expected a model state dict (optionally under 'state_dict' or 'model')")
+    return tensors
+
+
+def load_weights(model: nn.Module, path: Path) -> None:
+    """Load a .safetensors (or plain .pth) state dict into `model`, turning mismatches into a clear error."""
+    state = read_weights(path)
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
@@ -251,6 +297,8 @@ def load_weights(model: nn.Module, path: Path) -> None:
 def load_run(path: str | Path) -> Run:
     """Rebuild a finished run's model (in eval mode) from its directory."""
     path = Path(path)
+    if path.is_file():
+        raise UserError(f"{path} is a file; give the run directory that holds it ({path.parent})")
     if not path.is_dir():
         raise UserError(f"run directory {path} does not exist")
     config = read_json(path / "config.json", "not a stochvit run directory")

@@ -46,6 +46,7 @@ from .runs import (
     Curves,
     atomic_write_bytes,
     build_model,
+    check_writable,
     finalize_run,
     load_weights,
     read_json,
@@ -334,7 +335,7 @@ def _not_empty(path: Path) -> UserError:
 
 
 def open_run(stack: ExitStack, cfg: TrainConfig | None, out: str | Path | None,
-             resume: str | Path | None) -> tuple[TrainConfig, Path]:
+             resume: str | Path | None, new_lr: float | None = None) -> tuple[TrainConfig, Path]:
     """The validated settings and the directory of a fresh or resumed run; refusals come before anything is loaded.
 
     A resumed run's directory is locked here (on rank 0, for as long as `stack` lives), and its settings are the ones
@@ -349,12 +350,16 @@ def open_run(stack: ExitStack, cfg: TrainConfig | None, out: str | Path | None,
         if (path / "summary.json").exists():
             raise UserError(f"run {path} already finished")
         cfg = _resumed_config(path, config)
+        if new_lr is not None:  # checked like a fresh lr
+            cfg.lr = new_lr
+            cfg.validate()
     else:
+        if new_lr is not None:
+            raise ValueError("a new lr applies to a resumed run only; set TrainConfig.lr for a fresh one")
         cfg = cfg or TrainConfig()
         cfg.validate()
         path = Path(out) if out else new_run_dir()
-        if path.exists() and not path.is_dir():
-            raise UserError(f"out {path} is a file, not a directory; choose a new out")
+        check_writable(path)  # a file, /proc or a read-only mount: refused before the data is loaded
         if not _is_unused(path):
             raise _not_empty(path)
     if resume is not None and _distributed()[0] == 0:
@@ -463,14 +468,42 @@ def prepare(cfg: TrainConfig, path: Path, resumed: bool = False) -> Training:
                     rank=rank, world=world)
 
 
+def change_peak_lr(t: Training, path: Path, new_lr: float) -> None:
+    """Continue a restored schedule with a new peak lr (the way out of a NaN loss), recorded in config.json.
+
+    Warmup and cosine keep their shape and the parameter groups their ratios (transfer's backbone_lr_scale); each
+    lr is what LambdaLR itself computes, so the continued run is bit-exact with one that had this schedule stored.
+    """
+    opt, sched = t.opt, t.sched
+    old_lr = sched.base_lrs[0]
+    sched.base_lrs = [new_lr * (b / old_lr) for b in sched.base_lrs]
+    for group, base, f in zip(opt.param_groups, sched.base_lrs, sched.lr_lambdas):
+        group["initial_lr"], group["lr"] = base, base * f(sched.last_epoch)
+    sched._last_lr = [g["lr"] for g in opt.param_groups]
+    if t.rank == 0:
+        stored = read_json(path / "config.json", "the run's settings")
+        old = stored["train"]["lr"]
+        stored["train"]["lr"] = new_lr
+        stored.setdefault("lr_changes", []).append(dict(epoch=t.start_epoch, old=old, new=new_lr))
+        write_json(path / "config.json", stored)
+
+
 # -- the epochs ----------------------------------------------------------------------------------------------------
 
-class NonFiniteLoss(UserError):
+class Diverged(UserError):
+    """Training diverged (`what`: the loss, the weights or the validation NLL became non-finite) at global `step`."""
+
+    def __init__(self, what: str, step: int) -> None:
+        super().__init__(f"{what} at step {step}")
+        self.what, self.step = what, step
+
+
+class NonFiniteLoss(Diverged):
     """The training loss became NaN or infinite; raised before that batch's step, so the weights stay finite."""
 
     def __init__(self, loss: float, step: int) -> None:
-        super().__init__(f"loss became {loss} at step {step}")
-        self.loss, self.step = loss, step
+        super().__init__(f"loss became {loss}", step)
+        self.loss = loss
 
 
 def train_one_epoch(model: nn.Module, loader, opt, *, sched=None, loss_fn: nn.Module | None = None,
@@ -532,6 +565,8 @@ def end_epoch(t: Training, path: Path, epoch: int, stats: dict[str, float], quie
     report = ""
     if (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs:
         val = validate(t.model, t.data.val, t.precision)
+        if not math.isfinite(val["nll"]):  # finite but overflowing weights: NaN outputs; before the checkpoint
+            raise Diverged(f"validation NLL became {val['nll']}", (epoch + 1) * t.steps_per_epoch)
         row.update({f"val_{k}": v for k, v in val.items()})
         report = f"val acc {val['accuracy']:.4f}  val nll {val['nll']:.4f}  "
     Curves(path).append(row)
@@ -540,6 +575,15 @@ def end_epoch(t: Training, path: Path, epoch: int, stats: dict[str, float], quie
         tqdm.write(f"epoch {epoch + 1:3d}/{cfg.epochs}  loss {row['train_loss']:.4f}  "
                    f"train acc {row['train_accuracy']:.4f}  {report}{row['train_images_per_s']:.0f} img/s")
     return row
+
+
+def _diverged(what: str, epoch: int, step: int, cfg: TrainConfig, path: Path, fresh: bool) -> UserError:
+    """The one-line error of a diverged run, with the way out: a fresh run left nothing, a later one resumes."""
+    kept = ("no epoch had finished, so the run directory was removed" if fresh and not (path / "checkpoint.pt").exists()
+            else f"the run stays resumable from its last epoch with a lower peak lr: "
+                 f"`stochvit train --resume {path} --lr {cfg.lr / 10:g}`")
+    return UserError(f"{what} at epoch {epoch + 1}, step {step}: lower the learning rate (now lr={cfg.lr}) or keep "
+                     f"clip_grad; {kept}")
 
 
 def finish_run(t: Training, path: Path) -> None:
@@ -551,19 +595,22 @@ def finish_run(t: Training, path: Path) -> None:
 
 
 def train(cfg: TrainConfig | None = None, out: str | Path | None = None, resume: str | Path | None = None,
-          quiet: bool = False, on_step: Callable[[int], None] | None = None) -> Path:
+          quiet: bool = False, on_step: Callable[[int], None] | None = None, lr: float | None = None) -> Path:
     """Train (or resume) a run and return its directory: `open_run`, `prepare`, `train_one_epoch` and `end_epoch`
     per epoch, `finish_run`.
 
     `on_step(global_step)` runs after every optimiser step (tests kill the process there to check the resume).
+    `lr` (with `resume` only) continues with a new peak learning rate, the way out of a NaN loss (`change_peak_lr`).
     With `cfg.adv` set, each batch is replaced by adversarial examples from `stochvit.eval.attacks.adversarial_step`;
     the attack draws from the global RNGs, which the checkpoint saves, so adversarial runs resume exactly too.
     The writing process holds the run directory's lock (`stochvit.runs.run_lock`) throughout; a fresh run that
     fails before its first checkpoint leaves nothing behind, a later failure leaves it resumable.
     """
     with ExitStack() as stack:
-        cfg, path = open_run(stack, cfg, out, resume)
+        cfg, path = open_run(stack, cfg, out, resume, lr)
         t = prepare(cfg, path, resumed=resume is not None)
+        if resume is not None and lr is not None:
+            change_peak_lr(t, path, lr)
         if resume is None and t.rank == 0:
             claim_run_dir(stack, path, t.config)
         step = t.start_epoch * t.steps_per_epoch
@@ -575,14 +622,12 @@ def train(cfg: TrainConfig | None = None, out: str | Path | None = None, resume:
                 stats = train_one_epoch(t.model, t.loader, t.opt, sched=t.sched, loss_fn=t.loss_fn, precision=t.precision,
                                         clip_grad=cfg.clip_grad, adv_step=t.adv_step, net=t.net, step=step,
                                         on_step=on_step, desc=desc)
-            except NonFiniteLoss as e:
-                kept = ("no epoch had finished, so the run directory was removed"
-                        if resume is None and not (path / "checkpoint.pt").exists()
-                        else "the run stays resumable from its last epoch")
-                raise UserError(f"loss became {e.loss} at epoch {epoch + 1}, step {e.step}: lower the learning "
-                                f"rate (now lr={cfg.lr}) or keep clip_grad; {kept}") from None
-            step += stats["steps"]
-            if t.rank == 0:
-                end_epoch(t, path, epoch, stats, quiet)
+                step += stats["steps"]
+                if not all(torch.isfinite(p).all() for p in t.model.parameters()):  # before the checkpoint: never saved
+                    raise Diverged("weights became NaN or infinite", step)
+                if t.rank == 0:
+                    end_epoch(t, path, epoch, stats, quiet)
+            except Diverged as e:
+                raise _diverged(e.what, epoch, e.step, cfg, path, resume is None) from None
         finish_run(t, path)
     return path

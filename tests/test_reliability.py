@@ -258,7 +258,7 @@ def test_resume_with_settings_is_refused_naming_them(tmp_path, capsys):
     code = main(["train", "--resume", str(run), "--epochs", "5", "--lr", "1e-4", "--out", str(tmp_path / "other")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1, err
-    assert "remove --epochs, --lr, --out" in err, err
+    assert "remove --epochs, --out" in err, err
     assert sorted(p.name for p in run.iterdir()) == before and not (tmp_path / "other").exists()
     assert main(["train", "--resume", str(run), "--seed", "3"]) == 2
     assert "remove --seed" in capsys.readouterr().err
@@ -324,12 +324,23 @@ def test_resume_with_workers_is_bit_exact_tensor_by_tensor(tmp_path, monkeypatch
 
 @pytest.fixture(scope="module")
 def one_epoch_left(tmp_path_factory) -> Path:
-    """A run with its epoch-0 checkpoint and one epoch still to train (config.json says 2 epochs)."""
+    """A run with its epoch-0 checkpoint and one epoch still to train: a 1-epoch run whose config.json now says
+    2 epochs, its checkpoint's learning rate set to where the 2-epoch schedule is after epoch 0 (2 of 4 steps)."""
+    from stochvit.train import _lr_lambda
+
     run = train(TrainConfig(**QUICK), out=tmp_path_factory.mktemp("resumable") / "run", quiet=True)
     (run / "summary.json").unlink()
     config = json.loads((run / "config.json").read_text())
     config["train"]["epochs"] = 2
     (run / "config.json").write_text(json.dumps(config))
+
+    def two_epoch_schedule(ckpt):
+        f = _lr_lambda(4, 1)  # 2 epochs of 2 steps, warmup 0.5 epochs
+        for g in ckpt["optimizer"]["param_groups"]:
+            g["lr"] = g["initial_lr"] * f(ckpt["scheduler"]["last_epoch"])
+        ckpt["scheduler"]["_last_lr"] = [g["lr"] for g in ckpt["optimizer"]["param_groups"]]
+
+    _edit_checkpoint(run / "checkpoint.pt", two_epoch_schedule)
     return run
 
 
@@ -393,3 +404,37 @@ def test_the_undamaged_copy_resumes(one_epoch_left, tmp_path):
 
     run = Path(shutil.copytree(one_epoch_left, tmp_path / "run"))
     assert json.loads((train(resume=run, quiet=True) / "summary.json").read_text())["epochs"] == 2
+
+
+# --- the NaN-loss way out: --resume with a lower --lr -----------------------------------------------------------
+
+
+def test_nan_loss_later_in_a_run_is_resumed_with_a_lower_lr_bit_exactly(one_epoch_left, tmp_path, capsys):
+    """A run whose first epoch survived a peak lr of 3e29 hits NaN in epoch 2. The message offers
+    `--resume RUN --lr ...`; resumed with the lr the reference run had, it ends with the reference's weights."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    reference = train(resume=shutil.copytree(one_epoch_left, tmp_path / "reference"), quiet=True)
+    run = Path(shutil.copytree(one_epoch_left, tmp_path / "hot"))
+
+    def hotter(ckpt):
+        for g in ckpt["optimizer"]["param_groups"]:
+            g["lr"], g["initial_lr"] = g["lr"] * 1e32, g["initial_lr"] * 1e32
+        ckpt["scheduler"]["base_lrs"] = [b * 1e32 for b in ckpt["scheduler"]["base_lrs"]]
+
+    _edit_checkpoint(run / "checkpoint.pt", hotter)
+    _edit_json(run / "config.json", lambda c: {**c, "train": {**c["train"], "lr": 3e29}})
+    assert main(["train", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "at epoch 2" in err and f"stochvit train --resume {run} --lr 3e+28" in err, err
+    assert main(["train", "--resume", str(run), "--lr", "0.003"]) == 0
+    config = json.loads((run / "config.json").read_text())
+    assert config["train"]["lr"] == 0.003 and config["lr_changes"] == [dict(epoch=1, old=3e29, new=0.003)]
+    want, got = (load_file(str(d / "model.safetensors")) for d in (reference, run))
+    assert [k for k in want if not torch.equal(want[k], got[k])] == []
+    capsys.readouterr()
+    unfinished = Path(shutil.copytree(one_epoch_left, tmp_path / "again"))
+    assert main(["train", "--resume", str(unfinished), "--lr", "nan"]) == 2  # checked like a fresh --lr
+    assert capsys.readouterr().err.strip() == "stochvit train: error: invalid --lr=nan: must be a finite number > 0"

@@ -34,4 +34,5 @@ def command(a: argparse.Namespace) -> None:
 
     result, out = run(Settings(a.run_dir, a.data, a.data_dir, a.samples, a.mode, a.split, a.seed, a.precision,
                                a.batch_size, a.out, a.overwrite))
-    print(f"{result['run']} on {result['data']} ({a.split}, mode={a.mode})\n{format_table(result)}\nwrote {out}")
+    print(f"{result['run']} on {result['data']} ({a.split}, mode={a.mode})\n{format_table(result)}"
+          + (f"\nwrote {out}" if out else ""))

@@ -56,7 +56,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--fused", action="store_true", help="compile the default layer's scale into the activation "
                    "(torch.compile: seconds of compilation, then a faster training step; needs a C++ compiler on CPU)")
     g.add_argument("--init-weights", default=None, metavar="RUN_DIR|FILE",
-                   help="start from these weights (a run directory's model.safetensors, or a .safetensors file) "
+                   help="start from these weights (a run directory's model.safetensors, a .safetensors file, or a plain "
+                        ".pth state dict, read with weights_only=True) "
                         "instead of a random init, e.g. to fine-tune a run adversarially")
     g = p.add_argument_group("adversarial training")
     g.add_argument("--adv", default=None, choices=("pgd", "fgsm-rs"), help="train on PGD or fast FGSM-with-random-start examples")
@@ -64,7 +65,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--adv-steps", type=int, default=7, help="PGD steps (pgd only)")
     add_out(p, None, "run directory (None: runs/<timestamp>)")
     p.add_argument("--resume", default=None, metavar="RUN_DIR",
-                   help="continue an interrupted run with its own settings (other flags are refused)")
+                   help="continue an interrupted run with its own settings (other flags are refused, except --lr: "
+                        "a new peak learning rate from the last checkpoint on, e.g. after a NaN loss)")
     p.set_defaults(func=command)
 
 
@@ -75,9 +77,9 @@ def init_weights_path(value: str | None) -> str | None:
     path = Path(value).expanduser().resolve()
     if path.is_dir():
         path = path / "model.safetensors"
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"--init-weights {value}: no such run directory or weights file "
-                        "(give a finished run directory or a .safetensors file)")
+                        "(give a finished run directory, a .safetensors or a .pth file)")
     return str(path)
 
 
@@ -114,11 +116,11 @@ def command(a: argparse.Namespace) -> None:
     from ..train import is_main_process, train
 
     if a.resume:
-        ignored = flags_given_with(a, "train", keep=("resume",))
+        ignored = flags_given_with(a, "train", keep=("resume", "lr"))
         if ignored:
             raise UserError(f"--resume continues a run with its own settings and directory; remove {', '.join(ignored)} "
-                            f"(a different schedule or --lr needs a new run)")
-        path = train(resume=a.resume)
+                            f"(only --lr may change, e.g. after a NaN loss; a different schedule needs a new run)")
+        path = train(resume=a.resume, lr=a.lr)
     else:
         cfg = train_config_from_args(a)
         if a.adv:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import pickle
 import shutil
 import sys
 import tempfile
@@ -42,7 +41,7 @@ from ..data import load_data
 from ..defaults import STOCHASTIC_TARGETS, TRANSFER_MODES
 from ..errors import UserError
 from ..models import stochastic_config
-from ..runs import build_model, load_run, read_json, run_config, write_json
+from ..runs import build_model, load_run, read_json, read_weights, run_config, write_json  # noqa: F401 (read_weights: public here too)
 from ..train import TrainConfig, train
 
 MODES, STOCHASTIC_MODES = TRANSFER_MODES, STOCHASTIC_TARGETS
@@ -59,28 +58,6 @@ class Source:
     stochastic: dict | None = None  # the source's stochastic layer settings (None: deterministic)
     norm: dict | None = None  # {"mean", "std"} the source was trained with
     origin: dict = field(default_factory=dict)
-
-
-def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """A state dict from a local .safetensors or .pth file; never executes code from the file."""
-    from timm.models import load_state_dict
-
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise UserError(f"weights file {p} does not exist")
-    try:
-        state = load_state_dict(str(p), use_ema=True, weights_only=True)
-    except Exception as e:  # refused pickle, truncated zip, corrupt safetensors header, not a checkpoint at all
-        first = (str(e).strip().splitlines() or [""])[0][:200]
-        if isinstance(e, pickle.UnpicklingError) or "weights_only" in first or "Weights only" in first:
-            raise UserError(f"refusing to load {p}: it holds Python objects beyond tensors, and unpickling them could run "
-                            f"code ({first}); save a plain state dict (torch.save(model.state_dict()) or safetensors)") from None
-        raise UserError(f"cannot read weights {p}: not a readable .safetensors or .pth state dict "
-                        f"({type(e).__name__}: {first})") from None
-    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)} if isinstance(state, dict) else {}
-    if not tensors:
-        raise UserError(f"{p} holds no tensors: expected a model state dict (optionally under 'state_dict' or 'model')")
-    return tensors
 
 
 def _act_name(net: nn.Module) -> str:

@@ -25,7 +25,7 @@ def evaluate(run: Run, data_spec: str | None = None, data_dir: str | None = None
              split: str = "test", precision: str = "auto", batch_size: int = 256) -> dict:
     data = data_for(run.config, data_spec, data_dir)
     check_compatible(run.config, data)
-    with sampling(run.model, mode):
+    with sampling(run.model, mode):  # mode="mean" of a kind="full" run: a UserError, one line
         probs, labels = dataset_probs(run.model, getattr(data, split), samples, batch_size, precision)
     non_finite = warn_non_finite(probs, f"{run.path} on {data.name} ({split})")
     result = mc_metrics(probs, labels)
@@ -63,8 +63,9 @@ def output_path(s: Settings, run: Run) -> Path:
     return run.path / f"eval-{tag}-{s.split}-{s.mode}-k{k}-seed{s.seed}.json"
 
 
-def run(s: Settings) -> tuple[dict, Path]:
-    """Evaluate `s.run_dir` (seeded: the same settings give the same numbers) and write the result as JSON."""
+def run(s: Settings) -> tuple[dict, Path | None]:
+    """Evaluate `s.run_dir` (seeded: the same settings give the same numbers) and write the result as JSON
+    (the path; None, with a warning, when it cannot be written)."""
     if s.samples < 1:
         raise UserError(f"samples={s.samples} must be >= 1")
     if s.split not in SPLITS:
@@ -76,5 +77,9 @@ def run(s: Settings) -> tuple[dict, Path]:
     with seeded(s.seed):
         result = evaluate(loaded, s.data, s.data_dir, s.samples, s.mode, s.split, s.precision, s.batch_size)
     result["settings"] = settings
-    write_json(out, result)
+    try:  # the numbers are the result: a read-only run (or a full disk) still gets them, and a warning
+        write_json(out, result)
+    except UserError as e:
+        print(f"stochvit: warning: {e}; the result was not saved", file=sys.stderr, flush=True)
+        return result, None
     return result, out

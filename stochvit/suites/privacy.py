@@ -374,6 +374,8 @@ def run(s: Settings) -> tuple[dict, Path]:
     settings = dict(blocks=s.split_blocks, attacks=list(s.attacks), noise_baseline=list(s.noise_baseline),
                     n_victims=len(victims), n_aux=len(aux), passes=s.samples, seed=s.seed, victims="test split",
                     aux="train split", attack_config=asdict(cfg))
+    for r in runs:  # a bad split_blocks must fail before the resume folder exists
+        parse_blocks(s.split_blocks, depth(r.model))
     out = Path(s.out) if s.out else runs[0].path / "privacy"
     record = json.loads(json.dumps(dict(settings, data=data.name, runs=[str(r.path) for r in runs]), default=float))
     check_output_dir(out, record, "privacy.json", s.overwrite)
