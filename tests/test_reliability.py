@@ -437,4 +437,4 @@ def test_nan_loss_later_in_a_run_is_resumed_with_a_lower_lr_bit_exactly(one_epoc
     capsys.readouterr()
     unfinished = Path(shutil.copytree(one_epoch_left, tmp_path / "again"))
     assert main(["train", "--resume", str(unfinished), "--lr", "nan"]) == 2  # checked like a fresh --lr
-    assert capsys.readouterr().err.strip() == "stochvit train: error: invalid --lr=nan: must be a finite number > 0"
+    assert capsys.readouterr().err.strip() == "stochvit train: error: invalid lr=nan: must be a finite number > 0"
