@@ -438,3 +438,168 @@ def test_nan_loss_later_in_a_run_is_resumed_with_a_lower_lr_bit_exactly(one_epoc
     unfinished = Path(shutil.copytree(one_epoch_left, tmp_path / "again"))
     assert main(["train", "--resume", str(unfinished), "--lr", "nan"]) == 2  # checked like a fresh --lr
     assert capsys.readouterr().err.strip() == "stochvit train: error: invalid lr=nan: must be a finite number > 0"
+
+
+# --- output paths: refused up front, temp files never left, a computed table always shown ------------------------
+
+
+def _one_error_line(capsys) -> str:
+    err = [line for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if line.strip()]
+    assert len([e for e in err if "error:" in e]) == 1 and "error:" in err[-1] and "Traceback" not in "".join(err), err
+    return err[-1]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    return train(TrainConfig(**QUICK), out=tmp_path_factory.mktemp("finished") / "run", quiet=True)
+
+
+@pytest.mark.parametrize("where", ["file", "proc", "sys"])
+def test_an_unwritable_out_is_refused_before_the_data_is_loaded(tmp_path, monkeypatch, capsys, where):
+    """A file, a path under /proc, and read-only sysfs (this machine runs tests as root, where chmod does not stop
+    writes, so /sys stands in for a read-only mount)."""
+    import stochvit.train
+
+    out = {"file": tmp_path / "f", "proc": Path("/proc/stochvit-test/run"), "sys": Path("/sys/stochvit-test")}[where]
+    if where == "file":
+        out.write_text("keep me")
+    monkeypatch.setattr(stochvit.train, "load_data", lambda *a, **k: pytest.fail("loaded the data first"))
+    assert main(["train", "--epochs", "1", "--out", str(out)]) == 2
+    err = _one_error_line(capsys)
+    assert ("is a file, not a directory" if where == "file" else "cannot write in") in err, err
+    if where == "file":
+        assert out.read_text() == "keep me"
+
+
+def test_a_full_disk_during_training_leaves_no_temp_file_and_no_run(tmp_path, monkeypatch, capsys):
+    real = Path.write_bytes
+
+    def full_at_checkpoint(self, data):
+        if self.name == ".checkpoint.pt.tmp":
+            real(self, data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", full_at_checkpoint)
+    out = tmp_path / "run"
+    assert main(["train", "--epochs", "1", "--train-limit", "100", "--samples", "1", "--out", str(out)]) == 2
+    err = _one_error_line(capsys)
+    assert "checkpoint.pt: No space left on device" in err, err
+    assert not out.exists(), "the run failed before its first checkpoint: nothing is left, temp files included"
+
+
+def test_evaluate_on_a_read_only_run_still_prints_its_table(finished_run, monkeypatch, capsys):
+    real = Path.write_bytes
+
+    def read_only(self, data):
+        if self.parent == finished_run:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        return real(self, data)
+
+    before = sorted(p.name for p in finished_run.iterdir())
+    monkeypatch.setattr(Path, "write_bytes", read_only)
+    assert main(["evaluate", str(finished_run), "--samples", "2"]) == 0
+    captured = capsys.readouterr()
+    assert "nll" in captured.out and "accuracy" in captured.out and "wrote" not in captured.out
+    warnings = [line for line in captured.err.splitlines() if line.strip()]
+    assert len(warnings) == 1 and "Read-only file system" in warnings[0] and "not saved" in warnings[0], warnings
+    assert sorted(p.name for p in finished_run.iterdir()) == before
+
+
+def test_calibration_out_at_a_file_is_refused(finished_run, tmp_path, capsys):
+    f = tmp_path / "report"
+    f.write_text("keep me")
+    assert main(["calibration", str(finished_run), "--samples", "2", "--out", str(f)]) == 2
+    assert "is a file" in _one_error_line(capsys) and f.read_text() == "keep me"
+
+
+def test_privacy_with_blocks_out_of_range_leaves_nothing(finished_run, tmp_path, capsys):
+    out = tmp_path / "privacy"
+    assert main(["privacy", str(finished_run), "--blocks", "99", "--out", str(out)]) == 2
+    assert "99 is out of range" in _one_error_line(capsys)
+    assert list(tmp_path.iterdir()) == [], "no report folder and no resume folder"
+
+
+# --- clear errors -------------------------------------------------------------------------------------------------
+
+
+def test_evaluate_of_a_file_names_its_run_directory(finished_run, capsys):
+    assert main(["evaluate", str(finished_run / "config.json")]) == 2
+    assert f"is a file; give the run directory that holds it ({finished_run})" in _one_error_line(capsys)
+
+
+def test_evaluate_mode_mean_of_a_full_kind_run_is_one_line(tmp_path, capsys):
+    run = train(TrainConfig(**QUICK, stochastic=dict(kind="full", distribution="gaussian")), out=tmp_path / "full",
+                quiet=True)
+    assert main(["evaluate", str(run), "--mode", "mean", "--samples", "2"]) == 2
+    assert "mode='mean' is undefined for kind='full'" in _one_error_line(capsys)
+    assert main(["evaluate", str(run), "--mode", "off", "--samples", "2"]) == 0
+
+
+def test_empty_blocks_is_refused_in_one_line(tmp_path, capsys):
+    assert main(["train", "--blocks", "", "--out", str(tmp_path / "run")]) == 2
+    assert "blocks is empty" in _one_error_line(capsys) and not (tmp_path / "run").exists()
+
+
+def test_model_safetensors_that_is_a_directory(finished_run, tmp_path, capsys):
+    import shutil
+
+    run = Path(shutil.copytree(finished_run, tmp_path / "run"))
+    (run / "model.safetensors").unlink()
+    (run / "model.safetensors").mkdir()
+    assert main(["evaluate", str(run)]) == 2
+    assert "model.safetensors is a directory, not a .safetensors or .pth file" in _one_error_line(capsys)
+
+
+def test_init_weights_reads_a_plain_pth_like_the_run_directory(finished_run, tmp_path, capsys):
+    """A .pth state dict (weights_only) starts training from the same weights as the run directory it came from."""
+    from safetensors.torch import load_file
+
+    pth = tmp_path / "weights.pth"
+    torch.save(load_file(str(finished_run / "model.safetensors")), pth)
+    args = ["train", "--epochs", "1", "--train-limit", "100", "--samples", "1", "--warmup-epochs", "0.5"]
+    assert main([*args, "--init-weights", str(finished_run), "--out", str(tmp_path / "a")]) == 0
+    assert main([*args, "--init-weights", str(pth), "--out", str(tmp_path / "b")]) == 0
+    a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in "ab")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    capsys.readouterr()
+    torch.save({"model": load_file(str(finished_run / "model.safetensors")), "opt": TrainConfig()}, pth)  # an object
+    assert main([*args, "--init-weights", str(pth), "--out", str(tmp_path / "c")]) == 2
+    assert "refusing to load" in _one_error_line(capsys) and not (tmp_path / "c").exists()
+
+
+def test_a_one_class_folder_is_refused_before_decoding(tmp_path, monkeypatch, capsys):
+    import stochvit.data
+
+    make_folder(tmp_path / "one", {"a": 20})
+    monkeypatch.setattr(stochvit.data, "_decode_folder", lambda *a, **k: pytest.fail("decoded before checking"))
+    with pytest.raises(UserError, match="has only one class folder .a.; a classifier needs at least two"):
+        load_data(f"imagefolder:{tmp_path / 'one'}")
+    monkeypatch.undo()
+    out = tmp_path / "run"
+    assert main(["train", "--data", f"imagefolder:{tmp_path / 'one'}", "--model", "vit_digits_patch2_8",
+                 "--out", str(out)]) == 2
+    assert "only one class folder" in _one_error_line(capsys) and not out.exists()
+
+
+def test_bmp_ppm_and_tiff_decode_to_their_pixels_and_a_broken_one_is_named(tmp_path):
+    """torchvision lists these as image files but cannot decode them: PIL does, pixel for pixel."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    pixels = {}
+    for cls, ext in (("a", "bmp"), ("b", "ppm"), ("c", "tif")):
+        (tmp_path / "T" / cls).mkdir(parents=True)
+        for i in range(10):
+            arr = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+            Image.fromarray(arr).save(tmp_path / "T" / cls / f"{i}.{ext}")
+            pixels[arr.tobytes()] = cls
+    data = load_data(f"imagefolder:{tmp_path / 'T'}")
+    images = torch.cat([data.train.images, data.val.images, data.test.images])
+    labels = torch.cat([data.train.labels, data.val.labels, data.test.labels])
+    got = {img.permute(1, 2, 0).numpy().tobytes(): data.class_names[y] for img, y in zip(images, labels)}
+    assert got == pixels
+    (tmp_path / "T" / "a" / "0.bmp").write_bytes(b"BM not really")
+    with pytest.raises(UserError, match=r"cannot decode image .*0\.bmp"):
+        load_data(f"imagefolder:{tmp_path / 'T'}")
