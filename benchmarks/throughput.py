@@ -4,8 +4,9 @@
 
 Models: plain timm `vit_tiny_patch4_32`, the same with the default stochastic layer (diagonal U[0.5,1.5],
 token-consistent, pre-activation), eager or with its scale compiled into the activation (`stochvit.set_fused`; compiled
-during the warm-up), and with the full kind (Gaussian random projection; the orthogonal
-one adds a QR decomposition per image and block). `plain-sdpa` is the plain model with timm's fused attention kernel kept
+during the warm-up), and with the full kind (Gaussian random projection, or Haar-orthogonal: a Householder QR of a
+C x C Gaussian per image and block, applied without forming Q). `ratio_to_diagonal` compares each model with the
+default diagonal layer timed beside it. `plain-sdpa` is the plain model with timm's fused attention kernel kept
 in bf16 on a CPU, which stochvit's autocast replaces by the explicit path (stochvit.precision).
 Training = forward + backward + AdamW step; inference = forward under no_grad in eval(). Batch 128.
 Every (model, task, precision) cell is timed once per round, rounds interleaved, and the median kept,
@@ -36,6 +37,7 @@ MODELS = {
     "stochastic-diagonal": True,
     "stochastic-diagonal-fused": True,  # the same layer with stochvit.set_fused: scale compiled into the activation
     "stochastic-full-gaussian": dict(kind="full", distribution="gaussian"),
+    "stochastic-full-orthogonal": dict(kind="full", distribution="orthogonal"),  # a Haar draw per image and block
     "plain-sdpa": False,  # plain, but bf16 on a CPU keeps timm's fused SDPA kernel (stochvit.precision.autocast)
 }
 
@@ -112,15 +114,18 @@ def main() -> None:
         ips = a.batch_size / statistics.median(ts)
         base = a.batch_size / statistics.median(times[("plain", task, prec)])
         rows.append(dict(model=name, task=task, precision=prec, images_per_s=ips, ratio_to_plain=ips / base))
+        if ("stochastic-diagonal", task, prec) in times:
+            rows[-1]["ratio_to_diagonal"] = ips / (a.batch_size / statistics.median(times[("stochastic-diagonal", task, prec)]))
     result = dict(model=a.model, batch_size=a.batch_size, rounds=a.rounds, steps=a.steps, threads=torch.get_num_threads(),
                   torch=torch.__version__, machine=platform.processor() or platform.machine(), rows=rows)
     if a.trainer_data:
         result["trainer"] = _trainer_speed(a, a.batch_size / statistics.median(times[("plain", "train", "fp32")]))
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"{'model':<28}{'task':<7}{'prec':<6}{'img/s':>9}{'ratio':>8}")
+    print(f"{'model':<28}{'task':<7}{'prec':<6}{'img/s':>9}{'ratio':>8}{'vs diag':>9}")
     for r in rows:
-        print(f"{r['model']:<28}{r['task']:<7}{r['precision']:<6}{r['images_per_s']:>9.1f}{r['ratio_to_plain']:>8.3f}")
+        print(f"{r['model']:<28}{r['task']:<7}{r['precision']:<6}{r['images_per_s']:>9.1f}{r['ratio_to_plain']:>8.3f}"
+              + (f"{r['ratio_to_diagonal']:>9.3f}" if "ratio_to_diagonal" in r else ""))
     if "trainer" in result:
         t = result["trainer"]
         print(f"stochvit train ({t['precision']}, data pipeline included): {t['images_per_s']:.1f} img/s = "

@@ -123,6 +123,17 @@ class StochasticLinear(RandomAtInference):
             raise ValueError(f"sharing={self.sharing!r} needs a batch dimension, got shape {tuple(x.shape)}")
         return self.sample(self.draw_shape(x), x.device).to(x.dtype)
 
+    def _haar_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """`x @ Q` for a fresh Haar Q per image (or batch) without forming Q: the Householder QR of a Gaussian
+        (`geqrf`, the same draw as `sample`) applied to x by `ormqr`, and Mezzadri's sign fix Q diag(sign r_ii) as a
+        sign per output column. Forming Q (`orgqr`) then multiplying took 1.4x as long (C=256, 64 images, 1 CPU thread)."""
+        c = self.features
+        b = 1 if self.sharing == "batch" else x.shape[0]
+        a, tau = torch.geqrf(torch.randn((b, c, c), device=x.device, dtype=torch.float32))
+        signs = torch.sign(torch.diagonal(a, dim1=-2, dim2=-1)).unsqueeze(-2)  # R's diagonal: geqrf keeps R above it
+        y = torch.ormqr(a, tau, x.reshape(b, -1, c).float(), left=False) * signs
+        return y.reshape(x.shape).to(x.dtype)
+
     # -- forward --------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         """Apply a fresh draw. `inplace=True` lets the diagonal kind scale `x` in place (callers that own `x`, like
@@ -135,6 +146,8 @@ class StochasticLinear(RandomAtInference):
             if self.kind == "full":
                 raise UserError("mode='mean' is undefined for kind='full': the expected random matrix is zero")
             return x.mul_(self.mean) if inplace else x * self.mean
+        if self.kind == "full" and self.distribution == "orthogonal" and self.sharing != "token":
+            return self._haar_matmul(x)
         w = self.draw(x)
         if self.kind == "diagonal":
             return x.mul_(w) if inplace else x * w

@@ -201,6 +201,31 @@ def test_orthogonal_is_haar_distributed():
     assert abs((tr**2).mean() - 1) < 5 * math.sqrt(2 / n)  # tr Q is close to N(0, 1): Var (tr Q)^2 ~ 2
     q11 = w[:, 0, 0].double()
     assert abs(q11.mean()) < 5 * math.sqrt(1 / (C * n))
+    # each entry of a Haar Q has mean 0 and variance exactly 1/C (E q^4 = 3/(C(C+2)), so Var q^2 < 3/C^2)
+    q_off = w[:, 1, 2].double()
+    assert abs(q_off.mean()) < 5 * math.sqrt(1 / (C * n))
+    assert abs((q_off**2).mean() - 1 / C) < 5 * math.sqrt(3 / n) / C
+    eye = torch.eye(C, dtype=w.dtype)
+    assert (w.mT @ w - eye).abs().max() < 1e-5 and (w @ w.mT - eye).abs().max() < 1e-5  # orthogonal, each draw
+
+
+@pytest.mark.parametrize("sharing", ["image", "batch"])
+def test_orthogonal_forward_equals_x_times_the_sampled_q_and_its_gradient(sharing):
+    """The forward never forms Q (geqrf + ormqr); from the same RNG state it equals x @ Q for `sample`'s Q,
+    in value and gradient."""
+    layer = StochasticLinear(C, kind="full", distribution="orthogonal", sharing=sharing)
+    x = torch.randn(6, 7, C, requires_grad=True)
+    torch.manual_seed(3)
+    y = layer(x)
+    torch.manual_seed(3)
+    q = layer.sample(layer.draw_shape(x), x.device).reshape(-1, C, C)
+    x2 = x.detach().clone().requires_grad_(True)
+    want = (x2 @ q if sharing == "batch" else torch.bmm(x2, q))
+    torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(y)
+    y.backward(g)
+    want.backward(g)
+    torch.testing.assert_close(x.grad, x2.grad, atol=1e-5, rtol=1e-5)
 
 
 # -- inference and modes -----------------------------------------------------------------------
