@@ -590,6 +590,10 @@ def finish_run(t: Training, path: Path) -> None:
     """Rank 0 evaluates and writes the final files (`stochvit.runs.finalize_run`); every rank waits for it."""
     if t.rank == 0:
         finalize_run(path, t.model, t.data, t.cfg.eval_samples, t.precision)
+        if "transfer" in read_json(path / "config.json", "the run's settings"):  # a transfer, fresh or resumed
+            from .eval.transfer import report
+
+            atomic_write_bytes(path / "transfer.md", report(path).encode())
     if t.world > 1:
         dist.barrier()
 

@@ -343,3 +343,13 @@ def test_interrupting_the_cli_leaves_no_process_and_no_temp_folder(tmp_path, mar
         assert stderr.strip().splitlines()[-1] == "stochvit federated: interrupted", stderr[-2000:]
         assert sorted(p.name for p in out.iterdir()) == [".lock", "logs"]
     assert _gone(marker, short_tmp) == ([], [])
+
+
+def test_a_second_federated_writer_is_refused_by_the_lock(tmp_path, capsys):
+    from stochvit.runs import run_lock
+
+    out = tmp_path / "fed"
+    with run_lock(out):
+        assert cli_main(["federated", "--out", str(out), "--clients", "2", "--rounds", "1"]) == 2
+    assert "in use by another stochvit process" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == [".lock"]

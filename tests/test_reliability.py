@@ -603,3 +603,16 @@ def test_bmp_ppm_and_tiff_decode_to_their_pixels_and_a_broken_one_is_named(tmp_p
     (tmp_path / "T" / "a" / "0.bmp").write_bytes(b"BM not really")
     with pytest.raises(UserError, match=r"cannot decode image .*0\.bmp"):
         load_data(f"imagefolder:{tmp_path / 'T'}")
+
+
+def test_a_resumed_transfer_writes_its_transfer_md(finished_run, tmp_path, capsys):
+    """A transfer interrupted after `prepare` (or mid-training) is finished by `stochvit train --resume`: the trainer
+    itself writes transfer.md, as a transfer that ran through writes it."""
+    from stochvit.eval.transfer import prepare
+
+    out = prepare(str(finished_run), tmp_path / "t", data="digits:classes=0-4", mode="linear-probe", epochs=1,
+                  train_limit=60, eval_samples=1)
+    assert not (out / "transfer.md").exists()
+    assert main(["train", "--resume", str(out)]) == 0
+    text = (out / "transfer.md").read_text()
+    assert "linear-probe" in text and str(finished_run) in text

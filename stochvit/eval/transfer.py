@@ -266,10 +266,8 @@ def report(path: Path) -> str:
 
 
 def transfer(source: str, out: str | Path, quiet: bool = False, **kwargs: Any) -> Path:
-    """Prepare the run directory, train it with the ordinary trainer, and write transfer.md into it."""
+    """Prepare the run directory and train it with the ordinary trainer, which writes transfer.md into it at the end
+    (also when an interrupted transfer is finished with `stochvit train --resume`)."""
     path = prepare(source, out, **kwargs)
     train(resume=path, quiet=quiet)
-    from ..runs import atomic_write_bytes
-
-    atomic_write_bytes(path / "transfer.md", report(path).encode())
     return path

@@ -57,9 +57,9 @@ def run(s: Settings) -> Path:
     out = Path(rc["out-dir"])
     if out.exists() and not out.is_dir():
         raise UserError(f"out {out} is a file, not a directory; choose a new out")
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and any(f.name != LOCK_FILE for f in out.iterdir()):
         raise UserError(f"output directory {out} is not empty; choose a new out")
-    with run_lock(out):
+    with run_lock(out):  # a second writer is refused here, in one line
         try:
             return _run(s, rc, out)
         except BaseException:
