@@ -293,21 +293,24 @@ def test_evaluating_nan_weights_warns_in_one_line(tmp_path, capsys, poison):
 # --- --resume is bit-exact with data-loading workers -------------------------------------------------------------
 
 
-def test_resume_with_workers_is_bit_exact_tensor_by_tensor(tmp_path, monkeypatch):
+def test_resume_with_workers_is_bit_exact_tensor_by_tensor(tmp_path):
     """`--workers 1`, SIGKILL at step 3 (in epoch 2), `--resume`: every tensor equals the uninterrupted run's.
 
     Persistent workers kept their augmentation RNG across epochs, so a resumed run once differed in all 56 tensors."""
     from safetensors.torch import load_file
 
-    from stochvit.train import KILL_ENV
+    settings = dict(epochs=2, train_limit=100, batch_size=50, eval_samples=1, seed=5, workers=1, warmup_epochs=0.5)
+    script = ("import json, os, signal, sys\nfrom stochvit.train import TrainConfig, train\n"
+              "kill_at = int(sys.argv[3])\n"
+              "train(TrainConfig(**json.loads(sys.argv[1])), out=sys.argv[2], quiet=True,\n"
+              "      on_step=lambda step: step == kill_at and os.kill(os.getpid(), signal.SIGKILL))\n")
 
-    monkeypatch.delenv(KILL_ENV, raising=False)
-    args = ["train", "--epochs", "2", "--train-limit", "100", "--batch-size", "50", "--eval-samples", "1", "--seed", "5",
-            "--workers", "1", "--warmup-epochs", "0.5"]
-    assert main([*args, "--out", str(tmp_path / "full")]) == 0
-    env = {**os.environ, KILL_ENV: "3", "OMP_NUM_THREADS": "1"}
-    killed = subprocess.run([sys.executable, "-m", "stochvit", *args, "--out", str(tmp_path / "killed")], env=env,
-                            capture_output=True, text=True, timeout=300)
+    def run(out: Path, kill_at: int) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", script, json.dumps(settings), str(out), str(kill_at)],
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+
+    assert run(tmp_path / "full", -1).returncode == 0
+    killed = run(tmp_path / "killed", 3)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=True)["epoch"] == 0
     assert main(["train", "--resume", str(tmp_path / "killed")]) == 0
@@ -437,7 +440,7 @@ def test_nan_loss_later_in_a_run_is_resumed_with_a_lower_lr_bit_exactly(one_epoc
     capsys.readouterr()
     unfinished = Path(shutil.copytree(one_epoch_left, tmp_path / "again"))
     assert main(["train", "--resume", str(unfinished), "--lr", "nan"]) == 2  # checked like a fresh --lr
-    assert capsys.readouterr().err.strip() == "stochvit train: error: invalid lr=nan: must be a finite number > 0"
+    assert capsys.readouterr().err.strip() == "stochvit train: error: invalid --lr=nan: must be a finite number > 0"
 
 
 # --- output paths: refused up front, temp files never left, a computed table always shown ------------------------
