@@ -8,6 +8,9 @@ Specs: "digits" (scikit-learn's bundled 8x8 digits, the embedded default), "cifa
 "svhn" (torchvision, from --data-dir, downloaded only with --download) and "imagefolder:PATH".
 Any spec may end in ":classes=SEL" (e.g. "digits:classes=5-9", "imagefolder:PATH:classes=dog,frog"):
 a class subset, relabelled 0..k-1 in the order given, taken from the parent dataset's split.
+
+An image folder too large to decode into memory is streamed instead (`data_mode`, `stochvit.stream`): the same
+listing and the same seeded split (`split_indices`), decoded lazily in DataLoader workers.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from sklearn.model_selection import train_test_split
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from .defaults import SPECS_HELP
+from .defaults import DATA_MODES, SPECS_HELP
 from .errors import UserError
 
 TORCHVISION_SETS = ("cifar10", "cifar100", "svhn")
@@ -49,9 +52,20 @@ class ImageSet(Dataset):
             img = self.transform(img)
         return img.float().div_(255), self.labels[i]
 
-    def subset(self, indices: np.ndarray | torch.Tensor, transform: v2.Transform | None = None) -> ImageSet:
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of every sample."""
+        return tuple(self.images.shape[1:])
+
+    def subset(self, indices: np.ndarray | torch.Tensor, transform: v2.Transform | None = None,
+               labels: torch.Tensor | None = None) -> ImageSet:
+        """The images at `indices` (with new `labels` when given: a relabelled class subset)."""
         idx = torch.as_tensor(indices, dtype=torch.long)
-        return ImageSet(self.images[idx], self.labels[idx], transform)
+        return ImageSet(self.images[idx], self.labels[idx] if labels is None else labels, transform)
+
+    def channel_stats(self) -> tuple[list[float], list[float]]:
+        """Per-channel mean and std of the images in [0, 1] (the model's input normalisation)."""
+        return _channel_stats(self.images)
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All images as float [0, 1] and labels, without augmentation."""
@@ -61,7 +75,7 @@ class ImageSet(Dataset):
 @dataclass
 class DataBundle:
     name: str
-    train: ImageSet
+    train: ImageSet  # or a stochvit.stream.StreamSet: the same interface, decoded lazily
     val: ImageSet
     test: ImageSet
     class_names: list[str]
@@ -76,11 +90,11 @@ class DataBundle:
 
     @property
     def in_chans(self) -> int:
-        return int(self.train.images.shape[1])
+        return int(self.train.shape[0])
 
     @property
     def img_size(self) -> int:
-        return int(self.train.images.shape[-1])
+        return int(self.train.shape[-1])
 
     def describe(self) -> dict:
         return dict(
@@ -89,12 +103,49 @@ class DataBundle:
         )
 
 
-def augmentation(img_size: int, flip: bool) -> v2.Transform:
+class CropFlip(v2.Compose):
+    """Random crop with zero padding, then an optional horizontal flip (torchvision's per-sample transforms).
+
+    Its settings are attributes, so the trainer can run the same augmentation batched on the device instead
+    (`stochvit.augment.random_crop_flip`) when the images are in memory.
+    """
+
+    def __init__(self, img_size: int, padding: int, flip: bool) -> None:
+        ops: list[v2.Transform] = [v2.RandomCrop(img_size, padding=padding)]
+        if flip:
+            ops.append(v2.RandomHorizontalFlip())
+        super().__init__(ops)
+        self.padding, self.flip = padding, flip
+
+
+def augmentation(img_size: int, flip: bool) -> CropFlip:
     """Standard small-image augmentation: random crop with padding (1/8 of the side), optional flip."""
-    ops: list[v2.Transform] = [v2.RandomCrop(img_size, padding=max(1, img_size // 8))]
-    if flip:
-        ops.append(v2.RandomHorizontalFlip())
-    return v2.Compose(ops)
+    return CropFlip(img_size, max(1, img_size // 8), flip)
+
+
+def split_indices(labels: np.ndarray, test_given: bool, val_given: bool, split_seed: int, val_fraction: float,
+                  test_fraction: float, train_limit: int | None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """The seeded, stratified split of one labelled pool: (train, val, test) indices into it.
+
+    val and test are None where they come from their own folders or sets (`*_given`); `train_limit` keeps a
+    stratified subset of train. The in-memory and the streamed paths both split here, from the labels alone.
+    """
+    test_idx = None
+    if test_given:
+        rest = np.arange(len(labels))
+    else:
+        rest, test_idx = _stratified_split(labels, test_fraction, split_seed)
+    val_idx = None
+    if val_given:
+        train_idx = rest
+    else:
+        keep, held = _stratified_split(labels[rest], val_fraction / (1 - test_fraction) if not test_given else val_fraction,
+                                       split_seed)
+        train_idx, val_idx = rest[keep], rest[held]
+    if train_limit is not None and train_limit < len(train_idx):
+        sub, _ = _stratified_split(labels[train_idx], 1 - train_limit / len(train_idx), split_seed)
+        train_idx = train_idx[sub]
+    return train_idx, val_idx, test_idx
 
 
 def _stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -196,19 +247,54 @@ def _walk_error(e: OSError) -> None:
     raise UserError(f"cannot list {e.filename}: {e.strerror or e}")
 
 
+class UnreadableImage(UserError):
+    """An image file that cannot be read or decoded; the message names the file.
+
+    Raised in a DataLoader worker, it comes back to the main process rebuilt from the worker's formatted traceback
+    (torch's ExceptionWrapper calls the type with that text): the constructor keeps only the original message.
+    """
+
+    def __init__(self, message: str) -> None:
+        marker = f"{type(self).__name__}: "
+        if message.startswith(f"Caught {type(self).__name__}") and marker in message:
+            message = message.rsplit(marker, 1)[1].strip()
+        super().__init__(message)
+
+
+def read_image(path: str) -> torch.Tensor:
+    """One image file as uint8 RGB (C, H, W); an unreadable or corrupt file is an UnreadableImage naming it."""
+    from torchvision.io import ImageReadMode, decode_image, read_file
+
+    try:
+        return decode_image(read_file(path), mode=ImageReadMode.RGB)
+    except RuntimeError as e:  # BMP, PPM, PGM and TIFF: torchvision lists them as image files but does not decode them
+        return _decode_with_pil(path, e)
+    except OSError as e:
+        raise UnreadableImage(f"cannot decode image {path}: {e}") from None
+
+
+def _decode_with_pil(path: str, error: RuntimeError) -> torch.Tensor:
+    """Formats torchvision's decoder lacks, through PIL (RGB); still unreadable: an UnreadableImage naming the file."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            rgb = np.asarray(im.convert("RGB"))
+    except (OSError, UnidentifiedImageError, ValueError):
+        first = (str(error).strip().splitlines() or [""])[-1].split(". ")[0][-200:]
+        raise UnreadableImage(f"cannot decode image {path}: {first}") from None
+    return torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous()
+
+
 def _decode_folder(root: Path, samples: list[tuple[str, str]], class_index: dict[str, int],
                    img_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode listed images; labels come from `class_index` (the train folder's), so every split agrees."""
-    from torchvision.io import ImageReadMode, decode_image, read_file
     from tqdm import tqdm
 
     resize = v2.Resize((img_size, img_size), antialias=True) if img_size else None
     images, size = [], None
     for path, _ in tqdm(samples, desc=f"decode {root.name}", unit="img", leave=False, mininterval=2):
-        try:
-            img = decode_image(read_file(path), mode=ImageReadMode.RGB)
-        except RuntimeError as e:
-            img = _decode_with_pil(path, e)
+        img = read_image(path)
         if resize is not None:
             img = resize(img)
         elif size is None:
@@ -220,20 +306,24 @@ def _decode_folder(root: Path, samples: list[tuple[str, str]], class_index: dict
     return torch.stack(images), torch.tensor([class_index[c] for _, c in samples])
 
 
-def _decode_with_pil(path: str, error: RuntimeError) -> torch.Tensor:
-    """BMP, PPM, PGM and TIFF, which torchvision lists as image files but does not decode: through PIL (RGB)."""
-    from PIL import Image, UnidentifiedImageError
+@dataclass
+class FolderListing:
+    """An image-folder tree listed and checked, nothing decoded: the train (or root) folder and any val/test folders."""
 
-    try:
-        with Image.open(path) as im:
-            rgb = np.asarray(im.convert("RGB"))
-    except (OSError, UnidentifiedImageError, ValueError):
-        first = (str(error).strip().splitlines() or [""])[-1].split(". ")[0][-200:]
-        raise UserError(f"cannot decode image {path}: {first}") from None
-    return torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous()
+    train_root: Path
+    class_names: list[str]
+    samples: list[tuple[str, str]]  # (path, class name) of the train (or root) folder
+    parts: dict[str, tuple[Path, list[tuple[str, str]]]]  # "val" / "test" folders and their samples
+
+    def labels(self, samples: list[tuple[str, str]]) -> np.ndarray:
+        index = {c: i for i, c in enumerate(self.class_names)}
+        return np.array([index[c] for _, c in samples], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.samples) + sum(len(s) for _, s in self.parts.values())
 
 
-def _load_folders(root: Path, img_size: int | None) -> tuple[tuple[torch.Tensor, torch.Tensor, list[str]], dict]:
+def list_folders(root: Path) -> FolderListing:
     """The train (or root) folder and any val/test folders, listed and checked before anything is decoded.
 
     Class indices come from the train folder's class names: a val/ lacking a class keeps the others' labels,
@@ -254,10 +344,16 @@ def _load_folders(root: Path, img_size: int | None) -> tuple[tuple[torch.Tensor,
         if unknown:
             raise UserError(f"{parts[p]} has class folder(s) {', '.join(unknown)} that {train_root} lacks "
                             f"(its classes: {', '.join(names)}); every split must use the train folder's classes")
-    index = {c: i for i, c in enumerate(names)}
-    images, labels = _decode_folder(train_root, samples, index, img_size)
-    others = {p: _decode_folder(parts[p], s, index, img_size or images.shape[-1]) for p, (_, s) in listed.items()}
-    return (images, labels, names), others
+    return FolderListing(train_root, names, samples, {p: (parts[p], s) for p, (_, s) in listed.items()})
+
+
+def _load_folders(listing: FolderListing,
+                  img_size: int | None) -> tuple[tuple[torch.Tensor, torch.Tensor, list[str]], dict]:
+    """Decode a listed folder tree: (train images, labels, class names) and any val/test (images, labels)."""
+    index = {c: i for i, c in enumerate(listing.class_names)}
+    images, labels = _decode_folder(listing.train_root, listing.samples, index, img_size)
+    others = {p: _decode_folder(d, s, index, img_size or images.shape[-1]) for p, (d, s) in listing.parts.items()}
+    return (images, labels, listing.class_names), others
 
 
 def load_data(
@@ -269,20 +365,29 @@ def load_data(
     test_fraction: float = 0.1,
     train_limit: int | None = None,
     img_size: int | None = None,
+    data_mode: str = "auto",
+    memory_budget: int | None = None,
 ) -> DataBundle:
     """Load a dataset and its seeded, stratified train/val/test split.
 
     The split seed is separate from the training seed, so runs with different seeds (ensembles)
     share one test split. `train_limit` keeps a stratified subset of the training split.
+    `data_mode` "stream" (or "auto" past `memory_budget` bytes, default `stochvit.stream.memory_budget()`) decodes
+    an image folder lazily instead (`stochvit.stream`); the split is the same.
     """
+    if data_mode not in DATA_MODES:
+        raise UserError(f"invalid --data-mode={data_mode}; expected one of {', '.join(DATA_MODES)}")
     for name, f in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
         if not 0 <= f < 1:
             raise UserError(f"{name}={f} must be in [0, 1)")
     parent, sep, selection = spec.rpartition(CLASS_FILTER)
     if sep:
-        full = load_data(parent, data_dir, download, split_seed, val_fraction, test_fraction, None, img_size)
+        full = load_data(parent, data_dir, download, split_seed, val_fraction, test_fraction, None, img_size, data_mode,
+                         memory_budget)
         return select_classes(full, selection, spec, train_limit)
     test = None
+    if data_mode == "stream" and not spec.startswith("imagefolder:"):
+        raise UserError(f"--data-mode stream needs an imagefolder:PATH dataset, not {spec!r} (which fits in memory)")
     if spec == "digits":
         images, labels, names = _load_digits()
         flip = False
@@ -295,7 +400,13 @@ def load_data(
         root = Path(spec.split(":", 1)[1]).expanduser()
         if not root.is_dir():
             raise UserError(f"imagefolder path {root} does not exist or is not a directory")
-        (images, labels, names), parts = _load_folders(root, img_size)
+        listing = list_folders(root)
+        if data_mode != "memory":
+            from .stream import should_stream, stream_bundle
+
+            if data_mode == "stream" or should_stream(spec, listing, img_size, memory_budget):
+                return stream_bundle(spec, listing, img_size, split_seed, val_fraction, test_fraction, train_limit)
+        (images, labels, names), parts = _load_folders(listing, img_size)
         test, val = parts.get("test"), parts.get("val")
         flip = True
     else:
@@ -304,20 +415,11 @@ def load_data(
     if images.shape[-1] != images.shape[-2]:
         raise UserError(f"{spec}: images must be square, got {tuple(images.shape[-2:])}; pass --img-size")
     full = ImageSet(images, labels)
-    y = labels.numpy()
-    if test is None:
-        rest, test_idx = _stratified_split(y, test_fraction, split_seed)
-        test_set = full.subset(test_idx)
-    else:
-        rest, test_set = np.arange(len(y)), ImageSet(*test)
-    if spec.startswith("imagefolder:") and "val" in parts:
-        train_idx, val_set = rest, ImageSet(*val)
-    else:
-        keep, held = _stratified_split(y[rest], val_fraction / (1 - test_fraction) if test is None else val_fraction, split_seed)
-        train_idx, val_set = rest[keep], full.subset(rest[held])
-    if train_limit is not None and train_limit < len(train_idx):
-        sub, _ = _stratified_split(y[train_idx], 1 - train_limit / len(train_idx), split_seed)
-        train_idx = train_idx[sub]
+    val_given = spec.startswith("imagefolder:") and "val" in parts
+    train_idx, val_idx, test_idx = split_indices(labels.numpy(), test is not None, val_given, split_seed, val_fraction,
+                                                 test_fraction, train_limit)
+    test_set = full.subset(test_idx) if test is None else ImageSet(*test)
+    val_set = ImageSet(*val) if val_given else full.subset(val_idx)
     if len(val_set) == 0 or len(test_set) == 0:
         raise UserError(f"{spec}: too few images for a validation and a test split")
     mean, std = _channel_stats(images[torch.as_tensor(train_idx)])
@@ -361,10 +463,10 @@ def select_classes(full: DataBundle, selection: str, name: str, train_limit: int
         if limit is not None and limit < len(idx):
             sub, _ = _stratified_split(labels[idx].numpy(), 1 - limit / len(idx), full.split.get("seed", 0))
             idx = idx[sub]
-        return ImageSet(part.images[idx], labels[idx], part.transform)
+        return part.subset(idx, part.transform, labels=labels[idx])
 
     train = restrict(full.train, train_limit)
-    mean, std = _channel_stats(train.images)
+    mean, std = train.channel_stats()
     return DataBundle(
         name=name, train=train, val=restrict(full.val), test=restrict(full.test), class_names=[full.class_names[i] for i in keep],
         mean=mean, std=std, flip=full.flip, split={**full.split, "train_limit": train_limit, "classes": keep},

@@ -20,6 +20,8 @@ MODES = ("on", "mean", "off")  # stochastic layers: sample, expectation, identit
 POSITIONS = ("pre_act", "post_act", "output")  # where the layer sits in the MLP
 PRECISIONS = ("auto", "fp32", "bf16")
 AUGMENTS = ("crop-flip", "none")  # training augmentation: random crop with padding and flip, or the raw images
+DATA_MODES = ("auto", "memory", "stream")  # auto: stream an image folder whose decoded size exceeds the memory budget
+LR_SCALES = ("sqrt", "linear")  # how a recipe's learning rate follows the global batch (stochvit.scale.scaled_lr)
 SPECS_HELP = "digits | cifar10 | cifar100 | svhn | imagefolder:PATH, optionally with :classes=5-9 (indices or names)"
 
 MAX_SCALE = 1e4  # largest |low| / |high| accepted: a scale of 1e308 made the sampler's range infinite
