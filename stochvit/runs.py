@@ -338,7 +338,7 @@ def data_for(config: dict, spec: str | None = None, data_dir: str | None = None)
     t = config["train"]
     if spec is None or spec == t["data"]:
         return load_data(t["data"], t.get("data_dir") if data_dir is None else data_dir, False, t["split_seed"],
-                         train_limit=t.get("train_limit"), img_size=t.get("img_size"))
+                         train_limit=t.get("train_limit"), img_size=t.get("img_size"), data_mode=t.get("data_mode", "auto"))
     return load_data(spec, data_dir, False, t["split_seed"], img_size=config["model"]["kwargs"]["img_size"])
 
 
