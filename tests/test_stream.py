@@ -15,7 +15,7 @@ from torchvision.io import encode_jpeg, encode_png, write_file
 
 from stochvit.cli import main
 from stochvit.data import ImageSet, UnreadableImage, load_data
-from stochvit.metrics import classification_metrics
+from stochvit.eval.metrics import classification_metrics
 from stochvit.predict import dataset_probs
 from stochvit.scale import train_batches
 from stochvit.stream import StreamSet, decoded_bytes, memory_budget
@@ -55,6 +55,9 @@ def test_streamed_folder_has_the_in_memory_split_pixels_and_evaluation(folder):
     net = timm.create_model("vit_tiny_patch4_32", num_classes=3, img_size=32, depth=2).eval()
     got = [classification_metrics(p[0], y) for p, y in (dataset_probs(net, d.test) for d in (memory, stream))]
     assert got[0] == got[1]
+    subsets = [load_data(f"{spec}:classes=c,a", data_mode=m) for m in ("memory", "stream")]
+    assert subsets[0].describe() == subsets[1].describe() and subsets[1].class_names == ["c", "a"]
+    assert all(torch.equal(a, b) for a, b in zip(subsets[0].test.tensors(), subsets[1].test.tensors()))
 
 
 def test_resized_folder_streams_the_same_pixels(tmp_path):
