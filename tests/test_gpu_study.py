@@ -12,7 +12,7 @@ import pytest
 import torch
 from torchvision.io import encode_png, write_file
 
-from stochvit.study import load_spec
+from stochvit.suites.study_runs import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 
