@@ -92,7 +92,8 @@ def test_learning_rate_rule_and_optimiser_implementation():
 
 
 def test_cli_scales_the_recipe_lr_with_the_global_batch(monkeypatch):
-    from stochvit.cli import build_parser, train_config_from_args
+    from stochvit.cli import build_parser
+    from stochvit.cli.train import train_config_from_args
 
     parse = build_parser().parse_args
     assert train_config_from_args(parse(["train"])).lr == 3e-3
