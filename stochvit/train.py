@@ -34,7 +34,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .data import DataBundle, ImageSet, load_data
-from .defaults import AUGMENTS, DEFAULT_LAYER, recipe_for
+from .defaults import AUGMENTS, DATA_MODES, DEFAULT_LAYER, recipe_for
 from .errors import UserError
 from .eval.metrics import classification_metrics
 from .mlp import set_fused
@@ -55,6 +55,7 @@ from .runs import (
     run_lock,
     write_json,
 )
+from .scale import adamw, compiled, train_batches
 
 
 @dataclass
@@ -88,6 +89,8 @@ class TrainConfig:
     eval_samples: int = 10
     val_every: int = 1  # validate every N epochs (and always after the last): per-epoch val costs a lot on CPU
     fused: bool = False  # compile the default layer's scale into the activation (stochvit.mlp.set_fused)
+    compile: bool = False  # torch.compile the training forward and backward (stochvit.scale)
+    data_mode: str = "auto"  # memory | stream | auto (stream an image folder past the memory budget: stochvit.stream)
     adv: dict | None = None  # adversarial training settings, filled by the robustness suite
     # transfer learning, filled by `stochvit transfer` (stochvit.eval.transfer)
     init_weights: str | None = None  # safetensors to start from (a relative path is inside the run directory)
@@ -135,6 +138,8 @@ class TrainConfig:
             self.stochastic = stochastic_config(self.stochastic)  # stochvit.defaults.LayerConfig's checks
         except ValueError as e:
             raise UserError(f"stochastic layer: {e}") from None
+        if self.data_mode not in DATA_MODES:
+            raise UserError(f"invalid data_mode={self.data_mode}; expected one of {', '.join(DATA_MODES)}")
         if self.augment not in AUGMENTS:
             raise UserError(f"invalid augment={self.augment}; expected one of {', '.join(AUGMENTS)}")
         if self.mc_dropout and self.drop_rate <= 0:
@@ -282,7 +287,7 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig, steps_per_epoch: int):
     """AdamW over `param_groups` and its per-step schedule: linear warmup, then cosine decay to 0 at the last step."""
-    opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr)
+    opt = adamw(param_groups(model, cfg), cfg.lr, next(model.parameters()).device)
     total = steps_per_epoch * cfg.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, int(cfg.warmup_epochs * steps_per_epoch)))
     return opt, sched
@@ -429,9 +434,13 @@ def prepare(cfg: TrainConfig, path: Path, resumed: bool = False) -> Training:
     rank, world = _distributed()
     device = default_device() if world == 1 else torch.device("cuda", rank % max(1, torch.cuda.device_count())) \
         if torch.cuda.is_available() else torch.device("cpu")
-    data = load_data(cfg.data, cfg.data_dir, cfg.download, cfg.split_seed, train_limit=cfg.train_limit, img_size=cfg.img_size)
+    data = load_data(cfg.data, cfg.data_dir, cfg.download, cfg.split_seed, train_limit=cfg.train_limit, img_size=cfg.img_size,
+                     data_mode=cfg.data_mode)
     if cfg.augment == "none":
         data.train.transform = None
+    for part in (data.train, data.val, data.test):  # streamed sets decode in worker processes for evaluation too
+        if hasattr(part, "workers"):
+            part.workers = cfg.workers
     warn_long_warmup(cfg)
     config = run_config(cfg, data)
     _seed_everything(cfg.seed + rank)
@@ -450,13 +459,12 @@ def prepare(cfg: TrainConfig, path: Path, resumed: bool = False) -> Training:
         if done != list(range(start)):  # before training: a deleted or cut metrics.jsonl would misreport the run
             raise UserError(f"{path / 'metrics.jsonl'} has rows for epochs {done} but checkpoint.pt is at epoch "
                             f"{start - 1} (counting from 0); restore metrics.jsonl to resume")
-    net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    sampler = torch.utils.data.DistributedSampler(data.train, seed=cfg.seed) if world > 1 else None
-    # Workers are not persistent: each epoch's iterator draws the workers' base seed (and the shuffle) from the global
-    # torch RNG, which the checkpoint restores at the epoch boundary, so `--resume` stays bit-exact with --workers N.
-    # Persistent workers carried their augmentation RNG across epochs, a state no checkpoint holds.
-    loader = torch.utils.data.DataLoader(data.train, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
-                                         num_workers=cfg.workers, drop_last=False)
+    net = compiled(nn.parallel.DistributedDataParallel(model) if world > 1 else model, cfg.compile)
+    # On CUDA an in-memory split is batched and augmented on the device; on a CPU the DataLoader path stays, so that
+    # CPU runs draw exactly as before and old checkpoints resume bit-exactly (stochvit.scale.train_batches).
+    loader = train_batches(data.train, cfg.batch_size, device, world, cfg.seed, cfg.workers,
+                           device_batches=device.type == "cuda")
+    sampler = loader.sampler if world > 1 else None
     adv_step = None
     if cfg.adv:
         from .eval.attacks import adversarial_step
@@ -521,7 +529,9 @@ def train_one_epoch(model: nn.Module, loader, opt, *, sched=None, loss_fn: nn.Mo
     loss_fn = nn.CrossEntropyLoss() if loss_fn is None else loss_fn
     device = next(model.parameters()).device
     net.train()
-    t0, first, seen, loss_sum, correct = time.perf_counter(), step, 0, 0.0, 0
+    sync = device.type != "cuda"  # reading the loss every step stalls a GPU's queue: there it is checked per epoch
+    t0, first, seen = time.perf_counter(), step, 0
+    loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device)
     bar = tqdm(loader, desc=desc, leave=False, disable=desc is None, mininterval=1)
     for x, y in bar:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -530,7 +540,7 @@ def train_one_epoch(model: nn.Module, loader, opt, *, sched=None, loss_fn: nn.Mo
         with autocast(precision, device, model):
             logits = net(x)
             loss = loss_fn(logits.float(), y)
-        if not torch.isfinite(loss):
+        if sync and not torch.isfinite(loss):
             raise NonFiniteLoss(loss.item(), step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -543,10 +553,13 @@ def train_one_epoch(model: nn.Module, loader, opt, *, sched=None, loss_fn: nn.Mo
         if on_step is not None:
             on_step(step)
         seen += len(y)
-        loss_sum += loss.item() * len(y)
-        correct += (logits.argmax(1) == y).sum().item()
-        bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
-    return dict(train_loss=loss_sum / seen, train_accuracy=correct / seen, images=seen, steps=step - first,
+        loss_sum += loss.detach() * len(y)
+        correct += (logits.argmax(1) == y).sum()
+        if sync:
+            bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}")
+    if not torch.isfinite(loss_sum):  # on CUDA: the first check of this epoch's losses
+        raise NonFiniteLoss(loss_sum.item() / seen, step)
+    return dict(train_loss=loss_sum.item() / seen, train_accuracy=correct.item() / seen, images=seen, steps=step - first,
                 seconds=time.perf_counter() - t0)
 
 
