@@ -88,7 +88,7 @@ def test_learning_rate_rule_and_optimiser_implementation():
     assert scaled_lr(1e-3, 128, 1024, "linear") == pytest.approx(8e-3)
     assert scaled_lr(3e-3, 64, 64) == 3e-3
     opt = adamw([dict(params=[torch.nn.Parameter(torch.ones(2))])], 1e-3, torch.device("cpu"))
-    assert opt.defaults["fused"] is True
+    assert not opt.defaults["fused"]  # fused only on CUDA: CPU runs keep torch's default numerics (bit-exact resume)
 
 
 def test_cli_scales_the_recipe_lr_with_the_global_batch(monkeypatch):
