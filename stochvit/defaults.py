@@ -134,8 +134,12 @@ def recipe_help(key: str) -> str:
 
 # the measurement library's names (stochvit.eval), for the command line's choices
 NORMS = ("linf", "l2")  # threat models of the attacks
+# CIFAR-10-C style, stochvit.eval.corruptions; new kinds go at the end (a kind's place seeds its noise)
 CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise", "gaussian_blur", "contrast", "brightness", "jpeg",
-               "pixelate")  # CIFAR-10-C style, stochvit.eval.corruptions
+               "pixelate", "speckle_noise", "defocus_blur", "motion_blur", "zoom_blur", "glass_blur", "elastic_transform",
+               "fog", "snow")
+# the first release's 8 kinds: the calibration suite's default and the study's shift set (cached predictions depend on it)
+ORIGINAL_CORRUPTIONS = CORRUPTIONS[:8]
 SEVERITIES = (1, 2, 3, 4, 5)
 SPLIT_NAMES = ("first", "mid", "last")  # named split points of split inference (besides block counts)
 TRANSFER_MODES = ("finetune", "linear-probe")

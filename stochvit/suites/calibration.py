@@ -34,7 +34,7 @@ from ..eval.calibration import (
     fit_temperature,
     reliability,
 )
-from ..eval.corruptions import CORRUPTIONS, SEVERITIES, check, corrupt_set
+from ..eval.corruptions import ORIGINAL_CORRUPTIONS, SEVERITIES, check, corrupt_set
 from ..eval.metrics import mc_metrics
 from ..eval.stats import Comparison, Scores, compare, comparison_table, interval
 from ..layers import MCDropout, is_random, random_modules
@@ -160,7 +160,7 @@ def _regime(run: Run) -> dict:
 
 def run_calibration(run_dirs: list[str | Path], ensembles: list[list[str | Path]] | None = None, data: str | None = None,
                     data_dir: str | None = None, samples: int = 10, shift: bool = False,
-                    corruptions: tuple[str, ...] = CORRUPTIONS, severities: tuple[int, ...] = SEVERITIES,
+                    corruptions: tuple[str, ...] = ORIGINAL_CORRUPTIONS, severities: tuple[int, ...] = SEVERITIES,
                     shift_limit: int | None = None, out: str | Path | None = None, precision: str = "auto",
                     quiet: bool = False, n_boot: int = 1000, seed: int = 0, batch_size: int = 256,
                     overwrite: bool = False) -> Path:

@@ -13,7 +13,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..defaults import CORRUPTIONS, SEVERITIES, AttackConfig
+from ..defaults import ORIGINAL_CORRUPTIONS, SEVERITIES, AttackConfig
 
 if TYPE_CHECKING:
     from ..train import TrainConfig
@@ -79,7 +79,7 @@ class CalibrationSettings:
     data_dir: str | None = None
     samples: int = 10
     shift: bool = False
-    corruptions: tuple[str, ...] = CORRUPTIONS
+    corruptions: tuple[str, ...] = ORIGINAL_CORRUPTIONS  # the built-in default; all 16: defaults.CORRUPTIONS
     severities: tuple[int, ...] = SEVERITIES
     shift_limit: int | None = None
     seed: int = 0

@@ -234,19 +234,20 @@ def shift_set(test, images: int, seed: int = 0):
     """A stratified subset of the test set, each image corrupted by one (corruption, severity) cell, cells balanced.
 
     One mixed set instead of every cell on every image: the same coverage of the 8 x 5 grid, at 1/40 of the cost,
-    and every run sees the very same corrupted images (paired comparisons).
+    and every run sees the very same corrupted images (paired comparisons). The 8 kinds are frozen
+    (`ORIGINAL_CORRUPTIONS`), not every built-in kind: runs cache their predictions on this very set.
     """
     import numpy as np
     from sklearn.model_selection import train_test_split
 
     from ..data import ImageSet
-    from ..eval.corruptions import CORRUPTIONS, SEVERITIES, corrupt, to_uint8
+    from ..eval.corruptions import ORIGINAL_CORRUPTIONS, SEVERITIES, corrupt, to_uint8
 
     idx = np.arange(len(test))
     if images < len(test):
         idx = np.sort(train_test_split(idx, train_size=images, stratify=test.labels.numpy(), random_state=seed)[0])
     x, y = test.subset(idx).tensors()
-    cells = [(c, s) for c in CORRUPTIONS for s in SEVERITIES]
+    cells = [(c, s) for c in ORIGINAL_CORRUPTIONS for s in SEVERITIES]
     cell_of = np.random.default_rng(seed).permutation(len(idx)) % len(cells)
     out = torch.empty_like(x)
     for i, (c, s) in enumerate(cells):
