@@ -102,6 +102,22 @@ class DataBundle:
             sizes=dict(train=len(self.train), val=len(self.val), test=len(self.test)), split=self.split,
         )
 
+    def test_source(self) -> str:
+        """Where the test images come from, in words: reports name it beside every number."""
+        spec = self.name.rpartition(CLASS_FILTER)[0] or self.name
+        seed, fraction = self.split.get("seed", 0), self.split.get("test_fraction", 0.1)
+        if spec in TORCHVISION_SETS:
+            return f"the official {spec} test set ({len(self.test)} images)"
+        if spec.startswith("imagefolder:"):
+            root = Path(spec.split(":", 1)[1])
+            if (root / "test").is_dir():
+                return f"the {len(self.test)} images of {root / 'test'}"
+            where = root / "train" if (root / "train").is_dir() else root
+            return (f"a seeded {fraction:.0%} split (split seed {seed}) of the images in {where}, {len(self.test)} images; "
+                    "where the folder holds the CIFAR-10 training JPEGs (as the benchmarks' does), training images, not the "
+                    "official CIFAR-10 test set")
+        return f"a seeded {fraction:.0%} split (split seed {seed}) of {spec}, {len(self.test)} images"
+
 
 class CropFlip(v2.Compose):
     """Random crop with zero padding, then an optional horizontal flip (torchvision's per-sample transforms).

@@ -140,6 +140,12 @@ CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise", "gaussian_blur",
                "fog", "snow")
 # the first release's 8 kinds: the calibration suite's default and the study's shift set (cached predictions depend on it)
 ORIGINAL_CORRUPTIONS = CORRUPTIONS[:8]
+# the released CIFAR-10-C / CIFAR-100-C files (stochvit.eval.cifar_c): the 15 kinds the literature averages over
+# (mean corruption error), then the 4 held-out extras of the release
+CIFAR_C_STANDARD = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
+                    "zoom_blur", "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate",
+                    "jpeg_compression")
+CIFAR_C_EXTRA = ("speckle_noise", "gaussian_blur", "spatter", "saturate")
 SEVERITIES = (1, 2, 3, 4, 5)
 SPLIT_NAMES = ("first", "mid", "last")  # named split points of split inference (besides block counts)
 TRANSFER_MODES = ("finetune", "linear-probe")

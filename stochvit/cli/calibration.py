@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..defaults import CORRUPTIONS
+from ..defaults import CIFAR_C_EXTRA, CORRUPTIONS, ORIGINAL_CORRUPTIONS
 from ..suites.settings import CalibrationSettings as S
 from ..suites.settings import default
 from .common import (
@@ -26,7 +26,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "Evaluate trained runs on the test split: accuracy, NLL, Brier, ECE, adaptive ECE, MCE, classwise ECE, "
         "AURC and misclassification AUROC, single-pass (mean ± std over K passes) and K-sample average, each "
         "without and with temperature scaling fitted on validation NLL. --ensemble adds a deep ensemble of runs; "
-        "--shift adds CIFAR-10-C style corruptions at 5 severities. Every method after the first is compared with "
+        "--shift adds CIFAR-10-C style corruptions at 5 severities (--shift cifar10c:PATH: the published files). "
+        "Every method after the first is compared with "
         "the first (paired bootstrap 95% CI and verdict); values and plots carry 95% intervals. Writes "
         "calibration.json, calibration.md and PNG plots into --out.")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="finished run directories, one table row group each")
@@ -35,9 +36,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_samples(g, default(S, "samples"))
     g.add_argument("--ensemble", nargs="+", action="append", metavar="RUN_DIR", default=None,
                    help="run directories averaged into one deep-ensemble method (repeat the flag for several ensembles)")
-    g.add_argument("--shift", action="store_true", help="also evaluate on corrupted copies of the test split")
-    g.add_argument("--corruptions", default=",".join(default(S, "corruptions")),
-                   help="comma-separated subset of: " + ", ".join(CORRUPTIONS))
+    g.add_argument("--shift", nargs="?", const=True, default=default(S, "shift"), metavar="cifar10c:PATH",
+                   help="also evaluate under corruption: alone, stochvit's CIFAR-10-C style corruptions of the test split "
+                        "(an imitation); with cifar10c:PATH or cifar100c:PATH, the published benchmark's .npy files "
+                        "(its images are the official test set's; numbers compare with the literature)")
+    g.add_argument("--corruptions", default=None,
+                   help="comma-separated kinds, or all. Built-in default: " + ", ".join(ORIGINAL_CORRUPTIONS) +
+                        "; all: " + ", ".join(CORRUPTIONS) + ". cifar10c/cifar100c default: the 15 standard kinds "
+                        "(all adds the 4 extras: " + ", ".join(CIFAR_C_EXTRA) + ")")
     g.add_argument("--severities", type=int_list, default=",".join(map(str, default(S, "severities"))),
                    help="comma-separated severities in 1..5")
     g.add_argument("--shift-limit", type=int, default=None, help="evaluate shift on a stratified subset of this many test images")
@@ -54,6 +60,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def command(a: argparse.Namespace) -> None:
     from ..suites.calibration import Settings, run
 
-    corruptions = tuple(c.strip() for c in a.corruptions.split(",") if c.strip())
+    corruptions = None if a.corruptions is None else tuple(c.strip() for c in a.corruptions.split(",") if c.strip())
     run(Settings(a.run_dirs, a.ensemble or [], a.data, a.data_dir, a.samples, a.shift, corruptions,
                  tuple(a.severities), a.shift_limit, a.seed, a.precision, a.batch_size, a.n_boot, a.out, a.overwrite))

@@ -1,5 +1,7 @@
 """`stochvit calibration`: calibration of trained runs, their temperature-scaled versions and deep ensembles,
-on the clean test split and (with --shift) on CIFAR-10-C style corruptions at 5 severities.
+on the clean test split and (with --shift) under corruption at 5 severities: stochvit's CIFAR-10-C style
+corruptions of the test split (`stochvit.eval.corruptions`), or the published CIFAR-10-C / CIFAR-100-C files
+(`--shift cifar10c:PATH`, `stochvit.eval.cifar_c`), whose images are the official test set's.
 
 Every method is reduced to per-pass probabilities (K, N, C) on val, test and each corrupted test copy; the
 metrics of `stochvit.eval.calibration` are then taken per pass (mean ± std) and of the K-sample average through
@@ -34,7 +36,8 @@ from ..eval.calibration import (
     fit_temperature,
     reliability,
 )
-from ..eval.corruptions import ORIGINAL_CORRUPTIONS, SEVERITIES, check, corrupt_set
+from ..eval.cifar_c import open_benchmark
+from ..eval.corruptions import CORRUPTIONS, ORIGINAL_CORRUPTIONS, SEVERITIES, check, corrupt_set
 from ..eval.metrics import mc_metrics
 from ..eval.stats import Comparison, Scores, compare, comparison_table, interval
 from ..layers import MCDropout, is_random, random_modules
@@ -159,12 +162,16 @@ def _regime(run: Run) -> dict:
 
 
 def run_calibration(run_dirs: list[str | Path], ensembles: list[list[str | Path]] | None = None, data: str | None = None,
-                    data_dir: str | None = None, samples: int = 10, shift: bool = False,
-                    corruptions: tuple[str, ...] = ORIGINAL_CORRUPTIONS, severities: tuple[int, ...] = SEVERITIES,
+                    data_dir: str | None = None, samples: int = 10, shift: bool | str = False,
+                    corruptions: tuple[str, ...] | None = None, severities: tuple[int, ...] = SEVERITIES,
                     shift_limit: int | None = None, out: str | Path | None = None, precision: str = "auto",
                     quiet: bool = False, n_boot: int = 1000, seed: int = 0, batch_size: int = 256,
                     overwrite: bool = False) -> Path:
-    """Evaluate runs (and ensembles of runs) with and without temperature scaling; write the report into `out`."""
+    """Evaluate runs (and ensembles of runs) with and without temperature scaling; write the report into `out`.
+
+    `shift`: True for the built-in corruptions (`corruptions` defaults to the original 8; ("all",) for every kind),
+    or "cifar10c:PATH" / "cifar100c:PATH" for the released files (default: their 15 standard kinds).
+    """
     if samples < 1:
         raise UserError(f"samples={samples} must be >= 1")
     if n_boot < 100:
@@ -175,9 +182,15 @@ def run_calibration(run_dirs: list[str | Path], ensembles: list[list[str | Path]
     for e in ensembles:
         if len(e) < 2:
             raise UserError("an ensemble needs at least two run directories")
-    for c in corruptions:
-        for s in severities:
-            check(c, s)
+    bench = open_benchmark(shift) if isinstance(shift, str) else None
+    if bench is not None:
+        corruptions = bench.resolve(corruptions)
+    else:
+        corruptions = ORIGINAL_CORRUPTIONS if corruptions is None else tuple(corruptions)
+        corruptions = CORRUPTIONS if corruptions == ("all",) else corruptions
+        for c in corruptions:
+            for s in severities:
+                check(c, s)
     if shift and not (corruptions and severities):
         raise UserError("shift needs at least one corruption and one severity")
     loaded: dict[Path, Run] = {}
@@ -191,14 +204,26 @@ def run_calibration(run_dirs: list[str | Path], ensembles: list[list[str | Path]
                                    for i, e in enumerate(ensembles)]
     bundle = shared_data(list(loaded.values()), data, data_dir)
     test = bundle.test
+    if bench is not None:
+        bench.check(corruptions, severities, bundle.img_size, bundle.in_chans, bundle.num_classes)
+    pool = bench.labels if bench is not None else test.labels  # the images that get corrupted
     shift_idx = None
-    if shift and shift_limit is not None and shift_limit < len(test):
+    if shift and shift_limit is not None and shift_limit < len(pool):
         from sklearn.model_selection import train_test_split
 
-        keep = train_test_split(range(len(test)), train_size=shift_limit, stratify=test.labels.numpy(), random_state=0)[0]
+        keep = train_test_split(range(len(pool)), train_size=shift_limit, stratify=pool.numpy(), random_state=0)[0]
         shift_idx = torch.as_tensor(sorted(keep))
-    shift_test = test if shift_idx is None else test.subset(shift_idx)
+    shift_labels = pool if shift_idx is None else pool[shift_idx]
+    # severity 0: the shift images' own clean copies; a benchmark ships none, so the run's whole clean test split
+    clean_idx = None if bench is not None else shift_idx
+    clean_labels = test.labels if clean_idx is None else test.labels[clean_idx]
     conditions = [(c, s) for c in corruptions for s in severities] if shift else []
+
+    def shifted(cond: tuple[str, int]) -> ImageSet:
+        if bench is not None:
+            return bench.cell(*cond, None if shift_idx is None else shift_idx.numpy())
+        return corrupt_set(test if shift_idx is None else test.subset(shift_idx), *cond)
+
     out = Path(out) if out else runs[0].path / "calibration"
     settings = dict(runs=[str(r.path) for r in runs],
                     ensembles=[[str(loaded[Path(p).resolve()].path) for p in e] for e in ensembles],
@@ -209,7 +234,6 @@ def run_calibration(run_dirs: list[str | Path], ensembles: list[list[str | Path]
     # predictions: each run (and ensemble) once per split and corruption; temperature scaling reuses them
     methods: list[Method] = []
     bar = tqdm(total=len(groups) * (2 + len(conditions)), desc="predict", unit="set", disable=quiet, mininterval=1)
-    shifted_sets = {cond: corrupt_set(shift_test, *cond) for cond in conditions}
     cache: dict[tuple[Path, str], torch.Tensor] = {}
 
     def probs(group: list[Run], tag: str, dataset: ImageSet) -> torch.Tensor:
@@ -225,9 +249,11 @@ def run_calibration(run_dirs: list[str | Path], ensembles: list[list[str | Path]
         return torch.stack([p.expand(k, -1, -1) for p in parts]).mean(0)
 
     for name, group in zip(names, groups):
-        m = Method(name, group, probs(group, "val", bundle.val), probs(group, "test", test))
-        m.shift = {cond: probs(group, f"{cond[0]}-{cond[1]}", shifted_sets[cond]) for cond in conditions}
-        methods.append(m)
+        methods.append(Method(name, group, probs(group, "val", bundle.val), probs(group, "test", test)))
+    for cond in conditions:  # one corrupted set in memory at a time
+        dataset = shifted(cond)
+        for m in methods:
+            m.shift[cond] = probs(m.runs, f"{cond[0]}-{cond[1]}", dataset)
     bar.close()
     for m in list(methods):
         t_single = fit_temperature(m.val, bundle.val.labels, average=False)
@@ -242,20 +268,21 @@ def run_calibration(run_dirs: list[str | Path], ensembles: list[list[str | Path]
                      regime={r.name: _regime(r) for r in m.runs},
                      val_nll=m.metrics(m.val, bundle.val.labels)["mc_average"]["nll"], test=m.metrics(m.test, test.labels))
         if conditions:
-            labels = shift_test.labels
-            per = {c: {s: m.metrics(m.shift[(c, s)], labels) for s in severities} for c in corruptions}
+            per = {c: {s: m.metrics(m.shift[(c, s)], shift_labels) for s in severities} for c in corruptions}
             entry["shift"] = per
-            clean = m.metrics(m.test if shift_idx is None else m.test[:, shift_idx], labels)
+            clean = m.metrics(m.test if clean_idx is None else m.test[:, clean_idx], clean_labels)
             entry["shift_mean"] = {0: _summary(clean)} | {
                 s: {part: {k: _nanmean([_summary(per[c][s])[part][k] for c in corruptions]) for k in METRICS}
                     for part in ("single_pass", "mc_average")} for s in severities}
         results[m.name] = entry
-    cells = {m.name: _cells(m, test.labels, shift_test.labels, shift_idx, conditions) for m in methods}
+    cells = {m.name: _cells(m, test.labels, shift_labels, clean_idx, clean_labels, conditions) for m in methods}
     for name, c in cells.items():
         results[name]["intervals"] = method_intervals(c, corruptions if conditions else (), severities, n_boot)
         if conditions:  # the value the shift intervals and comparisons are about: the mean over every cell
             results[name]["shift_overall"] = {k: cell_scores(k, *_shift(c)).value() for k in CI_METRICS}
-    report = dict(data=bundle.name, split="test", images=len(test), shift_images=len(shift_test) if conditions else 0,
+    report = dict(data=bundle.name, split="test", images=len(test), test_source=bundle.test_source(),
+                  shift_source=_shift_source(bench, bundle, len(shift_labels)) if conditions else None,
+                  shift_images=len(shift_labels) if conditions else 0,
                   samples=samples, ece_bins=15, corruptions=list(corruptions) if conditions else [],
                   severities=list(severities) if conditions else [], methods=results,
                   baseline=methods[0].name, n_boot=n_boot,
@@ -269,6 +296,20 @@ def run_calibration(run_dirs: list[str | Path], ensembles: list[list[str | Path]
     return out
 
 
+def _shift_source(bench, bundle: DataBundle, images: int) -> dict:
+    """What the shifted images are, in words, for the report: a published benchmark or stochvit's imitation."""
+    if bench is None:
+        return dict(kind="builtin", images=f"{images} images of the clean test split ({bundle.test_source()})",
+                    corruptions="stochvit's CIFAR-10-C style corruptions (stochvit.eval.corruptions): an imitation of "
+                                "the benchmark's kinds, not the benchmark; numbers do not compare with published ones",
+                    clean="severity 0: the same images, uncorrupted")
+    return dict(kind=bench.spec.split(":", 1)[0], path=str(bench.root),
+                images=f"{images} of the {bench.per_severity} images per cell of {bench.title} (the official test set)",
+                corruptions=f"the released {bench.title} files: numbers compare directly with published ones",
+                clean=f"severity 0: the run's own clean test split ({bundle.test_source()}), other images than "
+                      f"{bench.title} corrupts")
+
+
 # -- intervals and paired comparisons (stochvit.eval.stats) ---------------------------------------------------------
 
 def cell_scores(metric: str, cells: list[torch.Tensor], labels: torch.Tensor) -> Scores:
@@ -279,13 +320,13 @@ def cell_scores(metric: str, cells: list[torch.Tensor], labels: torch.Tensor) ->
     return Scores(lambda w: torch.stack([s(w) for s in parts]).mean(0), parts[0].n)
 
 
-def _cells(m: Method, test_labels: torch.Tensor, shift_labels: torch.Tensor, shift_idx: torch.Tensor | None,
-           conditions: list[tuple[str, int]]) -> dict:
-    """A method's K-sample-average probabilities: {"clean": ([probs], labels)} and, under shift, the shift subset's
-    clean copy ("shift_clean") and every (corruption, severity) cell, each with the labels they share."""
+def _cells(m: Method, test_labels: torch.Tensor, shift_labels: torch.Tensor, clean_idx: torch.Tensor | None,
+           clean_labels: torch.Tensor, conditions: list[tuple[str, int]]) -> dict:
+    """A method's K-sample-average probabilities: {"clean": ([probs], labels)} and, under shift, severity 0's clean
+    images ("shift_clean") and every (corruption, severity) cell, each with the labels they share."""
     out = {"clean": ([m.scaled(m.test)[1]], test_labels)}
     if conditions:
-        out["shift_clean"] = ([m.scaled(m.test if shift_idx is None else m.test[:, shift_idx])[1]], shift_labels)
+        out["shift_clean"] = ([m.scaled(m.test if clean_idx is None else m.test[:, clean_idx])[1]], clean_labels)
         out["cells"] = {cond: m.scaled(m.shift[cond])[1] for cond in conditions}
         out["shift_labels"] = shift_labels
     return out
@@ -524,6 +565,7 @@ def _temperature(e: dict, prediction: str) -> str:
 
 def format_markdown(report: dict) -> str:
     lines = [f"# Calibration on {report['data']} ({report['split']} split, {report['images']} images)", "",
+             f"Test images: {report['test_source']}." if report.get("test_source") else "", "",
              f"K = {report['samples']} stochastic passes; ECE, MCE, classwise ECE: {report['ece_bins']} equal-width bins; "
              "adaptive ECE: equal-mass bins. Single-pass values are mean ± std over the K passes. T: temperature fitted on "
              "clean validation NLL (1 = none). Lower is better for all but acc and AUROC.", "",
@@ -545,6 +587,9 @@ def format_markdown(report: dict) -> str:
         sev = report["severities"]
         lines += ["", f"## Under shift: mean over {len(report['corruptions'])} corruptions ({', '.join(report['corruptions'])}), "
                   f"{report['shift_images']} test images, K-sample average", ""]
+        src = report.get("shift_source")
+        if src:
+            lines += [f"Corrupted images: {src['images']}; corruptions: {src['corruptions']}; {src['clean']}.", ""]
         for key in ("accuracy", "ece", "nll"):
             lines += [f"**{SHORT[key]}** by severity (0 = clean)", "",
                       "| method | " + " | ".join(map(str, [0] + sev)) + " | mean 1-5 |", "|---|" + "---|" * (len(sev) + 2)]
@@ -625,6 +670,6 @@ def format_console(report: dict) -> str:
 
 def run(s: Settings) -> Path:
     """The suite from its settings (what `stochvit calibration` does); returns the report folder."""
-    return run_calibration(s.run_dirs, s.ensembles, s.data, s.data_dir, s.samples, s.shift, tuple(s.corruptions),
-                           tuple(s.severities), s.shift_limit, s.out, s.precision, s.quiet, s.n_boot, s.seed, s.batch_size,
-                           s.overwrite)
+    return run_calibration(s.run_dirs, s.ensembles, s.data, s.data_dir, s.samples, s.shift,
+                           None if s.corruptions is None else tuple(s.corruptions), tuple(s.severities), s.shift_limit,
+                           s.out, s.precision, s.quiet, s.n_boot, s.seed, s.batch_size, s.overwrite)

@@ -13,7 +13,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..defaults import ORIGINAL_CORRUPTIONS, SEVERITIES, AttackConfig
+from ..defaults import SEVERITIES, AttackConfig
 
 if TYPE_CHECKING:
     from ..train import TrainConfig
@@ -78,8 +78,8 @@ class CalibrationSettings:
     data: str | None = None
     data_dir: str | None = None
     samples: int = 10
-    shift: bool = False
-    corruptions: tuple[str, ...] = ORIGINAL_CORRUPTIONS  # the built-in default; all 16: defaults.CORRUPTIONS
+    shift: bool | str = False  # True: stochvit's corruptions; "cifar10c:PATH" / "cifar100c:PATH": the released files
+    corruptions: tuple[str, ...] | None = None  # None: the original 8 built-in (15 standard for the files); ("all",)
     severities: tuple[int, ...] = SEVERITIES
     shift_limit: int | None = None
     seed: int = 0
