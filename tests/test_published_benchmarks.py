@@ -125,7 +125,12 @@ def rgb_folder_run(root: Path) -> Path:
     return train(cfg, out=root / "run", quiet=True)
 
 
-def test_calibration_shift_on_the_released_files(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def rgb_run(tmp_path_factory) -> Path:
+    return rgb_folder_run(tmp_path_factory.mktemp("rgb"))
+
+
+def test_calibration_shift_on_the_released_files(rgb_run, tmp_path, capsys):
     import json
 
     from stochvit.cli import main
@@ -134,7 +139,7 @@ def test_calibration_shift_on_the_released_files(tmp_path, capsys):
     from stochvit.runs import load_run
     from stochvit.suites.calibration import run_calibration
 
-    run = rgb_folder_run(tmp_path)
+    run = rgb_run
     release = make_release(tmp_path / "CIFAR-10-C")
     out = run_calibration([run], samples=1, shift=f"cifar10c:{release}", corruptions=("fog", "snow"), severities=(1, 5),
                           out=tmp_path / "rep", quiet=True, n_boot=100)
@@ -155,7 +160,7 @@ def test_calibration_shift_on_the_released_files(tmp_path, capsys):
     assert e["shift_mean"]["0"]["mc_average"]["accuracy"] == pytest.approx(e["test"]["mc_average"]["accuracy"], abs=1e-6)
     md = (out / "calibration.md").read_text()
     assert "Corrupted images: 4 of the 4 images per cell of CIFAR-10-C (the official test set)" in md
-    assert f"Test images: the 10 images of {tmp_path / 'data' / 'test'}" in md
+    assert f"Test images: the 10 images of {run.parent / 'data' / 'test'}" in md
 
     assert main(["calibration", str(run), "--shift", f"cifar10c:{release}", "--corruptions", "fog", "--severities", "2",
                  "--n-boot", "100", "--samples", "1", "--out", str(tmp_path / "cli")]) == 0
@@ -164,3 +169,48 @@ def test_calibration_shift_on_the_released_files(tmp_path, capsys):
     assert main(["calibration", str(run), "--shift", f"cifar10c:{release}", "--out", str(tmp_path / "bad")]) == 2
     assert "missing gaussian_noise.npy" in capsys.readouterr().err  # the default is all 15 standard kinds
     assert not (tmp_path / "bad").exists()
+
+
+# -- evaluating a run on another labelled folder (e.g. the official test set) --------------------------------------
+
+def write_folder(root: Path, classes: list[str], per_class: int, seed: int = 1) -> Path:
+    from torchvision.io import encode_png, write_file
+
+    g = torch.Generator().manual_seed(seed)
+    for c in classes:
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            write_file(str(root / c / f"{i}.png"), encode_png(torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8, generator=g)))
+    return root
+
+
+def test_evaluate_on_every_image_of_another_folder_with_the_runs_classes(rgb_run, tmp_path, capsys):
+    import json
+
+    from torchvision.io import read_image
+
+    from stochvit.cli import main
+    from stochvit.runs import load_run
+
+    classes = [f"class{c}" for c in range(10)]
+    ext = write_folder(tmp_path / "official-test", classes, 10)
+    assert main(["evaluate", str(rgb_run), "--data", f"imagefolder:{ext}", "--split", "all", "--samples", "1"]) == 0
+    result = json.loads(next(rgb_run.glob("eval-imagefolder_*-all-on-k1-seed0.json")).read_text())
+    assert result["split"] == "all" and result["images"] == f"every image of imagefolder:{ext} (100)"
+    assert f"every image of imagefolder:{ext} (100)" in capsys.readouterr().out
+    # the same accuracy and NLL from the PNG files decoded here, labelled by their folder names
+    files = sorted(ext.glob("*/*.png"))
+    x = torch.stack([read_image(str(f)) for f in files]).float() / 255
+    y = torch.tensor([classes.index(f.parent.name) for f in files])
+    model = load_run(rgb_run).model.eval()
+    with torch.no_grad():
+        probs = model(x).softmax(-1)
+    assert result["mc_average"]["accuracy"] == pytest.approx((probs.argmax(1) == y).float().mean().item(), abs=1e-6)
+    assert result["mc_average"]["nll"] == pytest.approx(-probs[torch.arange(100), y].log().mean().item(), rel=1e-4)
+
+    # another folder's classes are refused, never silently relabelled; --split all needs other data
+    other = write_folder(tmp_path / "other", [f"kind{c}" for c in range(10)], 10)
+    assert main(["evaluate", str(rgb_run), "--data", f"imagefolder:{other}", "--split", "all"]) == 2
+    assert "but the run was trained on class0, class1" in capsys.readouterr().err
+    assert main(["evaluate", str(rgb_run), "--split", "all"]) == 2
+    assert "every image of another dataset" in capsys.readouterr().err

@@ -1,6 +1,9 @@
 """`stochvit evaluate`: accuracy, NLL, Brier and ECE of a run, single-pass (mean ± std) and K-sample.
 
 `run(Settings(run_dir))` writes RUN_DIR/eval-...json (named by the settings) and returns the result and its path.
+On the run's own data by default; `data` evaluates on any other labelled data with the run's class names (a folder
+of class folders, or the official CIFAR-10 test set through torchvision's files), and `split="all"` on every image
+of it, which is what an external test set is for.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ..data import DataBundle, ImageSet
 from ..errors import UserError
 from ..eval.metrics import mc_metrics
 from ..layers import is_random, sampling
@@ -18,18 +22,44 @@ from ..runs import Run, check_compatible, check_overwrite, data_for, load_run, w
 from .settings import EvaluateSettings as Settings
 from .settings import record
 
-SPLITS = ("test", "val")
+SPLITS = ("test", "val", "all")
+
+
+def check_class_names(config: dict, data: DataBundle) -> None:
+    """Another dataset's label i must name the run's class i: same names in the same order (ImageFolder sorts them)."""
+    want = config.get("data", {}).get("class_names")
+    if want is not None and list(want) != list(data.class_names):
+        order = " (the same names in another order)" if sorted(want) == sorted(data.class_names) else ""
+        raise UserError(f"data {data.name!r} has classes {', '.join(data.class_names)} but the run was trained on "
+                        f"{', '.join(want)}{order}; its labels would not mean the run's classes")
+
+
+def every_image(data: DataBundle) -> ImageSet:
+    """Train, val and test of `data` together, without augmentation: each image once."""
+    parts = (data.train, data.val, data.test)
+    return ImageSet(torch.cat([p.images for p in parts]), torch.cat([p.labels for p in parts]))
 
 
 def evaluate(run: Run, data_spec: str | None = None, data_dir: str | None = None, samples: int = 10, mode: str = "on",
              split: str = "test", precision: str = "auto", batch_size: int = 256) -> dict:
+    own = data_spec is None or data_spec == run.config["train"]["data"]
+    if split not in SPLITS:
+        raise UserError(f"split={split!r} is not one of {', '.join(SPLITS)}")
+    if split == "all" and own:
+        raise UserError("split 'all' evaluates on every image of another dataset (data=...); the run's own data holds "
+                        "its training images")
     data = data_for(run.config, data_spec, data_dir)
     check_compatible(run.config, data)
+    if not own:
+        check_class_names(run.config, data)
+    dataset = every_image(data) if split == "all" else getattr(data, split)
     with sampling(run.model, mode):  # mode="mean" of a kind="full" run: a UserError, one line
-        probs, labels = dataset_probs(run.model, getattr(data, split), samples, batch_size, precision)
+        probs, labels = dataset_probs(run.model, dataset, samples, batch_size, precision)
     non_finite = warn_non_finite(probs, f"{run.path} on {data.name} ({split})")
     result = mc_metrics(probs, labels)
-    return dict(run=str(run.path), data=data.name, split=split, mode=mode, **result,
+    images = (f"every image of {data.name} ({len(dataset)})" if split == "all" else
+              data.test_source() if split == "test" else f"the validation split of {data.name} ({len(dataset)} images)")
+    return dict(run=str(run.path), data=data.name, split=split, images=images, mode=mode, **result,
                 **(dict(non_finite_fraction=non_finite) if non_finite else {}))
 
 

@@ -52,7 +52,7 @@ class EvaluateSettings:
     data_dir: str | None = None
     samples: int = 10  # K stochastic passes
     mode: str = "on"  # stochastic layers: sample (on), expectation (mean), identity (off)
-    split: str = "test"
+    split: str = "test"  # test | val | all (every image of another dataset, `data`)
     seed: int = 0  # seeds the stochastic passes: the same settings give the same numbers
     precision: str = "auto"
     batch_size: int = 256
