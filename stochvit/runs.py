@@ -376,23 +376,39 @@ class Curves:
         atomic_write_bytes(self.path / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
         atomic_write_bytes(self.path / "metrics.csv", _csv(rows))
 
-    def plot(self) -> None:
+    def figure(self):
+        """Loss, accuracy and ECE per epoch. Every point has a marker, so a 1-epoch run shows its values."""
+        from matplotlib.ticker import MaxNLocator
+
         plt = pyplot()
         rows = self.rows()
         ep = [r["epoch"] for r in rows]
         val_rows = [r for r in rows if "val_nll" in r]  # --val-every N leaves epochs without validation
         fig, ax = plt.subplots(1, 3, figsize=(13, 3.6))
         for a, key, title in zip(ax, ("loss", "accuracy", "ece"), ("loss / NLL", "accuracy", "ECE (val)")):
-            if key != "ece":
-                a.plot(ep, [r[f"train_{key}"] for r in rows], label="train")
-            a.plot([r["epoch"] for r in val_rows], [r[f"val_{'nll' if key == 'loss' else key}"] for r in val_rows],
-                   "o-" if len(val_rows) < len(rows) else "-", label="val")
+            lines = [] if key == "ece" else [("train", "o-", "C0", ep, [r[f"train_{key}"] for r in rows])]
+            lines.append(("val", "s-", "C1", [r["epoch"] for r in val_rows],
+                          [r[f"val_{'nll' if key == 'loss' else key}"] for r in val_rows]))
+            for label, fmt, color, x, y in lines:
+                a.plot(x, y, fmt, color=color, markersize=4, label=label)
+                if len(x) == 1:  # one point: its value in words, the axis alone is hard to read
+                    a.annotate(f"{y[0]:.3f}", (x[0], y[0]), textcoords="offset points", xytext=(6, 0), va="center",
+                               fontsize=8, color=color)
             a.set_title(title)
             a.set_xlabel("epoch")
+            if len(ep) < 3:
+                a.set_xticks(ep)
+                a.set_xlim(min(ep) - 0.5, max(ep) + 0.5)
+            else:
+                a.xaxis.set_major_locator(MaxNLocator(integer=True))
             a.legend()
         fig.tight_layout()
+        return fig
+
+    def plot(self) -> None:
+        fig = self.figure()
         fig.savefig(self.path / "curves.png", dpi=90)
-        plt.close(fig)
+        pyplot().close(fig)
 
 
 
