@@ -40,3 +40,42 @@ def test_curves_of_a_longer_run_keep_integer_epochs_without_labels(tmp_path):
     for ax in fig.axes:
         assert not ax.texts and all(float(t).is_integer() for t in ax.get_xticks())
         assert all(len(line.get_xdata()) == 6 for line in ax.get_lines())
+
+
+def _entry(name: str, kind: str, block: int, sigma: float, acc: float, psnr: float) -> dict:
+    attack = lambda p: dict(psnr=dict(mean=p), ssim=dict(mean=p / 40), ci=dict(psnr=[p - 1, p + 1], ssim=[p / 41, p / 39]))  # noqa: E731
+    return dict(name=name, kind=kind, block=block, sigma=sigma, accuracy=dict(mean=acc),
+                attacks=dict(decoder=attack(psnr), optimization=attack(psnr + 3)))
+
+
+def test_privacy_utility_tells_every_run_and_attack_apart():
+    from stochvit.suites.privacy import privacy_utility_figure
+
+    entries = [_entry("stoch", "stochastic", 1, 0.0, 0.8, 20)] + [
+        _entry("det", "deterministic", 1, s, a, p) for s, a, p in ((0.0, 0.9, 30), (0.3, 0.85, 25), (1.0, 0.6, 18))]
+    fig = privacy_utility_figure(entries, ["decoder", "optimization"])
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert labels == ["stoch (stochastic) decoder", "stoch (stochastic) optimization", "det (deterministic) decoder",
+                      "det (deterministic) optimization"]
+    for ax in fig.axes:  # each panel: one errorbar line per (run, attack), each drawn its own way
+        lines = {c.get_label(): c.lines[0] for c in ax.containers}
+        assert list(lines) == labels
+        styles = [(line.get_color(), line.get_marker(), line.get_linestyle()) for line in lines.values()]
+        assert len(set(styles)) == 4, styles
+        assert lines[labels[0]].get_marker() != lines[labels[1]].get_marker()  # the stochastic run's: was '*' for both
+    assert not fig.axes[0].get_legend()  # the legend sits below the panels, not over the points
+
+
+def test_reconstruction_rows_keep_their_whole_labels():
+    import torch
+
+    from stochvit.suites.privacy import SHOW, grid_figure
+
+    images = torch.rand(SHOW, 1, 8, 8)
+    shown = {f"stoch-u0.5-1.5-a-long-run-name k={k} noise 0.3 optimization": images for k in (1, 12)}
+    fig = grid_figure(images, shown)
+    fig.canvas.draw()
+    box = fig.bbox
+    for ax in fig.axes:
+        extent = ax.yaxis.label.get_window_extent()
+        assert box.x0 <= extent.x0 and extent.x1 <= box.x1, (ax.yaxis.label.get_text(), extent, box)

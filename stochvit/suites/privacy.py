@@ -21,6 +21,7 @@ a verdict. One run per side: the intervals cover the sampling of victims, not of
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -285,14 +286,16 @@ def _save_figure(fig, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def plot_grid(originals: torch.Tensor, shown: dict[str, torch.Tensor], path: Path) -> None:
+def grid_figure(originals: torch.Tensor, shown: dict[str, torch.Tensor]):
+    """One row per attack and setting under the originals; the figure is as wide as its longest row label needs."""
+    from torchvision.utils import make_grid
+
     from ..runs import pyplot
 
     plt = pyplot()
-    from torchvision.utils import make_grid
-
     rows = {"original": originals[:SHOW], **shown}
-    fig, axes = plt.subplots(len(rows), 1, figsize=(0.9 * SHOW + 2.5, 0.95 * len(rows) + 0.3), squeeze=False)
+    label_inches = 0.07 * max(len(label) for label in rows) + 0.3  # 8-point text: ~0.07 in a character
+    fig, axes = plt.subplots(len(rows), 1, figsize=(0.9 * SHOW + label_inches + 0.3, 0.95 * len(rows) + 0.3), squeeze=False)
     for ax, (label, images) in zip(axes[:, 0], rows.items()):
         grid = make_grid(images.float().clamp(0, 1), nrow=len(images), padding=1, pad_value=1.0)
         ax.imshow(grid.permute(1, 2, 0).squeeze(-1).numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
@@ -300,10 +303,16 @@ def plot_grid(originals: torch.Tensor, shown: dict[str, torch.Tensor], path: Pat
         ax.set_yticks([])
         ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
     fig.tight_layout()
-    _save_figure(fig, path)
+    return fig
 
 
-def plot_privacy_utility(entries: list[dict], attacks: list[str], path: Path) -> None:
+def plot_grid(originals: torch.Tensor, shown: dict[str, torch.Tensor], path: Path) -> None:
+    _save_figure(grid_figure(originals, shown), path)
+
+
+def privacy_utility_figure(entries: list[dict], attacks: list[str]):
+    """Attack PSNR/SSIM against accuracy per split point. Colour: run; line and marker: attack (a stochastic run's
+    single point per attack as a large star for the decoder, a large cross for optimisation)."""
     from ..runs import pyplot
 
     plt = pyplot()
@@ -311,7 +320,7 @@ def plot_privacy_utility(entries: list[dict], attacks: list[str], path: Path) ->
     blocks = sorted({e["block"] for e in entries})
     names = list(dict.fromkeys(e["name"] for e in entries))
     colours = {n: f"C{i}" for i, n in enumerate(names)}
-    styles = {"decoder": ("-", "o"), "optimization": ("--", "s")}
+    styles = {"decoder": ("-", "o", "*"), "optimization": ("--", "s", "X")}  # line, marker, stochastic run's marker
     fig, axes = plt.subplots(2, len(blocks), figsize=(4.2 * len(blocks), 7), squeeze=False)
     for col, k in enumerate(blocks):
         for row, metric in enumerate(("psnr", "ssim")):
@@ -319,14 +328,15 @@ def plot_privacy_utility(entries: list[dict], attacks: list[str], path: Path) ->
             for name in names:
                 points = sorted((e for e in entries if e["name"] == name and e["block"] == k), key=lambda e: e["sigma"])
                 for attack in attacks:
-                    ls, marker = styles[attack]
+                    ls, marker, random_marker = styles[attack]
                     x = [e["accuracy"]["mean"] for e in points]
                     y = [e["attacks"][attack][metric]["mean"] for e in points]
                     kind = points[0]["kind"]
                     cis = [e["attacks"][attack].get("ci", {}).get(metric) for e in points]
                     err = None if None in cis else [[v - c[0] for v, c in zip(y, cis)], [c[1] - v for v, c in zip(y, cis)]]
-                    ax.errorbar(x, y, yerr=err, ls=ls, marker="*" if kind == "stochastic" else marker,
-                                ms=12 if kind == "stochastic" else 5, capsize=3, elinewidth=0.8, color=colours[name],
+                    ax.errorbar(x, y, yerr=err, ls=ls, marker=random_marker if kind == "stochastic" else marker,
+                                ms={"*": 13, "X": 9}[random_marker] if kind == "stochastic" else 5, capsize=3,
+                                elinewidth=0.8, color=colours[name],
                                 label=f"{name} ({kind}) {attack}")
                     for e, xi, yi in zip(points, x, y):
                         if e["sigma"]:
@@ -336,11 +346,17 @@ def plot_privacy_utility(entries: list[dict], attacks: list[str], path: Path) ->
             ax.set_title(f"split after block {k}")
             ax.locator_params(axis="x", nbins=5)
             ax.grid(alpha=0.3)
-    axes[0, 0].legend(fontsize=7)
+    handles, labels = axes[0, 0].get_legend_handles_labels()  # below the panels: inside, it hid points
+    rows = math.ceil(len(labels) / 2)
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8, frameon=False)
     fig.suptitle("privacy vs utility (lower leakage and higher accuracy = better: bottom right)\n"
                  "bars: 95% bootstrap intervals of the attack's PSNR/SSIM over the victims", fontsize=10)
-    fig.tight_layout()
-    _save_figure(fig, path)
+    fig.tight_layout(rect=(0, (0.25 * rows + 0.1) / fig.get_figheight(), 1, 1))
+    return fig
+
+
+def plot_privacy_utility(entries: list[dict], attacks: list[str], path: Path) -> None:
+    _save_figure(privacy_utility_figure(entries, attacks), path)
 
 
 def validate(s: Settings) -> None:
