@@ -79,3 +79,34 @@ def test_reconstruction_rows_keep_their_whole_labels():
     for ax in fig.axes:
         extent = ax.yaxis.label.get_window_extent()
         assert box.x0 <= extent.x0 and extent.x1 <= box.x1, (ax.yaxis.label.get_text(), extent, box)
+
+
+def _robust_result(attacks: dict[str, list[float]], all_pass: list[float] | None = None) -> dict:
+    labels = ["1/255", "4/255", "8/255"]
+    worst = [min(v[i] for v in attacks.values()) for i in range(3)]
+    return dict(run="/runs/stochastic", norm="linf", clean=dict(mean=0.5),
+                attacks={n: {lb: dict(mean=v[i]) for i, lb in enumerate(labels)} for n, v in attacks.items()},
+                worst_case={lb: dict(eps=e, mean=worst[i], all_pass=(all_pass or worst)[i])
+                            for i, (lb, e) in enumerate(zip(labels, (1 / 255, 4 / 255, 8 / 255)))})
+
+
+def test_robust_accuracy_says_when_lines_coincide():
+    from stochvit.suites.robustness import figure
+
+    fig = figure(_robust_result({"pgd": [0.3, 0.1, 0.0], "eot-pgd": [0.3, 0.1, 0.0], "square": [0.4, 0.3, 0.2],
+                                 "apgd-ce": [0.305, 0.098, 0.0]}))
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "pgd = eot-pgd" in labels and "worst case (mean = all-pass)" in labels  # identical: drawn once, said so
+    assert "pgd" not in labels and "eot-pgd" not in labels and "worst case (all-pass)" not in labels
+    assert "identical robust accuracy" in ax.get_title()
+    assert "pgd = eot-pgd, apgd-ce: within 0.01 at every epsilon" in ax.get_title()  # near-identical: named
+    lines = {c.get_label(): c.lines[0] for c in ax.containers}
+    assert len({line.get_marker() for line in lines.values()}) == len(lines) == 3  # own marker each
+    assert len({tuple(line.get_xdata()) for line in lines.values()}) == 3  # nudged apart on the x axis
+
+    fig = figure(_robust_result({"pgd": [0.3, 0.1, 0.0], "square": [0.4, 0.3, 0.2]}, all_pass=[0.25, 0.05, 0.0]))
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert {"pgd", "square", "worst case (mean)", "worst case (all-pass)"} <= set(labels)
+    assert ax.get_title() == "stochastic"  # nothing coincides: nothing to say

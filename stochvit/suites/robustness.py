@@ -368,7 +368,34 @@ def _interval_table(result: dict) -> list[str]:
     return lines
 
 
-def plot(result: dict, path: Path) -> None:
+def coinciding(curves: dict[str, list[float]]) -> list[list[str]]:
+    """Names grouped by identical curves (in first-seen order): lines drawn exactly on top of each other."""
+    groups: dict[tuple[float, ...], list[str]] = {}
+    for name, values in curves.items():
+        groups.setdefault(tuple(round(v, 9) for v in values), []).append(name)
+    return list(groups.values())
+
+
+def close_groups(curves: dict[str, list[float]], tol: float = 0.01) -> list[list[str]]:
+    """Groups of two or more curves within `tol` of each other at every point: lines a reader cannot tell apart."""
+    out: list[list[str]] = []
+    for name, values in curves.items():
+        for group in out:
+            if all(abs(a - b) < tol for other in group for a, b in zip(values, curves[other])):
+                group.append(name)
+                break
+        else:
+            out.append([name])
+    return [g for g in out if len(g) > 1]
+
+
+MARKERS = "osD^vPX*<>"
+
+
+def figure(result: dict):
+    """Robust accuracy against epsilon per attack, the worst cases and the clean accuracy. Attacks with identical
+    values are drawn once and labelled together ("pgd = eot-pgd"); the others get their own marker and are nudged
+    apart on the x axis, and the title names the ones within 0.01 of each other, so no line hides unsaid."""
     from ..runs import pyplot
 
     plt = pyplot()
@@ -379,16 +406,20 @@ def plot(result: dict, path: Path) -> None:
     has_ci = "ci" in c
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     step = 0.012 * ((max(eps) - min(eps)) or max(eps))
-    for i, (name, per) in enumerate(result["attacks"].items()):
-        cells = [per[lb] for lb in labels]
-        if has_ci:  # 95% error bars, the attacks nudged apart on the x axis so that the bars stay readable
-            shift = (i - (len(result["attacks"]) - 1) / 2) * step
+    groups = coinciding({name: [per[lb]["mean"] for lb in labels] for name, per in result["attacks"].items()})
+    for i, names in enumerate(groups):
+        cells = [result["attacks"][names[0]][lb] for lb in labels]
+        label = " = ".join(names)
+        shift = (i - (len(groups) - 1) / 2) * step  # attacks nudged apart on the x axis: bars and points stay readable
+        err = None
+        if has_ci:  # 95% error bars
             err = [[v["mean"] - v["ci"]["mean"][0] for v in cells], [v["ci"]["mean"][1] - v["mean"] for v in cells]]
-            ax.errorbar([e + shift for e in eps], [v["mean"] for v in cells], yerr=err, marker="o", markersize=4,
-                        capsize=2, elinewidth=0.7, label=name)
-        else:
-            ax.plot(eps, [v["mean"] for v in cells], marker="o", label=name)
-    for key, style, rule in (("mean", "--", "mean"), ("all_pass", ":", "all-pass")):
+        ax.errorbar([e + shift for e in eps], [v["mean"] for v in cells], yerr=err, marker=MARKERS[i % len(MARKERS)],
+                    markersize=4, capsize=2, elinewidth=0.7, label=label)
+    rules = [("mean", "--", "mean"), ("all_pass", ":", "all-pass")]
+    if [w[lb]["mean"] for lb in labels] == [w[lb]["all_pass"] for lb in labels]:  # a deterministic model: one line
+        rules = [("mean", "--", "mean = all-pass")]
+    for key, style, rule in rules:
         ax.plot(eps, [w[lb][key] for lb in labels], "k" + style, lw=2, label=f"worst case ({rule})")
         if has_ci:
             ax.fill_between(eps, [w[lb]["ci"][key][0] for lb in labels], [w[lb]["ci"][key][1] for lb in labels],
@@ -400,11 +431,22 @@ def plot(result: dict, path: Path) -> None:
     ax.set_xlabel(f"epsilon ({result['norm']})")
     ax.set_ylabel("robust accuracy")
     ax.set_ylim(-0.02, 1.02)
-    ax.set_title(Path(result["run"]).name + ("; bars and bands: 95% bootstrap intervals" if has_ci else ""), fontsize=9)
+    notes = ["a = b: identical robust accuracy, drawn once"] if any(len(g) > 1 for g in groups) else []
+    close = close_groups({" = ".join(g): [result["attacks"][g[0]][lb]["mean"] for lb in labels] for g in groups})
+    notes += [f"{', '.join(g)}: within 0.01 at every epsilon (nudged apart)" for g in close]
+    ax.set_title("\n".join([Path(result["run"]).name + ("; bars and bands: 95% bootstrap intervals" if has_ci else ""),
+                            *notes]), fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
+    return fig
+
+
+def plot(result: dict, path: Path) -> None:
+    from ..runs import pyplot
+
+    fig = figure(result)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    pyplot().close(fig)
 
 
 def plot_grid(grid: dict, result: dict, path: Path, passes: int) -> None:
