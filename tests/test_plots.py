@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from stochvit.runs import Curves
 
 
@@ -110,3 +112,20 @@ def test_robust_accuracy_says_when_lines_coincide():
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
     assert {"pgd", "square", "worst case (mean)", "worst case (all-pass)"} <= set(labels)
     assert ax.get_title() == "stochastic"  # nothing coincides: nothing to say
+
+
+def test_reliability_histogram_lines_have_a_legend():
+    import torch
+
+    from stochvit.suites.calibration import Method, reliability_figure
+
+    g = torch.Generator().manual_seed(0)
+    probs = (torch.randn(1, 300, 10, generator=g) * 2).softmax(-1)
+    labels = torch.randint(0, 10, (300,), generator=g)
+    fig = reliability_figure([Method("a", [], probs, probs), Method("b", [], probs, probs)], labels)
+    top, bottom = fig.axes[0], fig.axes[1]  # the first method's diagram and its confidence histogram
+    red = [line for line in bottom.get_lines() if line.get_color() == "tab:red"]
+    assert len(red) == 1 and red[0].get_xdata()[0] == pytest.approx(probs[0].max(1).values.mean().item())
+    legend = bottom.get_legend()
+    assert legend is not None and [t.get_text() for t in legend.get_texts()] == ["mean confidence", "accuracy"]
+    assert "gap to mean confidence" in [t.get_text() for t in top.get_legend().get_texts()]

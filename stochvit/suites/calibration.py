@@ -396,6 +396,12 @@ def _grid(n: int, cols: int = 4) -> tuple[int, int]:
 
 
 def plot_reliability(path: Path, methods: list[Method], labels: torch.Tensor, report: dict | None = None) -> None:
+    fig = reliability_figure(methods, labels, report)
+    fig.savefig(path, dpi=90, bbox_inches="tight")
+    pyplot().close(fig)
+
+
+def reliability_figure(methods: list[Method], labels: torch.Tensor, report: dict | None = None):
     """Reliability diagram (accuracy per confidence bin, gap to the diagonal) over a confidence histogram, per method."""
     plt = pyplot()
     rows, cols = _grid(len(methods))
@@ -412,20 +418,23 @@ def plot_reliability(path: Path, methods: list[Method], labels: torch.Tensor, re
         top.bar(centers[filled], r["accuracy"].numpy()[filled], width=width[filled], color="tab:blue", edgecolor="k",
                 linewidth=0.4, label="accuracy")
         top.bar(centers[filled], (r["confidence"] - r["accuracy"]).numpy()[filled], bottom=r["accuracy"].numpy()[filled],
-                width=width[filled], color="tab:red", alpha=0.35, edgecolor="tab:red", linewidth=0.4, label="gap")
-        top.plot([0, 1], [0, 1], "k--", linewidth=0.8)
+                width=width[filled], fill=False, hatch="////", edgecolor="tab:red", linewidth=0.6,
+                label="gap to mean confidence")
+        top.plot([0, 1], [0, 1], "k--", linewidth=0.8, label="calibrated")
         top.set(xlim=(0, 1), ylim=(0, 1), xticklabels=[], ylabel="accuracy")
         ci = (report or {}).get("methods", {}).get(m.name, {}).get("intervals", {}).get("test", {}).get("ece")
         top.set_title(f"{m.name}\nECE {binned_ece(conf, correct):.3f}{_ci(ci)}", fontsize=9)
         if i == 0:
             top.legend(fontsize=7, loc="upper left")
         bottom.bar(centers, (r["count"] / r["count"].sum()).numpy(), width=width, color="tab:gray", edgecolor="k", linewidth=0.4)
-        bottom.axvline(conf.mean().item(), color="tab:red", linewidth=1, label="mean conf.")
+        bottom.axvline(conf.mean().item(), color="tab:red", linewidth=1, label="mean confidence")
         bottom.axvline(correct.mean().item(), color="tab:blue", linewidth=1, linestyle=":", label="accuracy")
         bottom.set(xlim=(0, 1), xlabel="confidence", ylabel="fraction")
-    fig.suptitle("Reliability diagrams (K-sample average, clean test)", fontsize=11)
-    fig.savefig(path, dpi=90, bbox_inches="tight")
-    plt.close(fig)
+        if i == 0:
+            bottom.legend(fontsize=6, loc="upper right", handlelength=1.5)
+    fig.suptitle("Reliability diagrams (K-sample average, clean test); below: share of images per confidence bin",
+                 fontsize=11, y=1.0 + 0.25 / fig.get_figheight())
+    return fig
 
 
 def plot_metrics(path: Path, report: dict) -> None:
@@ -474,10 +483,12 @@ def plot_confidence_histograms(path: Path, methods: list[Method], labels: torch.
         conf, correct = confidence_correct(m.scaled(m.test)[1], labels)
         ok = correct.bool()
         ax.hist(conf[ok].numpy(), bins=bins, density=True, alpha=0.6, color="tab:green", label=f"correct ({int(ok.sum())})")
-        ax.hist(conf[~ok].numpy(), bins=bins, density=True, alpha=0.6, color="tab:red", label=f"wrong ({int((~ok).sum())})")
+        ax.hist(conf[~ok].numpy(), bins=bins, density=True, histtype="step", linewidth=1.5, color="tab:red",
+                label=f"wrong ({int((~ok).sum())})")  # an outline: where the two overlap, both stay visible
         ax.set_title(m.name, fontsize=9)
         ax.set_xlabel("confidence")
-        ax.legend(fontsize=7, loc="upper left")
+        ax.set_ylabel("density (area 1 each)")
+        ax.legend(fontsize=7, loc="best")
     for ax in list(axes.flat)[len(methods):]:
         ax.axis("off")
     fig.tight_layout()
@@ -511,6 +522,12 @@ def plot_shift(path: Path, by_corruption: Path, report: dict) -> None:
                 band(ax, name, [ci[s][key] for s in sev])
     for ax, key in zip(axes, ("accuracy", "ece", "nll")):
         ax.set(xlabel="severity (0 = clean)", ylabel=SHORT[key], title=f"{SHORT[key]} vs severity (mean over corruptions)")
+        ax.set_xticks(sev)
+        curve = {n: [report["methods"][n]["shift_mean"][s]["mc_average"][key] for s in sev] for n in names}
+        hidden = [n for n in names if n.endswith(" +TS") and curve[n] == curve[n.removesuffix(" +TS")]]
+        if hidden:  # a temperature rarely moves an argmax: say why a legend entry has no visible line
+            ax.set_title(f"{ax.get_title()}\n{', '.join(hidden)}: same values as without TS, line hidden")
+        ax.title.set_fontsize(9)
     fig.suptitle("K-sample average; bands: 95% bootstrap intervals over the test images", fontsize=9)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
