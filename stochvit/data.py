@@ -113,9 +113,8 @@ class DataBundle:
             if (root / "test").is_dir():
                 return f"the {len(self.test)} images of {root / 'test'}"
             where = root / "train" if (root / "train").is_dir() else root
-            return (f"a seeded {fraction:.0%} split (split seed {seed}) of the images in {where}, {len(self.test)} images; "
-                    "where the folder holds the CIFAR-10 training JPEGs (as the benchmarks' does), training images, not the "
-                    "official CIFAR-10 test set")
+            return (f"a seeded {fraction:.0%} split (split seed {seed}) of the images in {where}, {len(self.test)} images, "
+                    "held out from the training folder itself, not a separate test set")
         return f"a seeded {fraction:.0%} split (split seed {seed}) of {spec}, {len(self.test)} images"
 
 

@@ -251,6 +251,7 @@ def markdown(result: dict) -> str:
              f"{result['settings']['n_victims']} victim test images, {result['settings']['n_aux']} auxiliary training images; "
              "PSNR/SSIM mean ± std over victims [95% interval: percentile bootstrap over the victims] (higher = more "
              "leakage); accuracy = single pass on the test split, mean ± std over passes.", "",
+             *([f"Test split (victims, accuracy): {result['test_source']}.", ""] if result.get("test_source") else []),
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for e in result["entries"]:
         defence = "none" if e["defence"] == "none" else f"noise σ={e['sigma']:g}×RMS"
@@ -400,7 +401,8 @@ def run(s: Settings) -> tuple[dict, Path]:
     entries, shown = evaluate_privacy(runs, aux, victims, test_x, test_y, s.split_blocks, list(s.attacks),
                                       list(s.noise_baseline), cfg, s.samples, s.seed, partial)
     result = dict(
-        data=data.name, runs=[dict(run=str(r.path), name=r.name, kind=_run_kind(r)) for r in runs], settings=settings,
+        data=data.name, test_source=data.test_source(),
+        runs=[dict(run=str(r.path), name=r.name, kind=_run_kind(r)) for r in runs], settings=settings,
         entries=entries, matched_utility=matched_utility(entries, list(s.attacks)), seconds=time.perf_counter() - t0,
     )
     with atomic_output_dir(out, record, "privacy.json", s.overwrite) as tmp:

@@ -165,8 +165,8 @@ def evaluate_robustness(run: Run, s: Settings, data_spec: str | None = None, dat
     t0 = time.perf_counter()
     clean = _correct(model, x, y, s)
     result: dict = dict(
-        run=str(run.path), data=data.name, split="test", n_examples=n, norm=s.norm, randomized=random,
-        settings=record(s), rule=rule_text(s.passes, random), clean=_summary(clean, s.n_boot),
+        run=str(run.path), data=data.name, split="test", test_source=data.test_source(), n_examples=n, norm=s.norm,
+        randomized=random, settings=record(s), rule=rule_text(s.passes, random), clean=_summary(clean, s.n_boot),
         clean_seconds=time.perf_counter() - t0, attacks={}, worst_case={}, descriptions={a: DESCRIPTIONS[a] for a in attacks},
     )
     if not random:
@@ -315,6 +315,7 @@ def markdown(result: dict) -> str:
              f"EOT {s['eot']}, {s['steps']} steps, {s['restarts']} restart(s), "
              + (f"Square {s['queries']} queries, " if "square" in s["attacks"] else "")
              + f"{s['passes']} evaluation passes; total {result['seconds']:.0f} s.", "",
+             *([f"Test images drawn from: {result['test_source']}.", ""] if result.get("test_source") else []),
              f"**Rule.** {result['rule']}", "",
              "Robust accuracy, mean / all-pass:", "",
              "| attack | " + " | ".join(f"eps {lb}" for lb in labels) + " | seconds |",
