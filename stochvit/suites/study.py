@@ -234,6 +234,8 @@ def _forest_plot(path: Path, rows: list[Comparison], title: str) -> None:
         better = "higher" if sel[0].higher_is_better else "lower"
         ax.set_title(f"{metric} ({better} is better)")
         ax.invert_yaxis()
+        ax.locator_params(axis="x", nbins=5)  # default ticks ran into each other ("-0.075-0.050")
+        ax.tick_params(axis="x", labelsize=8)
     handles = [plt.Line2D([], [], marker="o", ls="", color=c, label=v) for v, c in colours.items()]
     fig.legend(handles=handles, loc="lower center", ncol=3, frameon=False)
     fig.suptitle(title)
