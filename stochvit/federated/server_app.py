@@ -91,10 +91,16 @@ def plot_rounds(path: Path, rows: list[dict]) -> None:
     for a, key in zip(ax, ("accuracy", "nll", "ece")):
         a.plot(r, [row[f"val_{key}"] for row in rows], marker="o")
         a.set_title(f"global model: val {key}")
-    ax[3].plot(r, [row["clients_sampled"] for row in rows], marker="o", label="sampled")
-    ax[3].plot(r, [row["clients_replied"] for row in rows], marker="x", label="replied")
+    sampled, replied = [row["clients_sampled"] for row in rows], [row["clients_replied"] for row in rows]
+    if sampled == replied:  # one line, said so, rather than one hidden under the other
+        ax[3].plot(r, sampled, marker="o", label="sampled = replied")
+    else:
+        ax[3].plot(r, sampled, marker="o", label="sampled")
+        ax[3].plot(r, replied, marker="x", label="replied")
     ax[3].set_title("clients per round")
-    ax[3].legend()
+    ax[3].set_ylim(0, max(sampled + replied) + 1)
+    ax[3].yaxis.set_major_locator(MaxNLocator(integer=True))  # client counts, not 2.85 .. 3.15
+    ax[3].legend(loc="lower right")
     for a in ax:
         a.set_xlabel("round")
         a.xaxis.set_major_locator(MaxNLocator(integer=True))
