@@ -242,13 +242,13 @@ def test_interrupted_run_resumes_without_recomputing_finished_configs(digits_run
     with pytest.raises(KeyboardInterrupt):
         privacy_cli(args(tmp_path / "resumed"))
     assert not (tmp_path / "resumed" / "privacy.json").exists()
-    assert len((tmp_path / "resumed" / ".partial" / "entries.jsonl").read_text().splitlines()) == 1
+    assert len((tmp_path / ".resumed.resume" / "entries.jsonl").read_text().splitlines()) == 1
     calls.clear()
     monkeypatch.setattr(suite, "optimization_inversion", lambda *a, **k: calls.append(1) or real(*a, **k))
     privacy_cli(args(tmp_path / "resumed"))
     assert len(calls) == 1, "the finished configuration was recomputed"
     assert without_seconds(tmp_path / "resumed") == without_seconds(tmp_path / "whole")
-    assert not (tmp_path / "resumed" / ".partial").exists()
+    assert not (tmp_path / ".resumed.resume").exists()
 
 
 def _entry(name, kind, sigma, accuracy, psnr, ssim):

@@ -227,6 +227,7 @@ def test_a_failed_atomic_write_removes_its_temp_file(tmp_path, monkeypatch):
     (["--train-limit", "0"], "--train-limit=0: must be an integer >= 1"),
     (["--lr", "inf"], "--lr=inf: must be a finite number > 0"),
     (["--clip-grad", "-1"], "--clip-grad=-1.0: must be a finite number > 0"),
+    (["--adv", "pgd", "--adv-steps", "-1", "--warmup-epochs", "0.5"], "adversarial steps=-1 must be >= 1"),
 ])
 def test_bad_flags_are_refused_naming_the_flag_and_nothing_is_written(tmp_path, capsys, flags, named):
     out = tmp_path / "run"

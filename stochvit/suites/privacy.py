@@ -9,7 +9,7 @@ attacker are the training split; the victims are drawn from the test split, so t
 Outputs (in --out, each written to a temporary name then renamed): privacy.json, privacy.md,
 reconstructions.png (originals against reconstructions per run, block, defence and attack) and
 privacy_utility.png (attack PSNR/SSIM against accuracy, per block; lower-right is better).
-A CIFAR-10 run takes hours on CPU, so each finished configuration is kept in --out/.partial/ until the end:
+A CIFAR-10 run takes hours on CPU, so each finished configuration is kept beside --out, in .NAME.resume/, until the end:
 rerunning the same command after an interruption resumes where it stopped (other settings start over).
 
 Intervals (`stochvit.eval.stats`): every PSNR/SSIM carries a 95% percentile-bootstrap interval over the victim images
