@@ -37,6 +37,7 @@ from .data import DataBundle, ImageSet, load_data
 from .defaults import AUGMENTS, DATA_MODES, DEFAULT_LAYER, recipe_for
 from .errors import UserError
 from .eval.metrics import classification_metrics
+from .layers import random_modules
 from .mlp import set_fused
 from .models import Normalized, stochastic_config
 from .precision import autocast, default_device, resolve_precision
@@ -417,11 +418,29 @@ def _model(cfg: TrainConfig, config: dict, data: DataBundle, device: torch.devic
         model = build_model(config).to(device)
     except ValueError as e:
         raise UserError(str(e)) from None
+    check_trainable_width(model, device)
     patch = getattr(getattr(model.net, "patch_embed", None), "patch_size", None)
     if patch is not None and data.img_size < max(patch):
         raise UserError(f"{cfg.data}: images of {data.img_size}x{data.img_size} are smaller than {cfg.model}'s "
                         f"{max(patch)}-pixel patches; pass a larger img_size or choose another model")
     return model
+
+
+ORTHOGONAL_CPU_MAX_WIDTH = 256  # the digits model's MLP width
+
+
+def check_trainable_width(model: nn.Module, device: torch.device) -> None:
+    """Refuse, on a CPU, Haar-orthogonal layers wider than ORTHOGONAL_CPU_MAX_WIDTH: each draw is a C x C QR per image
+    and block, cubic in the width: at vit_tiny_patch4_32's MLP width (768) a CIFAR-10 epoch takes hours on a CPU
+    (measured against the diagonal layer in benchmarks/RESULTS.md). The full Gaussian kind has no QR."""
+    if device.type != "cpu":
+        return
+    wide = [m.features for m in random_modules(model) if getattr(m, "distribution", None) == "orthogonal"
+            and m.features > ORTHOGONAL_CPU_MAX_WIDTH]
+    if wide:
+        raise UserError(f"kind='full' distribution='orthogonal' at width {max(wide)} is refused for training on a CPU "
+                        f"(a {max(wide)}x{max(wide)} QR per image and block; widths up to {ORTHOGONAL_CPU_MAX_WIDTH} "
+                        "train): use distribution='gaussian', position='output', or a CUDA device")
 
 
 def prepare(cfg: TrainConfig, path: Path, resumed: bool = False) -> Training:

@@ -228,6 +228,8 @@ def test_a_failed_atomic_write_removes_its_temp_file(tmp_path, monkeypatch):
     (["--lr", "inf"], "--lr=inf: must be a finite number > 0"),
     (["--clip-grad", "-1"], "--clip-grad=-1.0: must be a finite number > 0"),
     (["--adv", "pgd", "--adv-steps", "-1", "--warmup-epochs", "0.5"], "adversarial steps=-1 must be >= 1"),
+    (["--model", "vit_tiny_patch4_32", "--kind", "full", "--distribution", "orthogonal", "--warmup-epochs", "0.5"],
+     "distribution='orthogonal' at width 768 is refused for training on a CPU"),
 ])
 def test_bad_flags_are_refused_naming_the_flag_and_nothing_is_written(tmp_path, capsys, flags, named):
     out = tmp_path / "run"
@@ -235,6 +237,21 @@ def test_bad_flags_are_refused_naming_the_flag_and_nothing_is_written(tmp_path, 
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and named in err, err
     assert not out.exists()
+
+
+def test_orthogonal_widths_up_to_the_limit_train_on_a_cpu():
+    from stochvit.models import create_model
+    from stochvit.train import ORTHOGONAL_CPU_MAX_WIDTH, check_trainable_width
+
+    orthogonal = dict(kind="full", distribution="orthogonal")
+    digits = create_model("vit_digits_patch2_8", stochastic=orthogonal)  # MLP width 256: the limit itself
+    check_trainable_width(digits, torch.device("cpu"))
+    check_trainable_width(create_model("vit_tiny_patch4_32", stochastic=dict(orthogonal, position="output")),
+                          torch.device("cpu"))  # width 192
+    wide = create_model("vit_tiny_patch4_32", stochastic=orthogonal)
+    with pytest.raises(UserError, match=f"width 768 .* widths up to {ORTHOGONAL_CPU_MAX_WIDTH} train"):
+        check_trainable_width(wide, torch.device("cpu"))
+    check_trainable_width(wide, torch.device("cuda"))  # a GPU's batched QR is not refused
 
 
 def test_a_resumed_config_with_wrong_types_is_refused(tmp_path):
