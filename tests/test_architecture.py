@@ -221,3 +221,47 @@ def test_committed_runs_still_load_and_predict(run_dir):
     probs = predict_proba(run.model, x, samples=2)
     assert probs.shape == (4, k["num_classes"]) and torch.allclose(probs.sum(1), torch.ones(4), atol=1e-4)
 
+
+
+# -- a checkpoint written by the code before the restructuring still resumes, bit-exactly ---------------------------
+
+OLD_CHECKPOINT = Path(__file__).resolve().parent / "data" / "old_checkpoint"
+
+
+def test_old_checkpoint_resumes_bit_exactly(tmp_path, monkeypatch):
+    """tests/data/old_checkpoint/run: killed mid-epoch 1 by the code of commit 82d1682 (make.py says how); resumed
+    now, it must end with the weights, schedule and test metrics of the same run that the old code let finish."""
+    import importlib.util
+
+    import torch
+    from safetensors.torch import load_file
+
+    from stochvit.train import load_checkpoint
+
+    spec = importlib.util.spec_from_file_location("old_checkpoint_make", OLD_CHECKPOINT / "make.py")
+    make = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, make)  # timm's registry looks the entrypoint's module up there
+    spec.loader.exec_module(make)
+    make.register()  # the fixture's tiny ViT (a 2.5 MB digits checkpoint would be too large to commit)
+
+    run = shutil.copytree(OLD_CHECKPOINT / "run", tmp_path / "run")
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)  # the old file unpickles without running code
+    assert ckpt["epoch"] == 0 and load_checkpoint(run)["epoch"] == 0
+    assert train(resume=run, quiet=True) == run
+
+    want, got = load_file(str(OLD_CHECKPOINT / "reference.safetensors")), load_file(str(run / "model.safetensors"))
+    assert want.keys() == got.keys()
+    for name, tensor in want.items():
+        assert torch.equal(tensor, got[name]), f"{name}: max difference {(tensor - got[name]).abs().max().item()}"
+    assert not torch.equal(got["blocks.0.mlp.fc1.weight"], ckpt["model"]["net.blocks.0.mlp.fc1.weight"])  # it trained
+
+    rows = [[json.loads(r) for r in f.read_text().splitlines()]
+            for f in (OLD_CHECKPOINT / "reference_metrics.jsonl", run / "metrics.jsonl")]
+    assert [r["epoch"] for r in rows[1]] == [0, 1, 2]
+    for key in ("lr", "train_accuracy", "val_nll", "val_accuracy", "val_ece"):
+        assert [r[key] for r in rows[0]] == [r[key] for r in rows[1]], key
+    # the epoch's mean loss is now summed on the device in float32 (no host sync per step), the old code summed
+    # Python floats: the same losses, rounded differently
+    assert [r["train_loss"] for r in rows[1]] == pytest.approx([r["train_loss"] for r in rows[0]], rel=1e-6)
+    reference = json.loads((OLD_CHECKPOINT / "reference_summary.json").read_text())
+    assert json.loads((run / "summary.json").read_text())["test"] == reference["test"]
