@@ -498,15 +498,16 @@ def prepare(cfg: TrainConfig, path: Path, resumed: bool = False) -> Training:
 def change_peak_lr(t: Training, path: Path, new_lr: float) -> None:
     """Continue a restored schedule with a new peak lr (the way out of a NaN loss), recorded in config.json.
 
-    Warmup and cosine keep their shape and the parameter groups their ratios (transfer's backbone_lr_scale); each
-    lr is what LambdaLR itself computes, so the continued run is bit-exact with one that had this schedule stored.
+    Warmup and cosine keep their shape and the parameter groups their ratios (transfer's backbone_lr_scale). The
+    schedule is rebuilt the way torch resumes one (new `initial_lr` in each group, `last_epoch` of the restored one),
+    so every lr is what LambdaLR itself computes: the continued run is bit-exact with one that had this lr stored.
     """
     opt, sched = t.opt, t.sched
     old_lr = sched.base_lrs[0]
-    sched.base_lrs = [new_lr * (b / old_lr) for b in sched.base_lrs]
-    for group, base, f in zip(opt.param_groups, sched.base_lrs, sched.lr_lambdas):
-        group["initial_lr"], group["lr"] = base, base * f(sched.last_epoch)
-    sched._last_lr = [g["lr"] for g in opt.param_groups]
+    for group, base in zip(opt.param_groups, sched.base_lrs):
+        group["initial_lr"] = new_lr * (base / old_lr)
+    # LambdaLR's constructor steps once, to last_epoch, setting each group's lr and get_last_lr()
+    t.sched = torch.optim.lr_scheduler.LambdaLR(opt, sched.lr_lambdas, last_epoch=sched.last_epoch - 1)
     if t.rank == 0:
         stored = read_json(path / "config.json", "the run's settings")
         old = stored["train"]["lr"]
