@@ -147,10 +147,14 @@ def test_losses_and_projection():
     assert A._apgd_checkpoints(100)[:3] == [22, 41, 57]
 
 
-def test_adversarial_step_rejects_bad_settings():
-    with pytest.raises(UserError):
-        A.adversarial_step(dict(method="cw", eps=0.1, steps=3))
-    with pytest.raises(UserError):
-        A.adversarial_step(dict(method="pgd", eps=0.0, steps=3))
-    with pytest.raises(UserError):
-        A.adversarial_step(dict(method="pgd", eps=0.1, steps=0))
+@pytest.mark.parametrize("adv,named", [
+    (dict(method="cw", eps=0.1, steps=3), """adv["method"]='cw'"""),
+    (dict(method="pgd", eps=0.0, steps=3), 'adv["eps"]=0.0'),
+    (dict(method="pgd", eps="8/255", steps=3), """adv["eps"]='8/255'"""),
+    (dict(method="pgd", eps=0.1, steps=0), 'adv["steps"]=0'),
+    (dict(method="pgd", eps=0.1, steps=2.5), 'adv["steps"]=2.5'),  # not truncated to 2 silently
+])
+def test_adversarial_step_rejects_bad_settings_naming_them_as_python_writes_them(adv, named):
+    with pytest.raises(ValueError) as e:
+        A.adversarial_step(adv)
+    assert isinstance(e.value, UserError) and str(e.value).startswith(f"adversarial training: {named}: must be "), e.value

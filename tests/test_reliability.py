@@ -227,7 +227,9 @@ def test_a_failed_atomic_write_removes_its_temp_file(tmp_path, monkeypatch):
     (["--train-limit", "0"], "--train-limit=0: must be an integer >= 1"),
     (["--lr", "inf"], "--lr=inf: must be a finite number > 0"),
     (["--clip-grad", "-1"], "--clip-grad=-1.0: must be a finite number > 0"),
-    (["--adv", "pgd", "--adv-steps", "-1", "--warmup-epochs", "0.5"], "adversarial steps=-1 must be >= 1"),
+    (["--adv", "pgd", "--adv-steps", "-1", "--warmup-epochs", "0.5"], "--adv-steps=-1: must be an integer >= 1"),
+    (["--adv", "pgd", "--adv-eps", "0", "--warmup-epochs", "0.5"], "--adv-eps=0.0: must be a number in (0, 1]"),
+    (["--adv", "fgsm-rs", "--adv-eps", "2", "--warmup-epochs", "0.5"], "--adv-eps=2.0: must be a number in (0, 1]"),
     (["--model", "vit_tiny_patch4_32", "--kind", "full", "--distribution", "orthogonal", "--warmup-epochs", "0.5"],
      "distribution='orthogonal' at width 768 is refused for training on a CPU"),
 ])

@@ -20,8 +20,9 @@ from ..errors import UserError
 from . import calibration, demo, evaluate, federated, privacy, robustness, study, train, transfer
 
 COMMANDS = (train, evaluate, demo, calibration, robustness, privacy, federated, transfer, study)
-# library parameter names whose flag has another name
-PARAMETERS = {"eval_samples": "samples", "passes": "samples", "queries": "square_queries"}
+# library parameter names whose flag has another name (TrainConfig.adv's keys are written as a Python caller sets them)
+PARAMETERS = {"eval_samples": "samples", "passes": "samples", "queries": "square_queries",
+              'adv["method"]': "adv", 'adv["eps"]': "adv_eps", 'adv["steps"]': "adv_steps"}
 
 
 def in_flags(message: str, parser: argparse.ArgumentParser) -> str:
@@ -36,10 +37,10 @@ def in_flags(message: str, parser: argparse.ArgumentParser) -> str:
     def flag(m: re.Match) -> str:
         return flags[names[m.group(1)]] + m.group(2)
 
-    dotted = "|".join(sorted((re.escape(n) for n in names if "_" in n), key=len, reverse=True))
-    plain = "|".join(sorted((re.escape(n) for n in names if "_" not in n), key=len, reverse=True))
-    if dotted:  # an underscored identifier is a parameter wherever it stands
-        message = re.sub(rf"(?<![\w./-])({dotted})(\b)", flag, message)
+    dotted = "|".join(sorted((re.escape(n) for n in names if "_" in n or "[" in n), key=len, reverse=True))
+    plain = "|".join(sorted((re.escape(n) for n in names if "_" not in n and "[" not in n), key=len, reverse=True))
+    if dotted:  # an underscored identifier (or a dict key, adv["steps"]) is a parameter wherever it stands
+        message = re.sub(rf"(?<![\w./-])({dotted})()(?!\w)", flag, message)
     if plain:  # a plain word only as `name=value`
         message = re.sub(rf"(?<![\w./-])({plain})(=)", flag, message)
     return re.sub(r"\b(new|another) out\b", r"\1 --out", message)

@@ -389,13 +389,16 @@ def adversarial_step(adv: dict) -> Callable[[nn.Module, torch.Tensor, torch.Tens
     """
     from ..precision import autocast
 
-    method, eps, steps = adv.get("method"), float(adv.get("eps", 8 / 255)), int(adv.get("steps", 7))
+    method, eps, steps = adv.get("method"), adv.get("eps", 8 / 255), adv.get("steps", 7)
+    # messages name the settings as a Python caller writes them (TrainConfig.adv["steps"]); the CLI says --adv-steps
     if method not in TRAINING_METHODS:
-        raise UserError(f"adversarial training method {method!r} is not one of {', '.join(TRAINING_METHODS)}")
-    if not (0 < eps <= 1):
-        raise UserError(f"adversarial eps={eps} must be in (0, 1] (pixel units; e.g. 8/255 = {8 / 255:.4f})")
-    if method == "pgd" and steps < 1:
-        raise UserError(f"adversarial steps={steps} must be >= 1")
+        raise UserError(f'adversarial training: adv["method"]={method!r}: must be one of {", ".join(TRAINING_METHODS)}')
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (0 < eps <= 1):
+        raise UserError(f'adversarial training: adv["eps"]={eps!r}: must be a number in (0, 1] '
+                        f"(pixel units; e.g. 8/255 = {8 / 255:.4f})")
+    if method == "pgd" and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise UserError(f'adversarial training: adv["steps"]={steps!r}: must be an integer >= 1')
+    eps = float(eps)
 
     def step(net: nn.Module, x: torch.Tensor, y: torch.Tensor, precision: str) -> torch.Tensor:
         model = getattr(net, "module", net)  # attack the bare model, not a DDP wrapper (no gradient sync)
