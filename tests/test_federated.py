@@ -140,6 +140,34 @@ def test_run_config_round_trip_and_errors():
             from_run_config({**rc, **bad})
 
 
+def test_fault_injection_is_a_mod_on_the_train_handler_set_by_the_run_config():
+    """`fail-from-round` (a testing hook) travels in the run config and fails training from that round on, through
+    the real ClientApp; without the key, or before that round, the handler runs."""
+    from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
+
+    from stochvit.federated import client_app
+
+    def message(server_round: int) -> Message:  # as the SuperNode delivers it (outside a Flower process)
+        metadata = Metadata(run_id=1, message_id="m", src_node_id=0, dst_node_id=1, reply_to_message_id="", group_id="",
+                            created_at=0.0, ttl=60.0, message_type="train")
+        return Message(RecordDict({"config": ConfigRecord({"server-round": server_round})}), metadata=metadata)
+
+    def context(**run_config) -> Context:
+        return Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config=run_config)
+
+    with pytest.raises(RuntimeError, match="fail-from-round=2: this client fails from round 2 on"):
+        client_app.app(message(2), context(**{"fail-from-round": 2}))
+    handled = []
+    for server_round, settings in ((1, {"fail-from-round": 2}), (5, {"fail-from-round": 0}), (5, {})):
+        client_app.fail_from_round(message(server_round), context(**settings), lambda m, c: handled.append(m))
+    assert len(handled) == 3
+    rc = to_run_config(TrainConfig(epochs=1, batch_size=64, lr=3e-3), {"fail-from-round": 3})
+    _, fed = from_run_config(rc)
+    assert rc["fail-from-round"] == 3 and "fail-from-round" not in fed  # not a setting: never in config.json
+    with pytest.raises(UserError, match="fail-from-round=-1"):
+        from_run_config({**rc, "fail-from-round": -1})
+
+
 @pytest.mark.parametrize("stochastic", [True, False])
 def test_only_learned_weights_travel(stochastic):
     cfg, fed = from_run_config({"stochastic": stochastic})
@@ -304,16 +332,14 @@ def short_tmp():
 def test_a_round_below_min_clients_fails_the_run_in_one_line_without_activated_env(tmp_path, marker, short_tmp):
     """Run by full path with flwr's scripts off PATH; every client fails from round 2: exit 2, the round named,
     the client's error quoted, only logs/ left in --out, no process or temp folder left."""
-    from stochvit.federated.client_app import FAIL_ENV
-
     out = tmp_path / "fed"
-    proc = _cli(out, short_tmp, "--rounds", "3", **{FAIL_ENV: "2"})
+    proc = _cli(out, short_tmp, "--rounds", "3", "--fail-from-round", "2")  # the ClientApp's testing hook
     stdout, stderr = proc.communicate(timeout=600)
     lines = [line for line in stderr.replace("\r", "\n").splitlines() if line.strip()]
     assert proc.returncode == 2 and "Traceback" not in stderr, stderr[-3000:]
     assert lines[-1].startswith("stochvit federated: error: federated run"), lines[-3:]
     assert "round 2 failed: 0 of 2 sampled clients replied, fewer than --min-clients 2" in lines[-1], lines[-1]
-    assert f"{FAIL_ENV}=2: this client fails" in lines[-1] and "keeps only logs/" in lines[-1], lines[-1]
+    assert "fail-from-round=2: this client fails" in lines[-1] and "keeps only logs/" in lines[-1], lines[-1]
     assert sorted(p.name for p in out.iterdir()) == [".lock", "logs"]
     assert "round   1/3" in stdout  # round 1 ran with both clients
     assert _gone(marker, short_tmp) == ([], [])

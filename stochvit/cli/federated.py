@@ -41,6 +41,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "many seconds")
     add_optimisation_args(p, federated=True)
     add_out(p, None, "run directory to create (must be new or empty)", required=True)
+    # testing hook (the reliability tests' fault injection), hidden from --help
+    p.add_argument("--fail-from-round", type=int, default=0, help=argparse.SUPPRESS)
     p.set_defaults(func=command)
 
 
@@ -57,7 +59,7 @@ def require_extra() -> None:
 
 def settings_from_args(a: argparse.Namespace) -> S:
     return S(a.out, train_config_from_args(a), a.clients, a.rounds, a.local_epochs, a.partition, a.fraction_train,
-             a.fraction_evaluate, a.min_clients, a.cpus_per_client, a.timeout)
+             a.fraction_evaluate, a.min_clients, a.cpus_per_client, a.timeout, fail_from_round=a.fail_from_round)
 
 
 def command(a: argparse.Namespace) -> None:

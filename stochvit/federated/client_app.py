@@ -7,7 +7,7 @@ The handlers only unpack and pack Flower messages; the model, the node's data an
 from __future__ import annotations
 
 import json
-import os
+from collections.abc import Callable
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -15,9 +15,20 @@ from flwr.clientapp import ClientApp
 
 from . import task
 
-FAIL_ENV = "STOCHVIT_FED_FAIL_FROM_ROUND"  # fault injection for the tests: every client fails from this round on
-
 app = ClientApp()
+
+
+def fail_from_round(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
+    """Testing hook, a Flower mod around the train handler: with the run-config key `fail-from-round` = N > 0
+    (`stochvit federated --fail-from-round N`, hidden), every client's training fails from round N on.
+
+    A run-config key, not a Python callback, because the ClientApp runs in Flower's own processes (Ray actors).
+    """
+    fail_from = int(context.run_config.get("fail-from-round", 0))
+    server_round = int(msg.content["config"]["server-round"])
+    if fail_from and server_round >= fail_from:
+        raise RuntimeError(f"fail-from-round={fail_from}: this client fails from round {fail_from} on (fault injection)")
+    return call_next(msg, context)
 
 
 def _setup(msg: Message) -> tuple[dict, ArrayRecord, ConfigRecord]:
@@ -26,13 +37,10 @@ def _setup(msg: Message) -> tuple[dict, ArrayRecord, ConfigRecord]:
     return json.loads(str(cfg_record[task.CONFIG_KEY])), msg.content["arrays"], cfg_record
 
 
-@app.train()
+@app.train(mods=[fail_from_round])
 def train(msg: Message, context: Context) -> Message:
     """Train the global model on local data; reply with the new weights and `num-examples` for FedAvg."""
     config, arrays, cfg_record = _setup(msg)
-    fail_from = int(os.environ.get(FAIL_ENV, "0"))
-    if fail_from and int(cfg_record["server-round"]) >= fail_from:
-        raise RuntimeError(f"{FAIL_ENV}={fail_from}: this client fails from round {fail_from} on (fault injection)")
     new, metrics = task.local_update(config, arrays, context.node_config, int(cfg_record["server-round"]))
     return Message(content=RecordDict({"arrays": new, "metrics": MetricRecord(metrics)}), reply_to=msg)
 

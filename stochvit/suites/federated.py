@@ -36,7 +36,7 @@ def federated_run_config(s: Settings) -> dict:
     fed = {"out-dir": str(Path(s.out).expanduser().resolve()), "clients": s.clients, "partition": s.partition,
            "rounds": s.rounds, "fraction-train": s.fraction_train, "fraction-evaluate": s.fraction_evaluate,
            "min-clients": s.min_clients if s.min_clients is not None else min(2, s.clients),
-           "wait-for-clients": 0}
+           "wait-for-clients": 0, "fail-from-round": s.fail_from_round}
     rc = to_run_config(cfg, fed)
     from_run_config(rc)  # raise UserError here, not inside the ServerApp
     return rc

@@ -144,6 +144,7 @@ class FederatedSettings:
     min_clients: int | None = None  # default: min(2, clients)
     cpus_per_client: int = 1
     timeout: float = 86400.0
+    fail_from_round: int = 0  # testing hook: every client's training fails from this round on (0: never)
 
 
 @dataclass
