@@ -2,10 +2,13 @@
 
     config.json        every setting (model, stochastic layer, data, training, versions)
     model.safetensors  final weights of the timm model (plain timm keys; no code executed on load)
+    model_best.safetensors  the weights of the best validated epoch (stochvit.tracking.BestCheckpoint)
     checkpoint.pt      training state, written atomically each epoch (loaded with weights_only=True)
     metrics.jsonl      one line per epoch (written by `Curves`, read by `read_metrics`), and the same rows as metrics.csv
     summary.json       final metrics; its presence marks a finished run
     curves.png         training curves
+    args.yaml          the command's resolved flags (written by the CLI; `--config args.yaml` reruns them)
+    tensorboard/       with `--log tensorboard`: the metrics rows as TensorBoard scalars (stochvit.tracking)
     .lock              flock'ed by the one process writing the run (`run_lock`); left behind, it blocks nothing
 """
 
@@ -109,6 +112,14 @@ def check_writable(path: str | Path, name: str = "out") -> Path:
     except OSError as e:
         raise UserError(f"{name} {path}: cannot write in {folder} ({e.strerror or e}); choose another {name}") from None
     return path
+
+
+def safetensors_bytes(model: nn.Module, metadata: dict[str, str] | None = None) -> bytes:
+    """A module's state dict as safetensors bytes, written with `atomic_write_bytes` like every run file (safetensors'
+    own save_file makes 0600 files)."""
+    from safetensors.torch import save
+
+    return save({k: v.contiguous() for k, v in model.state_dict().items()}, metadata)
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -420,8 +431,6 @@ def finalize_run(path: Path, model: nn.Module, data: DataBundle, eval_samples: i
     `path/config.json` must already exist; any producer of run directories (trainer, federated,
     transfer) ends with this call, so every run directory looks the same to `load_run`.
     """
-    from safetensors.torch import save
-
     from .card import provenance, write_model_card
     from .eval.metrics import mc_metrics
     from .precision import resolve_precision
@@ -436,8 +445,7 @@ def finalize_run(path: Path, model: nn.Module, data: DataBundle, eval_samples: i
                    train_seconds=sum(r.get("epoch_seconds", 0.0) for r in rows), precision=resolve_precision(precision,
                    next(model.parameters()).device, model), **extra_summary,
                    provenance=provenance(next(model.parameters()).device))
-    # through the writer of every other run file: same permissions (safetensors' save_file makes 0600 files)
-    atomic_write_bytes(path / "model.safetensors", save({k: v.contiguous() for k, v in model.net.state_dict().items()}))
+    atomic_write_bytes(path / "model.safetensors", safetensors_bytes(model.net))
     if rows:
         curves.plot()
     write_model_card(path, read_json(path / "config.json", "the run's settings"), summary, model.net)

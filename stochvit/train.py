@@ -4,7 +4,8 @@
     open_run         a fresh or resumed run: directory checks, its settings, the lock (`claim_run_dir` for a new one)
     prepare          data, model, optimiser, schedule and loader (`Training`), restored from the checkpoint on resume
     train_one_epoch  one pass over the training data (also the federated clients' local fit)
-    validate         single-pass metrics on a split; `end_epoch` logs the row and writes the checkpoint
+    validate         single-pass metrics on a split; `end_epoch` logs the row (metrics.jsonl/.csv, TensorBoard),
+                     keeps the best weights (stochvit.tracking) and writes the checkpoint
     finish_run       final evaluation and files (stochvit.runs.finalize_run)
 
 Resuming restores model, optimiser, schedule and every RNG state saved at the last finished epoch,
@@ -18,6 +19,7 @@ import io
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -57,6 +59,7 @@ from .runs import (
     write_json,
 )
 from .scale import adamw, compiled, train_batches
+from .tracking import BestCheckpoint, TensorBoard, check_eval_metric, check_logger, open_logger
 
 
 @dataclass
@@ -89,6 +92,8 @@ class TrainConfig:
     workers: int = 0
     eval_samples: int = 10
     val_every: int = 1  # validate every N epochs (and always after the last): per-epoch val costs a lot on CPU
+    eval_metric: str = "nll"  # the validation metric that picks model_best.safetensors (stochvit.tracking.EVAL_METRICS)
+    log: str | None = None  # "tensorboard": also write the metrics rows to RUN_DIR/tensorboard/ (stochvit.tracking)
     fused: bool = False  # compile the default layer's scale into the activation (stochvit.mlp.set_fused)
     compile: bool = False  # torch.compile the training forward and backward (stochvit.scale)
     data_mode: str = "auto"  # memory | stream | auto (stream an image folder past the memory budget: stochvit.stream)
@@ -145,6 +150,8 @@ class TrainConfig:
             raise UserError(f"invalid augment={self.augment}; expected one of {', '.join(AUGMENTS)}")
         if self.mc_dropout and self.drop_rate <= 0:
             raise UserError("mc_dropout needs drop_rate > 0")
+        check_eval_metric(self.eval_metric)
+        check_logger(self.log)  # TensorBoard without its package: refused before the run directory exists
 
 
 def _seed_everything(seed: int) -> None:
@@ -198,11 +205,12 @@ def _lr_lambda(total_steps: int, warmup_steps: int):
     return f
 
 
-def save_checkpoint(path: Path, model: nn.Module, opt, sched, epoch: int) -> None:
-    """checkpoint.pt: weights, optimiser, schedule, the finished epoch and every RNG state, written atomically."""
+def save_checkpoint(path: Path, model: nn.Module, opt, sched, epoch: int, best: dict | None = None) -> None:
+    """checkpoint.pt: weights, optimiser, schedule, the finished epoch, every RNG state and the best epoch so far
+    (`BestCheckpoint.state`; older checkpoints lack it and still resume), written atomically."""
     buf = io.BytesIO()
     torch.save(dict(model=model.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
-                    epoch=epoch, rng=_rng_state()), buf)
+                    epoch=epoch, rng=_rng_state(), **({"best": best} if best is not None else {})), buf)
     atomic_write_bytes(path / "checkpoint.pt", buf.getvalue())
 
 
@@ -314,6 +322,8 @@ def _discard_unstarted(path: Path, created: bool) -> None:
     for f in path.iterdir():
         if f.is_file() or f.is_symlink():
             f.unlink(missing_ok=True)
+        elif f.is_dir():  # tensorboard/
+            shutil.rmtree(f, ignore_errors=True)
     if created:
         try:
             path.rmdir()
@@ -411,6 +421,8 @@ class Training:
     adv_step: Callable | None = None  # stochvit.eval.attacks.adversarial_step when cfg.adv is set
     rank: int = 0
     world: int = 1
+    best: BestCheckpoint = field(default_factory=BestCheckpoint)  # model_best.safetensors, restored on resume
+    tensorboard: TensorBoard | None = None  # with cfg.log == "tensorboard", opened by `train` on rank 0
 
 
 def _model(cfg: TrainConfig, config: dict, data: DataBundle, device: torch.device) -> Normalized:
@@ -492,7 +504,7 @@ def prepare(cfg: TrainConfig, path: Path, resumed: bool = False) -> Training:
     return Training(cfg=cfg, config=config, data=data, model=model, net=net, opt=opt, sched=sched, loader=loader,
                     sampler=sampler, loss_fn=nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing),
                     precision=precision, steps_per_epoch=steps_per_epoch, start_epoch=start, adv_step=adv_step,
-                    rank=rank, world=world)
+                    rank=rank, world=world, best=BestCheckpoint.restore(ckpt.get("best"), cfg.eval_metric, start))
 
 
 def change_peak_lr(t: Training, path: Path, new_lr: float) -> None:
@@ -590,7 +602,10 @@ def validate(model: nn.Module, data: ImageSet, precision: str = "auto") -> dict[
 
 
 def end_epoch(t: Training, path: Path, epoch: int, stats: dict[str, float], quiet: bool = False) -> dict:
-    """Rank 0 after an epoch: validation when due, the metrics row, then the checkpoint (RNG state after validation)."""
+    """Rank 0 after an epoch: validation when due, the metrics row (and TensorBoard's), model_best.safetensors when the
+    validation is the best so far, then the checkpoint (RNG state after validation).
+
+    A kill between model_best and the checkpoint trains the epoch again on resume, which rewrites model_best."""
     cfg = t.cfg
     row = dict(epoch=epoch, train_loss=stats["train_loss"], train_accuracy=stats["train_accuracy"],
                lr=t.sched.get_last_lr()[0], epoch_seconds=stats["seconds"],
@@ -603,7 +618,11 @@ def end_epoch(t: Training, path: Path, epoch: int, stats: dict[str, float], quie
         row.update({f"val_{k}": v for k, v in val.items()})
         report = f"val acc {val['accuracy']:.4f}  val nll {val['nll']:.4f}  "
     Curves(path).append(row)
-    save_checkpoint(path, t.model, t.opt, t.sched, epoch)
+    if t.tensorboard is not None:
+        t.tensorboard.log(row)
+    if "val_nll" in row:
+        t.best.update(path, t.model.net, epoch, val)
+    save_checkpoint(path, t.model, t.opt, t.sched, epoch, t.best.state())
     if not quiet:
         tqdm.write(f"epoch {epoch + 1:3d}/{cfg.epochs}  loss {row['train_loss']:.4f}  "
                    f"train acc {row['train_accuracy']:.4f}  {report}{row['train_images_per_s']:.0f} img/s")
@@ -620,9 +639,15 @@ def _diverged(what: str, epoch: int, step: int, cfg: TrainConfig, path: Path, fr
 
 
 def finish_run(t: Training, path: Path) -> None:
-    """Rank 0 evaluates and writes the final files (`stochvit.runs.finalize_run`); every rank waits for it."""
+    """Rank 0 evaluates and writes the final files (`stochvit.runs.finalize_run`); every rank waits for it.
+
+    summary.json's metrics are the final weights'; its `best` names the epoch in model_best.safetensors."""
     if t.rank == 0:
-        finalize_run(path, t.model, t.data, t.cfg.eval_samples, t.precision)
+        rows = read_metrics(path)
+        best = t.best.summary(rows)
+        finalize_run(path, t.model, t.data, t.cfg.eval_samples, t.precision, best=best,
+                     metrics_for=f"test and val: model.safetensors, the final weights (epoch {rows[-1]['epoch']}); "
+                                 f"{best['file']} holds epoch {best['epoch']}, the best {best['metric']}")
         if "transfer" in read_json(path / "config.json", "the run's settings"):  # a transfer, fresh or resumed
             from .eval.transfer import report
 
@@ -650,6 +675,10 @@ def train(cfg: TrainConfig | None = None, out: str | Path | None = None, resume:
             change_peak_lr(t, path, lr)
         if resume is None and t.rank == 0:
             claim_run_dir(stack, path, t.config)
+        if t.rank == 0:
+            t.tensorboard = open_logger(path, cfg.log, t.start_epoch)
+            if t.tensorboard is not None:
+                stack.callback(t.tensorboard.close)
         step = t.start_epoch * t.steps_per_epoch
         for epoch in range(t.start_epoch, cfg.epochs):
             if t.sampler is not None:

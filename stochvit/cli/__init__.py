@@ -4,7 +4,8 @@ The only place that knows argparse. Each module here turns one subcommand's flag
 `Settings` (stochvit.suites) and calls `run`; the suites themselves load on demand, so `--help` does not import
 torch. User mistakes raise `UserError` (a `ValueError`), printed here as one line with exit status 2.
 
-    common.py   the shared vocabulary: --data, layer flags, --samples, --seed, --precision, -b/--batch-size, --out
+    common.py   the shared vocabulary: --data, layer flags, --samples, --seed, --precision, -b/--batch-size, --out,
+                and -c/--config FILE.yaml (every command) with the args.yaml that run directories keep
     train.py    train          evaluate.py  evaluate       demo.py       demo
     calibration.py, robustness.py, privacy.py, federated.py, transfer.py, study.py: the suites of the same names
 """
@@ -18,6 +19,7 @@ import sys
 from .. import __version__
 from ..errors import UserError
 from . import calibration, demo, evaluate, federated, privacy, robustness, study, train, transfer
+from .common import parse_args
 
 COMMANDS = (train, evaluate, demo, calibration, robustness, privacy, federated, transfer, study)
 # library parameter names whose flag has another name (TrainConfig.adv's keys are written as a Python caller sets them)
@@ -57,7 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parse_args(parser, argv)  # with -c/--config FILE.yaml: the file's settings, then the flags
+    except UserError as e:  # a config file's problem, in its own words (its keys are the flags' dests)
+        print(f"{getattr(e, 'prog', 'stochvit')}: error: {e}", file=sys.stderr)
+        return 2
     try:
         args.func(args)
     except UserError as e:

@@ -8,7 +8,7 @@ import importlib
 from ..errors import UserError
 from ..suites.settings import FederatedSettings as S
 from ..suites.settings import default
-from .common import add_command, add_data_args, add_model_args, add_out, add_split_args
+from .common import add_command, add_data_args, add_model_args, add_out, add_split_args, unused_dir, write_args_yaml
 from .train import add_optimisation_args, train_config_from_args
 
 EXTRA = ("flwr", "tomli_w")  # what `pip install "stochvit[federated]"` brings
@@ -66,4 +66,7 @@ def command(a: argparse.Namespace) -> None:
     require_extra()
     from ..suites.federated import run
 
+    fresh = unused_dir(a.out)
     run(settings_from_args(a))
+    if fresh:  # a failed federated run leaves no config.json, so args.yaml only beside a finished one
+        write_args_yaml(a.out, a)

@@ -19,8 +19,11 @@ from .common import (
     add_samples,
     add_seed,
     add_split_args,
+    add_tracking_args,
     layer_from_args,
     parse_eps,
+    unused_dir,
+    write_args_yaml,
 )
 
 
@@ -72,6 +75,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--adv", default=None, choices=("pgd", "fgsm-rs"), help="train on PGD or fast FGSM-with-random-start examples")
     g.add_argument("--adv-eps", type=parse_eps, default=8 / 255, help="l-inf radius in [0,1] pixel units (8/255 = 0.0314)")
     g.add_argument("--adv-steps", type=int, default=7, help="PGD steps (pgd only)")
+    add_tracking_args(p)
     add_out(p, None, "run directory (None: runs/<timestamp>)")
     p.add_argument("--resume", default=None, metavar="RUN_DIR",
                    help="continue an interrupted run with its own settings (other flags are refused, except --lr: "
@@ -99,7 +103,7 @@ def train_config_from_args(a: argparse.Namespace):
     default = {f.name: f.default for f in fields(TrainConfig)}
     optional = {k: getattr(a, k, default[k])
                 for k in ("download", "warmup_epochs", "label_smoothing", "augment", "workers", "val_every", "fused",
-                          "data_mode", "compile")}
+                          "data_mode", "compile", "eval_metric", "log")}
     lr = getattr(a, "lr", None)
     if lr is None:  # the recipe's rate at the global batch
         from ..scale import scaled_lr
@@ -130,7 +134,7 @@ def flags_given_with(a: argparse.Namespace, command: str, keep: tuple[str, ...] 
 
 
 def command(a: argparse.Namespace) -> None:
-    from ..train import is_main_process, train
+    from ..train import is_main_process, new_run_dir, train
 
     if a.resume:
         ignored = flags_given_with(a, "train", keep=("resume", "lr"))
@@ -142,7 +146,13 @@ def command(a: argparse.Namespace) -> None:
         cfg = train_config_from_args(a)
         if a.adv:
             cfg.adv = dict(method=a.adv, eps=a.adv_eps, steps=a.adv_steps)
-        path = train(cfg, out=a.out)
+        a.out = str(a.out or new_run_dir())  # args.yaml records the directory
+        fresh = unused_dir(a.out) and is_main_process()
+        try:
+            path = train(cfg, out=a.out)
+        finally:
+            if fresh:
+                write_args_yaml(a.out, a)
     if not is_main_process():  # under torchrun only rank 0 reports
         return
     from ..runs import read_json

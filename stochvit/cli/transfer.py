@@ -17,8 +17,11 @@ from .common import (
     add_samples,
     add_seed,
     add_split_args,
+    add_tracking_args,
     alias,
     layer_from_args,
+    unused_dir,
+    write_args_yaml,
 )
 
 DESCRIPTION = """Transfer pretrained weights to a new task. --from is a stochvit run directory or a timm model name
@@ -30,7 +33,7 @@ or adds them (settings from --kind/--distribution/...) to a deterministic source
 Class-split tasks: --data digits:classes=5-9 (or imagefolder:PATH:classes=dog,frog,...)."""
 
 TRAIN_FLAGS = ("data_dir", "train_limit", "img_size", "split_seed", "epochs", "lr", "batch_size", "weight_decay",
-               "warmup_epochs", "seed", "precision")
+               "warmup_epochs", "seed", "precision", "eval_metric", "log")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -58,6 +61,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_seed(g, "the training, the new head's init and the stochastic draws")
     add_precision(g)
     add_samples(g, 10, "stochastic passes of the final evaluation", old=("--eval-samples",))
+    add_tracking_args(p)
     add_out(p, None, "new run directory", required=True)
     p.set_defaults(func=command)
 
@@ -67,8 +71,13 @@ def command(a: argparse.Namespace) -> None:
     from ..suites.transfer import Settings, run
 
     train = {k: getattr(a, k) for k in TRAIN_FLAGS} | dict(eval_samples=a.samples)
-    path = run(Settings(a.source, a.out, a.weights, a.data, a.transfer_mode, a.stochastic_target, layer_from_args(a),
-                        a.backbone_lr_scale, train))
+    fresh = unused_dir(a.out)
+    try:
+        path = run(Settings(a.source, a.out, a.weights, a.data, a.transfer_mode, a.stochastic_target, layer_from_args(a),
+                            a.backbone_lr_scale, train))
+    finally:
+        if fresh:
+            write_args_yaml(a.out, a)
     s = read_json(path / "summary.json", "summary")
     t = s["test"]
     print((path / "transfer.md").read_text())
