@@ -283,7 +283,7 @@ def args_yaml(a: argparse.Namespace) -> str:
     values = {k: _plain(v) for k, v in vars(a).items() if k not in CONFIG_SKIP}
     return (f"# stochvit {a.command}: every flag of the command that made this run; rerun it with\n"
             f"# stochvit {a.command} --config args.yaml --out NEW_DIR (flags given there override the file)\n"
-            + yaml.safe_dump(values, sort_keys=False, default_flow_style=None))
+            + yaml.safe_dump(values, sort_keys=False, default_flow_style=False))
 
 
 def unused_dir(path: str | Path) -> bool:
