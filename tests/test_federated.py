@@ -198,15 +198,23 @@ def _federated(out: Path, *args: str) -> int:
 @pytest.mark.slow
 def test_simulation_end_to_end(tmp_path, marker):
     out = tmp_path / "fed"
-    assert _federated(out, "--clients", "2", "--rounds", "2", "--partition", "dirichlet:0.5", "--cpus-per-client", "1") == 0
+    pytest.importorskip("tensorboard")
+    assert _federated(out, "--clients", "2", "--rounds", "2", "--partition", "dirichlet:0.5", "--cpus-per-client", "1",
+                      "--log", "tensorboard") == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()  # the rounds' rows as scalars, step = round - 1
+    assert [(e.step, e.value) for e in events.Scalars("val/nll")] == [(r["round"] - 1, float(np.float32(r["val_nll"])))
+                                                                      for r in rows]
     for r in rows:
         assert r["clients_replied"] == 2 and r["clients_failed"] == 0
         assert 0 <= r["val_accuracy"] <= 1 and r["val_nll"] > 0 and 0 <= r["val_ece"] <= 1
         assert 0 <= r["clients_eval_accuracy"] <= 1
     for name in ("config.json", "model.safetensors", "summary.json", "rounds.png", "curves.png", "partition.json",
-                 "partition.png"):
+                 "partition.png", "args.yaml"):
         assert (out / name).exists(), name
     summary = json.loads((out / "summary.json").read_text())
     assert summary["federated"]["rounds_with_fewer_clients"] == []

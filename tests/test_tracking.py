@@ -45,6 +45,7 @@ def _recording(monkeypatch, stop_at: int | None = None) -> dict[int, dict[str, t
 @pytest.fixture(scope="module")
 def tracked(tmp_path_factory) -> tuple[Path, dict]:
     """The SMALL run with TensorBoard logging, and the weights of each of its epochs."""
+    pytest.importorskip("tensorboard", reason='the tensorboard extra: pip install "stochvit[tensorboard]"')
     mp = pytest.MonkeyPatch()
     weights = _recording(mp)
     try:

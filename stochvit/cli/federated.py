@@ -8,7 +8,16 @@ import importlib
 from ..errors import UserError
 from ..suites.settings import FederatedSettings as S
 from ..suites.settings import default
-from .common import add_command, add_data_args, add_model_args, add_out, add_split_args, unused_dir, write_args_yaml
+from .common import (
+    add_command,
+    add_data_args,
+    add_model_args,
+    add_out,
+    add_split_args,
+    add_tracking_args,
+    unused_dir,
+    write_args_yaml,
+)
 from .train import add_optimisation_args, train_config_from_args
 
 EXTRA = ("flwr", "tomli_w")  # what `pip install "stochvit[federated]"` brings
@@ -40,6 +49,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--timeout", type=float, default=default(S, "timeout"), help="give up (and stop the run) after this "
                    "many seconds")
     add_optimisation_args(p, federated=True)
+    add_tracking_args(p, best=False)
     add_out(p, None, "run directory to create (must be new or empty)", required=True)
     # testing hook (the reliability tests' fault injection), hidden from --help
     p.add_argument("--fail-from-round", type=int, default=0, help=argparse.SUPPRESS)
@@ -65,6 +75,9 @@ def settings_from_args(a: argparse.Namespace) -> S:
 def command(a: argparse.Namespace) -> None:
     require_extra()
     from ..suites.federated import run
+    from ..tracking import check_logger
+
+    check_logger(a.log)  # before any Flower process starts
 
     fresh = unused_dir(a.out)
     run(settings_from_args(a))

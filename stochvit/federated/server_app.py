@@ -3,6 +3,7 @@
 The ServerApp owns the output directory (`out-dir` in the run config):
     config.json              the run's settings (stochvit.train.run_config) plus a "federated" section
     partition.json / .png    class histogram per client of the nominal partition
+    tensorboard/             with log = "tensorboard": those rows as TensorBoard scalars, step = round - 1
     metrics.jsonl            one line per round: global val accuracy / NLL / ECE, client train metrics,
                              clients sampled, replied and failed (rounds with fewer clients are visible here)
     rounds.png               those curves and the participation per round
@@ -29,6 +30,7 @@ from ..data import load_data
 from ..errors import UserError
 from ..precision import default_device
 from ..runs import Curves, finalize_run, pyplot, run_config, write_json
+from ..tracking import open_logger
 from ..train import warn_long_warmup
 from . import task
 from .partition import partition, save_summary
@@ -129,6 +131,7 @@ def main(grid: Grid, context: Context) -> None:
                  fed["partition"], cfg.seed)
     model = task.initial_model(config).to(default_device())
     curves = Curves(out)
+    tensorboard = open_logger(out, cfg.log)
     strategy = TrackedFedAvg(fraction_train=fed["fraction-train"], fraction_evaluate=fed["fraction-evaluate"],
                              min_train_nodes=fed["min-clients"], min_evaluate_nodes=fed["min-clients"],
                              min_available_nodes=fed["min-clients"])
@@ -148,6 +151,8 @@ def main(grid: Grid, context: Context) -> None:
                    clients_expected=fed["clients"], clients_sampled=rec["sampled"], clients_replied=rec["replied"],
                    clients_failed=rec["failed"], missing_nodes=rec["missing_nodes"], errors=rec["errors"])
         curves.append(row)
+        if tensorboard is not None:
+            tensorboard.log(row)
         plot_rounds(out / "rounds.png", curves.rows())
         log(INFO, "stochvit round %d/%d: val accuracy %.4f, NLL %.4f, ECE %.4f; %d/%d clients replied (%.1f s)",
             server_round, fed["rounds"], val["accuracy"], val["nll"], val["ece"], rec["replied"], rec["sampled"], seconds)
@@ -160,6 +165,8 @@ def main(grid: Grid, context: Context) -> None:
                             timeout=fed["round-timeout"], train_config=train_config, evaluate_config=train_config,
                             evaluate_fn=evaluate)
     model.net.load_state_dict(result.arrays.to_torch_state_dict())
+    if tensorboard is not None:
+        tensorboard.close()
     rows = curves.rows()
     fewer = [r["round"] for r in rows if r["clients_replied"] < fed["clients"]]
     finalize_run(out, model, data, cfg.eval_samples, cfg.precision,

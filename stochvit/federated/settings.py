@@ -20,9 +20,9 @@ TRAIN_KEYS = {
     "data": "data", "data-dir": "data_dir", "split-seed": "split_seed", "train-limit": "train_limit", "img-size": "img_size",
     "model": "model", "act": "act", "drop-rate": "drop_rate", "mc-dropout": "mc_dropout", "local-epochs": "epochs",
     "batch-size": "batch_size", "lr": "lr", "weight-decay": "weight_decay", "clip-grad": "clip_grad", "seed": "seed",
-    "precision": "precision", "eval-samples": "eval_samples",
+    "precision": "precision", "eval-samples": "eval_samples", "log": "log",
 }
-NULLABLE = {"data_dir": "", "train_limit": 0, "img_size": 0, "clip_grad": 0.0}
+NULLABLE = {"data_dir": "", "train_limit": 0, "img_size": 0, "clip_grad": 0.0, "log": ""}
 STOCHASTIC_KEYS = tuple(f.name for f in fields(LayerConfig))  # the layer's keys: LayerConfig's fields
 
 # federated settings and their defaults (also the defaults in app/pyproject.toml, which a test keeps in sync)
