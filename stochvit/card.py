@@ -123,7 +123,12 @@ def model_card(name: str, config: dict, summary: dict, model: nn.Module | None =
     val = summary.get("val", {}).get("single_pass", {})
     if "accuracy" in val:
         lines += ["", f"Validation (single pass): accuracy {val['accuracy']['mean']:.4f}, NLL {val['nll']['mean']:.4f}."]
-    standard = {"test_accuracy", "test", "val", "epochs", "train_seconds", "precision", "provenance"}
+    best = summary.get("best") or {}
+    if best.get("epoch") is not None:
+        lines += ["", f"These are the final weights, `model.safetensors`. `{best['file']}` holds epoch {best['epoch']} "
+                      f"(counting from 0), the best {best['metric']} ({best['value']:.4f}; {best['mode']}imum over the "
+                      f"validated epochs from {best.get('since_epoch', 0)})."]
+    standard = {"test_accuracy", "test", "val", "epochs", "train_seconds", "precision", "provenance", "best", "metrics_for"}
     extra = {key: v for key, v in summary.items() if key not in standard}
     lines += ["", "## Training", "", f"{summary.get('epochs')} epoch(s) in {summary.get('train_seconds', 0.0):.0f} s, "
               f"precision {summary.get('precision')}. Every setting (config.json `train`):", "",

@@ -120,6 +120,9 @@ def test_model_best_holds_the_epoch_with_the_best_validation(metric, pick, track
     assert summary["best"]["epoch"] == best and summary["best"]["value"] == values[best]
     assert summary["best"]["metric"] == f"val_{metric}" and summary["best"]["val"][metric] == values[best]
     assert summary["metrics_for"].startswith(f"test and val: model.safetensors, the final weights (epoch {len(rows) - 1})")
+    mode = "min" if metric == "nll" else "max"
+    assert (f"`model_best.safetensors` holds epoch {best} (counting from 0), the best val_{metric} ({values[best]:.4f}; "
+            f"{mode}imum over the validated epochs from 0)") in (path / "README.md").read_text()
 
 
 def test_best_checkpoint_direction_ties_and_restore(tmp_path):
