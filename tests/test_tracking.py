@@ -182,9 +182,11 @@ def test_command_line_flags_override_the_file(tmp_path):
     from stochvit.cli.common import parse_args
 
     f = tmp_path / "c.yaml"
-    f.write_text("epochs: 7\nbatch-size: 32\nkind: full\nblocks: [1, 2]\nadv_eps: 4/255\nstochastic: false\n")
+    f.write_text("epochs: 7\nbatch-size: 32\nkind: full\nblocks: [1, 2]\nadv_eps: 4/255\nstochastic: false\n"
+                 "eval-samples: 6\n")  # an old spelling, as on the command line
     a = parse_args(build_parser(), ["train", "-c", str(f), "--epochs", "3"])
     assert (a.epochs, a.batch_size, a.kind, a.blocks, a.adv_eps, a.stochastic) == (3, 32, "full", [1, 2], 4 / 255, False)
+    assert a.samples == 6
     assert parse_args(build_parser(), ["train", "--epochs", "3"]).batch_size is None  # the file changed nothing else
     f.write_text("run_dirs: [a, b]\nsamples: 3\n")  # a required positional may come from the file
     a = parse_args(build_parser(), ["calibration", "-c", str(f), "--samples", "5"])

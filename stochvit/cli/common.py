@@ -232,9 +232,12 @@ def read_config(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
     for a in parser._actions:  # the visible flag of each dest, not its hidden old spellings
         if a.dest not in CONFIG_SKIP and a.dest != argparse.SUPPRESS and (a.dest not in actions or a.help != argparse.SUPPRESS):
             actions[a.dest] = a
+    spellings = {o[2:].replace("-", "_"): a.dest for a in parser._actions if a.dest in actions
+                 for o in a.option_strings if o.startswith("--")}  # old spellings too: eval_samples -> samples
     settings = {}
     for key, value in data.items():
         dest = str(key).replace("-", "_")
+        dest = dest if dest in actions else spellings.get(dest, dest)
         if dest not in actions:
             close = difflib.get_close_matches(dest, actions, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else f"; it takes {', '.join(sorted(actions))}"
