@@ -83,16 +83,22 @@ def _value(v: Any) -> str:
 
 def model_card(name: str, config: dict, summary: dict, model: nn.Module | None = None) -> str:
     """The card's markdown from a run's config.json and summary.json contents."""
-    m, data, stoch, train = config["model"], config["data"], config.get("stochastic"), config.get("train", {})
-    kw, versions, prov = m.get("kwargs", {}), config.get("versions", {}), summary.get("provenance", {})
-    spec = data.get("spec", "?")
+    spec = config["data"].get("spec", "?")
     front = ["---", "library_name: timm", "license: mit", "pipeline_tag: image-classification",
-             "tags: [image-classification, timm, stochvit" + (", stochastic-layers]" if stoch else "]"),
+             "tags: [image-classification, timm, stochvit" + (", stochastic-layers]" if config.get("stochastic") else "]"),
              f"datasets: [{json.dumps(spec.split(':')[0])}]", "---"]
+    lines = [*front, *_details(name, config, model), *_results(config, summary), *_training(config, summary),
+             *_provenance(name, config, summary)]
+    return "\n".join(lines)
+
+
+def _details(name: str, config: dict, model: nn.Module | None) -> list[str]:
+    m, data, stoch, train = config["model"], config["data"], config.get("stochastic"), config.get("train", {})
+    kw, versions, spec = m.get("kwargs", {}), config.get("versions", {}), data.get("spec", "?")
     kind = ("with token-consistent stochastic layers" if stoch and stoch.get("sharing") == "image"
             else "with stochastic layers" if stoch else "deterministic (no stochastic layer)")
     timm_name = f"; plain timm: `{config['architecture']}` with `model_args` from config.json" if "architecture" in config else ""
-    lines = [*front, f"# Model card for {name}", "",
+    lines = [f"# Model card for {name}", "",
              f"A `{m['name']}` vision transformer, {kind}, trained on `{spec}` with stochvit "
              f"{versions.get('stochvit', '')}.", "", "## Model details", "",
              "- **Model type:** image classification",
@@ -106,16 +112,19 @@ def model_card(name: str, config: dict, summary: dict, model: nn.Module | None =
         lines.append(f"- **MC dropout:** rate {train.get('drop_rate')} kept on at inference")
     if model is not None:
         lines.append(f"- **Parameters (M):** {sum(p.numel() for p in model.parameters()) / 1e6:.3f}")
-    lines += [f"- **Image size:** {kw.get('in_chans')} x {kw.get('img_size')} x {kw.get('img_size')}, "
-              f"inputs in [0, 1] normalised with mean {data.get('mean')} and std {data.get('std')}",
-              f"- **Classes ({kw.get('num_classes')}):** {', '.join(map(str, data.get('class_names') or []))}", "",
-              "## Data", "",
-              f"- **Dataset:** `{spec}`" + (f" from `{data['data_dir']}`" if data.get("data_dir") else ""),
-              f"- **Split:** {_value(data.get('split'))}; images {_value(data.get('sizes'))}", ""]
+    return lines + [f"- **Image size:** {kw.get('in_chans')} x {kw.get('img_size')} x {kw.get('img_size')}, "
+                    f"inputs in [0, 1] normalised with mean {data.get('mean')} and std {data.get('std')}",
+                    f"- **Classes ({kw.get('num_classes')}):** {', '.join(map(str, data.get('class_names') or []))}", "",
+                    "## Data", "",
+                    f"- **Dataset:** `{spec}`" + (f" from `{data['data_dir']}`" if data.get("data_dir") else ""),
+                    f"- **Split:** {_value(data.get('split'))}; images {_value(data.get('sizes'))}", ""]
+
+
+def _results(config: dict, summary: dict) -> list[str]:
     test = summary.get("test", {})
     k = test.get("samples", 1)
-    lines += [f"## Results (test split, {(data.get('sizes') or {}).get('test', '?')} images)", "",
-              f"| metric | single pass (mean ± std over {k} passes) | average of {k} passes |", "| --- | --- | --- |"]
+    lines = [f"## Results (test split, {(config['data'].get('sizes') or {}).get('test', '?')} images)", "",
+             f"| metric | single pass (mean ± std over {k} passes) | average of {k} passes |", "| --- | --- | --- |"]
     single, avg = test.get("single_pass", {}), test.get("mc_average", {})
     for key, title in METRICS:
         if key in single:
@@ -128,30 +137,38 @@ def model_card(name: str, config: dict, summary: dict, model: nn.Module | None =
         lines += ["", f"These are the final weights, `model.safetensors`. `{best['file']}` holds epoch {best['epoch']} "
                       f"(counting from 0), the best {best['metric']} ({best['value']:.4f}; {best['mode']}imum over the "
                       f"validated epochs from {best.get('since_epoch', 0)})."]
+    return lines
+
+
+def _training(config: dict, summary: dict) -> list[str]:
+    train = config.get("train", {})
     standard = {"test_accuracy", "test", "val", "epochs", "train_seconds", "precision", "provenance", "best", "metrics_for"}
     extra = {key: v for key, v in summary.items() if key not in standard}
-    lines += ["", "## Training", "", f"{summary.get('epochs')} epoch(s) in {summary.get('train_seconds', 0.0):.0f} s, "
-              f"precision {summary.get('precision')}. Every setting (config.json `train`):", "",
-              "| setting | value |", "| --- | --- |", *(f"| {key} | {_value(v)} |" for key, v in train.items())]
+    lines = ["", "## Training", "", f"{summary.get('epochs')} epoch(s) in {summary.get('train_seconds', 0.0):.0f} s, "
+             f"precision {summary.get('precision')}. Every setting (config.json `train`):", "",
+             "| setting | value |", "| --- | --- |", *(f"| {key} | {_value(v)} |" for key, v in train.items())]
     lines += [*(f"- **{key}:** {_value(v)}" for key, v in extra.items())] if extra else []
     known = {"model", "stochastic", "data", "train", "versions", "architecture", "num_classes", "model_args", "pretrained_cfg"}
     sections = {key: v for key, v in config.items() if key not in known}  # e.g. a transfer's source, a federation
-    lines += ["", *(f"- **{key} (config.json):** {_value(v)}" for key, v in sections.items())] if sections else []
+    return lines + (["", *(f"- **{key} (config.json):** {_value(v)}" for key, v in sections.items())] if sections else [])
+
+
+def _provenance(name: str, config: dict, summary: dict) -> list[str]:
+    versions, prov = config.get("versions", {}), summary.get("provenance", {})
     commit = prov.get("git_commit")
-    lines += ["", "## Provenance", "",
-              f"- **Command:** `{prov.get('command', '?')}`",
-              f"- **Code:** stochvit {versions.get('stochvit', '?')}, "
-              + (f"git commit `{commit}`" if commit else "no git checkout (installed package)"),
-              f"- **Device:** {prov.get('device', '?')}",
-              f"- **Versions:** {', '.join(f'{key} {v}' for key, v in versions.items())}",
-              f"- **Finished:** {prov.get('finished', '?')}", "",
-              "## How to use", "", "```python", "import stochvit", "",
-              f'model = stochvit.load_model("path/to/{name}")  # eval mode, images in [0, 1]',
-              "probs = stochvit.predict_proba(model, images, samples=10)  # Monte Carlo average", "```", "",
-              "With timm alone (the network with its stochastic layer off; normalise with `pretrained_cfg`'s mean/std):", "",
-              "```python", "import timm", "", f'net = timm.create_model("local-dir:path/to/{name}", pretrained=True).eval()',
-              "```", ""]
-    return "\n".join(lines)
+    return ["", "## Provenance", "",
+            f"- **Command:** `{prov.get('command', '?')}`",
+            f"- **Code:** stochvit {versions.get('stochvit', '?')}, "
+            + (f"git commit `{commit}`" if commit else "no git checkout (installed package)"),
+            f"- **Device:** {prov.get('device', '?')}",
+            f"- **Versions:** {', '.join(f'{key} {v}' for key, v in versions.items())}",
+            f"- **Finished:** {prov.get('finished', '?')}", "",
+            "## How to use", "", "```python", "import stochvit", "",
+            f'model = stochvit.load_model("path/to/{name}")  # eval mode, images in [0, 1]',
+            "probs = stochvit.predict_proba(model, images, samples=10)  # Monte Carlo average", "```", "",
+            "With timm alone (the network with its stochastic layer off; normalise with `pretrained_cfg`'s mean/std):", "",
+            "```python", "import timm", "", f'net = timm.create_model("local-dir:path/to/{name}", pretrained=True).eval()',
+            "```", ""]
 
 
 def write_model_card(path: Path, config: dict, summary: dict, model: nn.Module | None = None) -> None:

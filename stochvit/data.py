@@ -403,6 +403,7 @@ def load_data(
     test = None
     if data_mode == "stream" and not spec.startswith("imagefolder:"):
         raise UserError(f"--data-mode stream needs an imagefolder:PATH dataset, not {spec!r} (which fits in memory)")
+    val = None
     if spec == "digits":
         images, labels, names = _load_digits()
         flip = False
@@ -426,11 +427,17 @@ def load_data(
         flip = True
     else:
         raise UserError(f"unknown dataset {spec!r}; expected {SPECS_HELP}")
+    return _split_bundle(spec, images, labels, names, test, val, flip, split_seed, val_fraction, test_fraction, train_limit)
 
+
+def _split_bundle(spec: str, images: torch.Tensor, labels: torch.Tensor, names: list[str], test: tuple | None,
+                  val: tuple | None, flip: bool, split_seed: int, val_fraction: float, test_fraction: float,
+                  train_limit: int | None) -> DataBundle:
+    """The bundle of decoded images: the seeded split of what the dataset does not ship as its own test/val parts."""
     if images.shape[-1] != images.shape[-2]:
         raise UserError(f"{spec}: images must be square, got {tuple(images.shape[-2:])}; pass --img-size")
     full = ImageSet(images, labels)
-    val_given = spec.startswith("imagefolder:") and "val" in parts
+    val_given = val is not None
     train_idx, val_idx, test_idx = split_indices(labels.numpy(), test is not None, val_given, split_seed, val_fraction,
                                                  test_fraction, train_limit)
     test_set = full.subset(test_idx) if test is None else ImageSet(*test)
