@@ -59,15 +59,15 @@ def main() -> None:
         train_all()
     if a.train_only:
         return
-    from stochvit.suites.calibration import run_calibration
+    from stochvit.suites import calibration
 
     def done(names: tuple[str, ...]) -> list[Path]:
         return [ROOT / n for n in names if (ROOT / n / "summary.json").exists()]
 
     members = done(ENSEMBLE)
     t0 = time.perf_counter()
-    run_calibration(done(SINGLE), ensembles=[members] if len(members) > 1 else None, samples=a.samples, shift=True,
-                    out=ROOT / "report")
+    calibration.run(calibration.Settings(done(SINGLE), ensembles=[members] if len(members) > 1 else [], samples=a.samples,
+                                         shift=True, out=ROOT / "report"))
     print(f"calibration suite: {time.perf_counter() - t0:.0f} s")
 
 

@@ -157,13 +157,22 @@ def atomic_output_dir(out: str | Path, settings: dict, marker: str, overwrite: b
     """
     out = Path(out)
     check_output_dir(out, settings, marker, overwrite)
+    with atomic_dir(out) as tmp:
+        yield tmp
+        write_json(tmp / SETTINGS_FILE, settings)
+
+
+@contextmanager
+def atomic_dir(out: str | Path) -> Iterator[Path]:
+    """`atomic_output_dir`'s mechanics without its checks or record (for a new run directory, checked by its maker):
+    the caller fills a hidden sibling, which replaces `out` when the block ends without error and is removed otherwise."""
+    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         yield tmp
-        write_json(tmp / SETTINGS_FILE, settings)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -426,7 +435,8 @@ class Curves:
 
 def finalize_run(path: Path, model: nn.Module, data: DataBundle, eval_samples: int = 10, precision: str = "auto",
                  **extra_summary) -> None:
-    """Evaluate on val/test, write model.safetensors, curves.png, the model card README.md and (last) summary.json.
+    """Evaluate on val/test, write model.safetensors, curves.png, the model card README.md, a transfer's transfer.md
+    and (last) summary.json.
 
     `path/config.json` must already exist; any producer of run directories (trainer, federated,
     transfer) ends with this call, so every run directory looks the same to `load_run`.
@@ -448,5 +458,10 @@ def finalize_run(path: Path, model: nn.Module, data: DataBundle, eval_samples: i
     atomic_write_bytes(path / "model.safetensors", safetensors_bytes(model.net))
     if rows:
         curves.plot()
-    write_model_card(path, read_json(path / "config.json", "the run's settings"), summary, model.net)
+    config = read_json(path / "config.json", "the run's settings")
+    write_model_card(path, config, summary, model.net)
+    if "transfer" in config:  # a transfer's report, fresh or resumed: a failure here leaves the run resumable
+        from .eval.transfer import report
+
+        atomic_write_bytes(path / "transfer.md", report(path, summary).encode())
     write_json(path / "summary.json", summary)  # last: marks the run finished

@@ -645,13 +645,9 @@ def finish_run(t: Training, path: Path) -> None:
     if t.rank == 0:
         rows = read_metrics(path)
         best = t.best.summary(rows)
-        finalize_run(path, t.model, t.data, t.cfg.eval_samples, t.precision, best=best,
+        finalize_run(path, t.model, t.data, t.cfg.eval_samples, t.precision, best=best,  # a transfer's transfer.md too
                      metrics_for=f"test and val: model.safetensors, the final weights (epoch {rows[-1]['epoch']}); "
                                  f"{best['file']} holds epoch {best['epoch']}, the best {best['metric']}")
-        if "transfer" in read_json(path / "config.json", "the run's settings"):  # a transfer, fresh or resumed
-            from .eval.transfer import report
-
-            atomic_write_bytes(path / "transfer.md", report(path).encode())
     if t.world > 1:
         dist.barrier()
 

@@ -17,10 +17,8 @@ from stochvit.errors import UserError
 from stochvit.train import TrainConfig, train
 
 SAMPLING = ("train", "evaluate", "demo", "calibration", "robustness", "privacy", "federated", "transfer")
-# where a model runs for predictions or training; robustness and privacy differentiate through the model (attacks,
-# inversion), which they do in fp32 on purpose, so they take no --precision
-PRECISION = ("train", "evaluate", "demo", "calibration", "federated", "transfer")
-BATCH = ("train", "evaluate", "demo", "calibration", "robustness", "federated", "transfer")
+PRECISION = BATCH = SAMPLING  # wherever a model runs; study takes both from its spec
+SUITES = ("evaluate", "demo", "calibration", "robustness", "privacy", "federated", "transfer", "study")
 OLD_ALIASES = {"train": ["--eval-samples"], "federated": ["--eval-samples"], "transfer": ["--eval-samples", "--mode",
                "--stochastic"], "robustness": ["--passes"], "privacy": ["--passes", "--blocks"]}
 
@@ -131,66 +129,184 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
                         quiet=True) for name, stochastic in (("det", None), ("sto", True))}
 
 
+def test_every_suite_module_follows_one_convention():
+    """`Settings` and `run(settings) -> result`, a `Result` dataclass with `out` and the key numbers; `report(result, out)`
+    only where reporting is a separate step (study)."""
+    import dataclasses
+    import importlib
+    import inspect
+    import typing
+
+    from stochvit.suites.settings import Result
+
+    for name in SUITES:
+        module = importlib.import_module(f"stochvit.suites.{name}")
+        assert dataclasses.is_dataclass(module.Settings), name
+        params = list(inspect.signature(module.run).parameters.values())
+        assert typing.get_type_hints(module.run)[params[0].name] is module.Settings, name
+        assert all(p.default is not inspect.Parameter.empty for p in params[1:]), name
+        result = typing.get_type_hints(module.run)["return"]
+        assert dataclasses.is_dataclass(result) and issubclass(result, Result) and result is not Result, name
+        assert [f.name for f in dataclasses.fields(result)][0] == "out" and len(dataclasses.fields(result)) > 1, name
+        assert hasattr(module, "report") == (name == "study"), name
+
+
 def test_evaluate_from_python_is_seeded_and_refuses_to_overwrite_other_settings(tiny, tmp_path):
     from stochvit.suites import evaluate
 
     run = shutil.copytree(tiny["sto"], tmp_path / "sto")
-    first, path = evaluate.run(evaluate.Settings(run, samples=3, seed=1))
-    again, same = evaluate.run(evaluate.Settings(run, samples=3, seed=1))
-    assert path == same == run / "eval-digits-test-on-k3-seed1.json"
-    assert first["single_pass"] == again["single_pass"]  # the same command gives the same numbers
-    other, _ = evaluate.run(evaluate.Settings(run, samples=3, seed=2))
-    assert other["single_pass"] != first["single_pass"]
+    first = evaluate.run(evaluate.Settings(run, samples=3, seed=1))
+    again = evaluate.run(evaluate.Settings(run, samples=3, seed=1))
+    assert first.out == again.out == run / "eval-digits-test-on-k3-seed1.json"
+    assert json.loads(first.out.read_text()) == first.report
+    assert first.report["single_pass"] == again.report["single_pass"]  # the same command gives the same numbers
+    other = evaluate.run(evaluate.Settings(run, samples=3, seed=2))
+    assert other.report["single_pass"] != first.report["single_pass"]
     with pytest.raises(UserError, match="other settings"):
         evaluate.run(evaluate.Settings(run, samples=3, seed=1, batch_size=7))
     evaluate.run(evaluate.Settings(run, samples=3, seed=1, batch_size=7, overwrite=True))
-    assert json.loads(path.read_text())["settings"]["batch_size"] == 7
+    assert json.loads(first.out.read_text())["settings"]["batch_size"] == 7
 
 
 def test_calibration_and_demo_from_python(tiny, tmp_path):
     from stochvit.suites import calibration, demo
 
-    out = calibration.run(calibration.Settings([tiny["det"], tiny["sto"]], samples=2, n_boot=100, out=tmp_path / "cal",
+    cal = calibration.run(calibration.Settings([tiny["det"], tiny["sto"]], samples=2, n_boot=100, out=tmp_path / "cal",
                                                quiet=True))
-    report = json.loads((out / "calibration.json").read_text())
-    assert report["samples"] == 2 and {"calibration.md", "settings.json", "reliability.png"} <= {p.name for p in out.iterdir()}
+    assert cal.out == tmp_path / "cal" and json.loads((cal.out / "calibration.json").read_text()) == cal.report
+    assert cal.report["samples"] == 2
+    assert {"calibration.md", "settings.json", "reliability.png"} <= {p.name for p in cal.out.iterdir()}
     with pytest.raises(UserError, match="other settings"):
-        calibration.run(calibration.Settings([tiny["det"], tiny["sto"]], samples=3, n_boot=100, out=out, quiet=True))
+        calibration.run(calibration.Settings([tiny["det"], tiny["sto"]], samples=3, n_boot=100, out=cal.out, quiet=True))
     (tmp_path / "demo").mkdir()
     for name, src in (("deterministic", "det"), ("stochastic", "sto")):  # finished runs are reused: no training here
         shutil.copytree(tiny[src], tmp_path / "demo" / name)
-    folder = demo.run(demo.Settings(tmp_path / "demo", samples=2, shift=False))
-    assert folder == tmp_path / "demo" / "calibration" and (folder / "calibration.json").exists()
+    d = demo.run(demo.Settings(tmp_path / "demo", samples=2, shift=False))
+    assert d.out == tmp_path / "demo" / "calibration"
+    assert d.runs == [tmp_path / "demo" / n for n in ("deterministic", "stochastic")]
+    assert json.loads((d.out / "calibration.json").read_text()) == d.report
 
 
 def test_robustness_and_privacy_from_python(tiny, tmp_path):
     from stochvit.defaults import AttackConfig
     from stochvit.suites import privacy, robustness
 
-    result, out = robustness.run(robustness.Settings(tiny["sto"], attacks=["fgsm", "pgd"], eps=[8 / 255], steps=2, eot=1,
-                                                     passes=2, n_examples=20, sanity=False, n_boot=100,
-                                                     out=tmp_path / "rob"))
-    assert set(result["attacks"]) == {"fgsm", "pgd"} and (out / "robustness.json").exists()
-    result, out = privacy.run(privacy.Settings([tiny["det"], tiny["sto"]], split_blocks="1", attacks=["decoder"],
-                                               noise_baseline=[0.5], n_victims=4, aux_limit=64, samples=2,
-                                               attack=AttackConfig(decoder_steps=5, decoder_width=8), out=tmp_path / "pri"))
-    assert {e["kind"] for e in result["entries"]} == {"deterministic", "stochastic"} and (out / "privacy.json").exists()
+    r = robustness.run(robustness.Settings(tiny["sto"], attacks=["fgsm", "pgd"], eps=[8 / 255], steps=2, eot=1, passes=2,
+                                           n_examples=20, sanity=False, n_boot=100, out=tmp_path / "rob"))
+    assert set(r.report["attacks"]) == {"fgsm", "pgd"} and r.out == tmp_path / "rob"
+    assert json.loads((r.out / "robustness.json").read_text())["settings"]["precision"] == "fp32"  # the default
+    p = privacy.run(privacy.Settings([tiny["det"], tiny["sto"]], split_blocks="1", attacks=["decoder"], noise_baseline=[0.5],
+                                     n_victims=4, aux_limit=64, samples=2,
+                                     attack=AttackConfig(decoder_steps=5, decoder_width=8), out=tmp_path / "pri"))
+    assert {e["kind"] for e in p.report["entries"]} == {"deterministic", "stochastic"} and p.out == tmp_path / "pri"
+    assert json.loads((p.out / "privacy.json").read_text())["settings"] == p.report["settings"]
 
 
-def test_transfer_and_study_from_python(tiny, tmp_path):
+def _recording_load_run(monkeypatch, module) -> set:
+    """Patch `module.load_run` to hook each loaded model's patch embedding: the dtypes its forward passes produced."""
+    from stochvit import runs
+
+    seen: set = set()
+
+    def load_run(path):
+        run = runs.load_run(path)
+        run.model.net.patch_embed.proj.register_forward_hook(lambda m, i, o: seen.add(o.dtype))
+        return run
+
+    monkeypatch.setattr(module, "load_run", load_run)
+    return seen
+
+
+def test_robustness_and_privacy_run_in_bf16_from_the_command_line(tiny, tmp_path, monkeypatch):
+    """--precision bf16 reaches the model's forward passes (gradients taken through the autocast); fp32 stays the default."""
+    import warnings
+
+    import torch
+
+    from stochvit.suites import privacy, robustness
+
+    warnings.simplefilter("ignore")  # bf16 on a CPU without native support warns that it is emulated (slow, still bf16)
+    seen = _recording_load_run(monkeypatch, robustness)
+    common = ["--attacks", "fgsm,pgd", "--eps", "8/255", "--steps", "2", "--eot", "1", "--samples", "2", "--n-examples", "20",
+              "--no-sanity", "--n-boot", "100"]
+    assert main(["robustness", str(tiny["det"]), *common, "--out", str(tmp_path / "fp32")]) == 0
+    assert seen == {torch.float32}
+    seen.clear()
+    assert main(["robustness", str(tiny["det"]), *common, "--precision", "bf16", "-b", "8", "--out", str(tmp_path / "bf16")]) == 0
+    assert seen == {torch.bfloat16}
+    fp32, bf16 = (json.loads((tmp_path / n / "robustness.json").read_text()) for n in ("fp32", "bf16"))
+    assert bf16["settings"]["precision"] == "bf16" and bf16["settings"]["batch_size"] == 8
+    assert fp32["per_example"]["index"] == bf16["per_example"]["index"]  # the same examples, attacked in bf16
+    assert abs(fp32["clean"]["mean"] - bf16["clean"]["mean"]) <= 0.15
+    seen = _recording_load_run(monkeypatch, privacy)
+    assert main(["privacy", str(tiny["sto"]), "--split-blocks", "1", "--attacks", "decoder,optimization",
+                 "--noise-baseline", "", "--n-victims", "4", "--aux-limit", "32", "--samples", "2", "--decoder-steps", "3",
+                 "--decoder-width", "8", "--opt-steps", "3", "--precision", "bf16", "-b", "16",
+                 "--out", str(tmp_path / "pri")]) == 0
+    assert seen == {torch.bfloat16}
+    result = json.loads((tmp_path / "pri" / "privacy.json").read_text())
+    assert result["settings"]["precision"] == "bf16" and result["settings"]["batch_size"] == 16
+    psnr = result["entries"][0]["attacks"]["optimization"]["psnr"]["mean"]
+    assert psnr == psnr and psnr > 0  # a finite reconstruction from gradients taken through bf16 features
+
+
+def test_transfer_and_study_from_python(tiny, tmp_path, monkeypatch):
     from stochvit.suites import study, transfer
 
-    path = transfer.run(transfer.Settings(str(tiny["det"]), tmp_path / "tr", data="digits:classes=5-9",
-                                          transfer_mode="linear-probe", stochastic_target="add",
-                                          train=dict(epochs=1, train_limit=100, eval_samples=1)))
-    config = json.loads((path / "config.json").read_text())
+    t = transfer.run(transfer.Settings(str(tiny["det"]), tmp_path / "tr", data="digits:classes=5-9",
+                                       transfer_mode="linear-probe", stochastic_target="add",
+                                       train=dict(epochs=1, train_limit=100, eval_samples=1)))
+    config = json.loads((t.out / "config.json").read_text())
     assert config["model"]["kwargs"]["num_classes"] == 5 and config["stochastic"]["low"] == 0.5
+    assert t.summary == json.loads((t.out / "summary.json").read_text()) and (t.out / "transfer.md").exists()
     spec = tmp_path / "s.toml"
     spec.write_text('name = "s"\nseeds = [0]\n[train]\ndata = "digits"\ntrain_limit = 100\nepochs = 1\neval_samples = 1\n'
                     '[methods.deterministic]\nstochastic = false\n[methods.stochastic]\n[calibration]\nsamples = 2\n'
                     'shift_images = 40\n')
-    out = study.report(study.run(study.Settings(spec, n_boot=100), log=lambda *a: None))
-    assert (out / "study.md").exists()
+    result = study.run(study.Settings(spec, n_boot=100), log=lambda *a: None)
+    assert result.out == tmp_path / "s"
+    out = study.report(result)
+    assert out == result.out / "report" and (out / "study.md").exists()
+    files = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert {"study.json", "study.md", "settings.json", "comparisons-clean.png"} <= set(files)
+
+    def fail(path, rows, title):  # a failure mid-report: study.json is written, a plot is not
+        raise RuntimeError("plot failed")
+
+    monkeypatch.setattr(study, "_forest_plot", fail)
+    for target in (out, tmp_path / "fresh"):
+        with pytest.raises(RuntimeError, match="plot failed"):
+            study.report(result, target)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == files  # the previous report, untouched
+    assert not (tmp_path / "fresh").exists()
+    assert [p for d in (tmp_path, result.out) for p in d.iterdir() if "partial" in p.name] == []  # nor half-written siblings
+
+
+def test_a_failed_transfer_leaves_nothing_half_written(tiny, tmp_path, monkeypatch):
+    """Failing while preparing leaves no directory; failing at transfer.md leaves the run unfinished (no summary.json)
+    and resumable into a complete one."""
+    from stochvit.eval import transfer as engine
+    from stochvit.suites import transfer
+
+    settings = transfer.Settings(str(tiny["det"]), tmp_path / "tr", data="digits:classes=5-9", transfer_mode="linear-probe",
+                                 train=dict(epochs=1, train_limit=100, eval_samples=1))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(engine, "write_json", broken)  # the new run's config.json, after its initial weights
+    with pytest.raises(RuntimeError, match="disk full"):
+        transfer.run(settings)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    monkeypatch.setattr(engine, "report", broken)  # the transfer's report, at the end of training
+    with pytest.raises(RuntimeError, match="disk full"):
+        transfer.run(settings)
+    out = tmp_path / "tr"
+    assert (out / "checkpoint.pt").exists() and not (out / "summary.json").exists() and not (out / "transfer.md").exists()
+    monkeypatch.undo()
+    train(resume=out, quiet=True)
+    assert (out / "summary.json").exists() and "# Transfer run tr" in (out / "transfer.md").read_text()
 
 
 @pytest.mark.slow
@@ -198,9 +314,9 @@ def test_federated_from_python(tmp_path):
     pytest.importorskip("flwr")
     from stochvit.suites import federated
 
-    path = federated.run(federated.Settings(tmp_path / "fed", TrainConfig(train_limit=200, eval_samples=1), clients=2,
-                                            rounds=1))
-    assert (path / "summary.json").exists()
+    r = federated.run(federated.Settings(tmp_path / "fed", TrainConfig(train_limit=200, eval_samples=1), clients=2,
+                                         rounds=1))
+    assert r.out == tmp_path / "fed" and r.summary == json.loads((r.out / "summary.json").read_text())
 
 
 # -- the committed run directories still load and predict ----------------------------------------------------------

@@ -30,7 +30,7 @@ from stochvit.eval.calibration import (
 from stochvit.eval.corruptions import CORRUPTIONS, SEVERITIES, corrupt, corrupt_set
 from stochvit.eval.metrics import classification_metrics
 from stochvit.eval.stats import VERDICTS, Comparison
-from stochvit.suites.calibration import CI_METRICS, run_calibration
+from stochvit.suites.calibration import CI_METRICS, Settings, run
 from stochvit.train import TrainConfig, train
 
 
@@ -232,8 +232,8 @@ def tiny_runs(tmp_path_factory):
 
 
 def test_calibration_compares_every_method_with_the_first_with_intervals(tiny_runs, tmp_path):
-    out = run_calibration(tiny_runs, samples=2, shift=True, corruptions=("contrast", "gaussian_noise"), severities=(2, 5),
-                          shift_limit=120, out=tmp_path / "rep", quiet=True, n_boot=300)
+    out = run(Settings(tiny_runs, samples=2, shift=True, corruptions=("contrast", "gaussian_noise"), severities=(2, 5),
+                       shift_limit=120, out=tmp_path / "rep", quiet=True, n_boot=300)).out
     report = json.loads((out / "calibration.json").read_text())
     names = list(report["methods"])
     assert names == ["a/det", "a/det +TS", "b/det", "b/det +TS", "c/stoch", "c/stoch +TS"]

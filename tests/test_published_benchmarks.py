@@ -137,12 +137,12 @@ def test_calibration_shift_on_the_released_files(rgb_run, tmp_path, capsys):
     from stochvit.eval.cifar_c import open_benchmark
     from stochvit.predict import dataset_probs
     from stochvit.runs import load_run
-    from stochvit.suites.calibration import run_calibration
+    from stochvit.suites import calibration
 
     run = rgb_run
     release = make_release(tmp_path / "CIFAR-10-C")
-    out = run_calibration([run], samples=1, shift=f"cifar10c:{release}", corruptions=("fog", "snow"), severities=(1, 5),
-                          out=tmp_path / "rep", quiet=True, n_boot=100)
+    out = calibration.run(calibration.Settings([run], samples=1, shift=f"cifar10c:{release}", corruptions=("fog", "snow"),
+                                               severities=(1, 5), out=tmp_path / "rep", quiet=True, n_boot=100)).out
     report = json.loads((out / "calibration.json").read_text())
     src = report["shift_source"]
     assert src["kind"] == "cifar10c" and "official test set" in src["images"] and "compare directly" in src["corruptions"]

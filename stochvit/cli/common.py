@@ -143,9 +143,11 @@ def add_seed(g, what: str) -> None:
     g.add_argument("--seed", type=int, default=0, help=f"seeds {what}: the same command gives the same numbers")
 
 
-def add_precision(g, default: str = "auto") -> None:
+def add_precision(g, default: str = "auto", what: str = "") -> None:
+    """`what`: what the precision applies to, where that is not simply every forward pass of the model."""
     g.add_argument("--precision", default=default, choices=PRECISIONS,
-                   help="auto: bf16 autocast on CUDA, and on CPUs with native bf16 for models >= 128 wide; else fp32")
+                   help=(f"{what}. " if what else "") +
+                   "auto: bf16 autocast on CUDA, and on CPUs with native bf16 for models >= 128 wide; else fp32")
 
 
 def add_batch_size(g, default: int | None, what: str = "images per forward pass") -> None:

@@ -35,7 +35,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def command(a: argparse.Namespace) -> None:
     from ..suites.evaluate import Settings, format_table, run
 
-    result, out = run(Settings(a.run_dir, a.data, a.data_dir, a.samples, a.mode, a.split, a.seed, a.precision,
-                               a.batch_size, a.out, a.overwrite))
-    print(f"{result['run']} on {result['images']} (mode={a.mode})\n{format_table(result)}"
-          + (f"\nwrote {out}" if out else ""))
+    r = run(Settings(a.run_dir, a.data, a.data_dir, a.samples, a.mode, a.split, a.seed, a.precision, a.batch_size, a.out,
+                     a.overwrite))
+    print(f"{r.report['run']} on {r.report['images']} (mode={a.mode})\n{format_table(r.report)}"
+          + (f"\nwrote {r.out}" if r.out else ""))

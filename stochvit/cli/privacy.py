@@ -7,7 +7,19 @@ import argparse
 from ..defaults import AttackConfig
 from ..suites.settings import PRIVACY_ATTACKS, default
 from ..suites.settings import PrivacySettings as S
-from .common import add_command, add_data_args, add_out, add_overwrite, add_samples, add_seed, alias, float_list, name_list
+from .common import (
+    add_batch_size,
+    add_command,
+    add_data_args,
+    add_out,
+    add_overwrite,
+    add_precision,
+    add_samples,
+    add_seed,
+    alias,
+    float_list,
+    name_list,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -37,6 +49,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--tv-weight", type=float, default=c.tv_weight, help="total-variation prior weight")
     add_samples(g, default(S, "samples"), "single passes averaged for the accuracy of random models", old=("--passes",))
     add_seed(g, "the victims, the devices' draws and the attacks")
+    add_precision(g, default(S, "precision"), "autocast of the victim model's forward passes: the devices' features, "
+                  "the split accuracy and the white-box inversion's gradient passes (the attacker's decoder trains in "
+                  "fp32); the default fp32 is what earlier reports used")
+    add_batch_size(g, default(S, "batch_size"), "images per forward pass of the victim model")
     add_out(p, None, "report folder (None: FIRST_RUN_DIR/privacy)")
     add_overwrite(p)
     p.set_defaults(func=command)
@@ -46,11 +62,11 @@ def settings_from_args(a: argparse.Namespace) -> S:
     attack = AttackConfig(decoder_steps=a.decoder_steps, decoder_width=a.decoder_width, opt_steps=a.opt_steps,
                           tv_weight=a.tv_weight)
     return S(a.run_dirs, a.data, a.data_dir, a.split_blocks, a.attacks, a.noise_baseline, a.n_victims, a.aux_limit,
-             a.samples, attack, a.seed, a.out, a.overwrite)
+             a.samples, attack, a.seed, a.precision, a.batch_size, a.out, a.overwrite)
 
 
 def command(a: argparse.Namespace) -> None:
     from ..suites.privacy import markdown, run
 
-    result, out = run(settings_from_args(a))
-    print(markdown(result) + f"\nwrote {out}/privacy.json, privacy.md, reconstructions.png, privacy_utility.png")
+    r = run(settings_from_args(a))
+    print(markdown(r.report) + f"\nwrote {r.out}/privacy.json, privacy.md, reconstructions.png, privacy_utility.png")

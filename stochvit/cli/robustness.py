@@ -7,7 +7,18 @@ import argparse
 from ..defaults import NORMS
 from ..suites.settings import L2_EPS, LINF_EPS, ROBUSTNESS_ATTACKS, default
 from ..suites.settings import RobustnessSettings as S
-from .common import add_batch_size, add_command, add_data_args, add_out, add_overwrite, add_samples, add_seed, eps_list, name_list
+from .common import (
+    add_batch_size,
+    add_command,
+    add_data_args,
+    add_out,
+    add_overwrite,
+    add_precision,
+    add_samples,
+    add_seed,
+    eps_list,
+    name_list,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -35,6 +46,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "random subset)")
     add_samples(g, default(S, "passes"), "fresh stochastic passes of the final robust accuracy", old=("--passes",))
     add_batch_size(g, default(S, "batch_size"), "images attacked together")
+    add_precision(g, default(S, "precision"), "autocast of every forward pass of the model and the surrogate, the "
+                  "attacks' gradient passes included (the losses stay fp32); the default fp32 is what earlier reports used")
     add_seed(g, "the attacked examples, the attacks' random starts and the stochastic passes")
     g.add_argument("--n-boot", type=int, default=default(S, "n_boot"), help="bootstrap resamples of the 95%% intervals")
     g.add_argument("--no-sanity", action="store_true", help="skip the sanity report (saves the long-run and large-eps attacks)")
@@ -48,8 +61,8 @@ def command(a: argparse.Namespace) -> None:
 
     attacks = a.attacks or list(DEFAULT_ATTACKS) + (["transfer"] if a.surrogate else [])
     eps = a.eps or list(LINF_EPS if a.norm == "linf" else L2_EPS)
-    result, out = run(Settings(a.run_dir, a.data, a.data_dir, a.surrogate, a.norm, eps, attacks, a.eot, a.steps, a.restarts,
-                               a.square_queries, a.samples, a.n_examples, a.batch_size, a.seed, not a.no_sanity, a.n_boot,
-                               a.out, a.overwrite))
-    print(markdown(result))
-    print(f"wrote {out}/robustness.json, robustness.md, robust_accuracy.png, adversarial_examples.png")
+    r = run(Settings(a.run_dir, a.data, a.data_dir, a.surrogate, a.norm, eps, attacks, a.eot, a.steps, a.restarts,
+                     a.square_queries, a.samples, a.n_examples, a.batch_size, a.precision, a.seed, not a.no_sanity,
+                     a.n_boot, a.out, a.overwrite))
+    print(markdown(r.report))
+    print(f"wrote {r.out}/robustness.json, robustness.md, robust_accuracy.png, adversarial_examples.png")

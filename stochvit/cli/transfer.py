@@ -67,18 +67,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def command(a: argparse.Namespace) -> None:
-    from ..runs import read_json
     from ..suites.transfer import Settings, run
 
     train = {k: getattr(a, k) for k in TRAIN_FLAGS} | dict(eval_samples=a.samples)
     fresh = unused_dir(a.out)
     try:
-        path = run(Settings(a.source, a.out, a.weights, a.data, a.transfer_mode, a.stochastic_target, layer_from_args(a),
-                            a.backbone_lr_scale, train))
+        r = run(Settings(a.source, a.out, a.weights, a.data, a.transfer_mode, a.stochastic_target, layer_from_args(a),
+                         a.backbone_lr_scale, train))
     finally:
         if fresh:
             write_args_yaml(a.out, a)
-    s = read_json(path / "summary.json", "summary")
+    s, path = r.summary, r.out
     t = s["test"]
     print((path / "transfer.md").read_text())
     print(f"run: {path}\ntest accuracy {s['test_accuracy']:.4f} (single pass), {t['mc_average']['accuracy']:.4f} "

@@ -45,6 +45,7 @@ the decoder network and the optimisation loop; both attacks follow the feature-i
 from __future__ import annotations
 
 import copy
+import functools
 import secrets
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -58,6 +59,7 @@ from ..defaults import SPLIT_NAMES, AttackConfig
 from ..errors import UserError
 from ..layers import is_random, random_modules, sampling
 from ..models import Normalized
+from ..precision import autocast
 from .metrics import mc_metrics
 
 BLOCK_NAMES = SPLIT_NAMES
@@ -119,17 +121,19 @@ class Device:
 
     `noise_std` > 0 adds Gaussian noise of that (absolute) standard deviation to the transmitted
     features: the standard defence. `seed=None` seeds the private stream from OS entropy, as a real
-    device would; pass a seed for reproducible experiments.
+    device would; pass a seed for reproducible experiments. `precision` is the autocast of its forward
+    passes (`stochvit.precision`); the features are transmitted in fp32 either way.
     """
 
-    def __init__(self, model: Normalized, k: int, noise_std: float = 0.0, seed: int | None = None) -> None:
+    def __init__(self, model: Normalized, k: int, noise_std: float = 0.0, seed: int | None = None,
+                 precision: str = "fp32") -> None:
         n = depth(model)
         if not 0 <= k <= n:
             raise ValueError(f"k={k} must be in 0..{n}")
         if noise_std < 0:
             raise ValueError(f"noise_std={noise_std} must be >= 0")
         self._model = copy.deepcopy(model).eval().requires_grad_(False)  # own modules: nobody else can hook them
-        self.k, self.noise_std = k, float(noise_std)
+        self.k, self.noise_std, self.precision = k, float(noise_std), precision
         self._where = next(self._model.parameters()).device
         seed = secrets.randbits(63) if seed is None else seed
         self._cpu_rng = torch.Generator().manual_seed(seed).get_state()
@@ -156,7 +160,9 @@ class Device:
         out = []
         with self._private_rng():
             for chunk in images.split(batch_size):
-                t = block_features(self._model, chunk.to(self._where), self.k)
+                with autocast(self.precision, self._where, self._model):
+                    t = block_features(self._model, chunk.to(self._where), self.k)
+                t = t.float()
                 if self.noise_std > 0:
                     t = t + torch.randn_like(t) * self.noise_std
                 out.append(t.detach().to(images.device, copy=True))
@@ -178,22 +184,26 @@ class AttackerView:
     prefix: int
     aux: torch.Tensor
     query: Callable[[torch.Tensor], torch.Tensor]
+    precision: str = "fp32"  # autocast of the white-box forward passes (autograd runs through it)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The attacker's own forward pass (its own draws), with gradients, for white-box attacks."""
         if self.net is None:
             raise UserError("this attack needs the weights (a white-box attacker view)")
-        return block_features(self.net, x, self.k)
+        with autocast(self.precision, x.device, self.net):
+            return block_features(self.net, x, self.k).float()
 
 
 def attacker_view(model: Normalized, k: int, aux: torch.Tensor, noise_std: float = 0.0, white_box: bool = True,
-                  seed: int | None = None) -> AttackerView:
-    """The attacker's view of a deployment of `model` split after k blocks (noise defence `noise_std`)."""
-    deployed = Device(model, k, noise_std, seed)  # the software the attacker can query: never the victim's device
+                  seed: int | None = None, precision: str = "fp32", batch_size: int = 512) -> AttackerView:
+    """The attacker's view of a deployment of `model` split after k blocks (noise defence `noise_std`); `precision`
+    and `batch_size` are those of the model's forward passes."""
+    deployed = Device(model, k, noise_std, seed, precision)  # the software the attacker can query: never the victim's
     net = copy.deepcopy(model).eval().requires_grad_(False) if white_box else None
     patch = model.net.patch_embed.patch_size
     return AttackerView(net=net, k=k, patch=int(patch[0] if isinstance(patch, tuple) else patch),
-                        prefix=int(model.net.num_prefix_tokens), aux=aux.detach().clone(), query=deployed.transmit)
+                        prefix=int(model.net.num_prefix_tokens), aux=aux.detach().clone(),
+                        query=functools.partial(deployed.transmit, batch_size=batch_size), precision=precision)
 
 
 class InversionDecoder(nn.Module):
@@ -312,23 +322,27 @@ def reconstruction_metrics(recon: torch.Tensor, original: torch.Tensor) -> dict[
     return {k: dict(mean=v.mean().item(), std=v.std().item() if len(v) > 1 else 0.0) for k, v in per_image.items()}
 
 
-def feature_rms(model: Normalized, images: torch.Tensor, k: int) -> float:
+def feature_rms(model: Normalized, images: torch.Tensor, k: int, precision: str = "fp32", batch_size: int = 512) -> float:
     """Root-mean-square of the clean block-k features: the unit of the relative noise levels."""
-    feats = Device(model, k, seed=0).transmit(images)
+    feats = Device(model, k, seed=0, precision=precision).transmit(images, batch_size)
     return feats.pow(2).mean().sqrt().item()
 
 
 @torch.no_grad()
 def split_accuracy(model: Normalized, images: torch.Tensor, labels: torch.Tensor, k: int, noise_std: float = 0.0,
-                   passes: int = 5, seed: int | None = None, batch_size: int = 512) -> dict[str, float]:
+                   passes: int = 5, seed: int | None = None, batch_size: int = 512, precision: str = "fp32",
+                   ) -> dict[str, float]:
     """Single-pass accuracy (mean ± std over passes) of the deployed split model, noise defence included."""
-    device = Device(model, k, noise_std, seed)
+    device = Device(model, k, noise_std, seed, precision)
     server = model.eval()
     where = next(server.parameters()).device
+
+    def probs_of(x: torch.Tensor) -> torch.Tensor:
+        features = device.transmit(x, batch_size).to(where)
+        with autocast(precision, where, server):
+            return server_logits(server, features, k).float().softmax(-1).cpu()
+
     k_passes = passes if (noise_std > 0 or is_random(model)) else 1
-    probs = torch.stack([
-        torch.cat([server_logits(server, device.transmit(x).to(where), k).softmax(-1).cpu() for x in images.split(batch_size)])
-        for _ in range(k_passes)
-    ])
+    probs = torch.stack([torch.cat([probs_of(x) for x in images.split(batch_size)]) for _ in range(k_passes)])
     acc = mc_metrics(probs, labels.cpu())["single_pass"]["accuracy"]
     return dict(mean=acc["mean"], std=acc["std"], passes=k_passes)

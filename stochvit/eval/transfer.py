@@ -23,10 +23,7 @@ init.safetensors) and trained by `stochvit.train.train(resume=...)`, the ordinar
 from __future__ import annotations
 
 import hashlib
-import os
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +38,7 @@ from ..data import load_data
 from ..defaults import STOCHASTIC_TARGETS, TRANSFER_MODES
 from ..errors import UserError
 from ..models import stochastic_config
-from ..runs import build_model, load_run, read_json, read_weights, run_config, write_json  # noqa: F401 (read_weights: public here too)
+from ..runs import atomic_dir, build_model, load_run, read_json, read_weights, run_config, write_json  # noqa: F401 (read_weights: public here too)
 from ..train import TrainConfig, train
 
 MODES, STOCHASTIC_MODES = TRANSFER_MODES, STOCHASTIC_TARGETS
@@ -231,23 +228,16 @@ def prepare(source: str, out: str | Path, data: str = "digits", weights: str | N
                               adaptations=notes)
     from safetensors.torch import save_file
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:  # `out` is new or empty (checked above)
         save_file(state, str(tmp / INIT_FILE))
         write_json(tmp / "config.json", config)
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
-def report(path: Path) -> str:
-    """Markdown summary of a finished transfer run."""
+def report(path: Path, summary: dict | None = None) -> str:
+    """Markdown summary of a transfer run from its config and `summary` (default: its summary.json)."""
     config = read_json(path / "config.json", "not a run directory")
-    s = read_json(path / "summary.json", "run summary")
+    s = summary if summary is not None else read_json(path / "summary.json", "run summary")
     t, info = s["test"], config["transfer"]
     src = info["source"]
     weights = f", weights {src['weights']}" if "weights" in src else ""
@@ -266,8 +256,8 @@ def report(path: Path) -> str:
 
 
 def transfer(source: str, out: str | Path, quiet: bool = False, **kwargs: Any) -> Path:
-    """Prepare the run directory and train it with the ordinary trainer, which writes transfer.md into it at the end
-    (also when an interrupted transfer is finished with `stochvit train --resume`)."""
+    """Prepare the run directory and train it with the ordinary trainer, whose last step (`runs.finalize_run`) writes
+    transfer.md just before summary.json (also when an interrupted transfer is finished with `stochvit train --resume`)."""
     path = prepare(source, out, **kwargs)
     train(resume=path, quiet=quiet)
     return path

@@ -36,8 +36,8 @@ from ..eval.calibration import (
     fit_temperature,
     reliability,
 )
-from ..eval.cifar_c import open_benchmark
-from ..eval.corruptions import CORRUPTIONS, ORIGINAL_CORRUPTIONS, SEVERITIES, check, corrupt_set
+from ..eval.cifar_c import CorruptionBenchmark, open_benchmark
+from ..eval.corruptions import CORRUPTIONS, ORIGINAL_CORRUPTIONS, check, corrupt_set
 from ..eval.metrics import mc_metrics
 from ..eval.stats import Comparison, Scores, compare, comparison_table, interval
 from ..layers import MCDropout, is_random, random_modules
@@ -54,6 +54,7 @@ from ..runs import (
     write_json,
 )
 from .settings import CalibrationSettings as Settings
+from .settings import Result
 
 CI_METRICS = ("accuracy", "nll", "brier", "ece")  # of the K-sample average: intervals and paired comparisons
 SHORT = dict(accuracy="acc", nll="NLL", brier="Brier", ece="ECE", adaptive_ece="aECE", mce="MCE", classwise_ece="cwECE",
@@ -161,79 +162,97 @@ def _regime(run: Run) -> dict:
     return dict(epochs=len(rows), train_loss=last.get("train_loss"), val_nll=last.get("val_nll"), val_ece=last.get("val_ece"))
 
 
-def run_calibration(run_dirs: list[str | Path], ensembles: list[list[str | Path]] | None = None, data: str | None = None,
-                    data_dir: str | None = None, samples: int = 10, shift: bool | str = False,
-                    corruptions: tuple[str, ...] | None = None, severities: tuple[int, ...] = SEVERITIES,
-                    shift_limit: int | None = None, out: str | Path | None = None, precision: str = "auto",
-                    quiet: bool = False, n_boot: int = 1000, seed: int = 0, batch_size: int = 256,
-                    overwrite: bool = False) -> Path:
-    """Evaluate runs (and ensembles of runs) with and without temperature scaling; write the report into `out`.
+@dataclass
+class CalibrationResult(Result):
+    """`out`: the report folder; `report`: what its calibration.json holds (undefined values as None)."""
 
-    `shift`: True for the built-in corruptions (`corruptions` defaults to the original 8; ("all",) for every kind),
-    or "cifar10c:PATH" / "cifar100c:PATH" for the released files (default: their 15 standard kinds).
-    """
-    if samples < 1:
-        raise UserError(f"samples={samples} must be >= 1")
-    if n_boot < 100:
-        raise UserError(f"n_boot={n_boot}: use at least 100 resamples")
-    if shift_limit is not None and shift_limit < 10:
-        raise UserError(f"shift_limit={shift_limit} must be at least 10 images")
-    ensembles = [list(e) for e in ensembles or []]
-    for e in ensembles:
-        if len(e) < 2:
-            raise UserError("an ensemble needs at least two run directories")
-    bench = open_benchmark(shift) if isinstance(shift, str) else None
+    report: dict
+
+
+@dataclass
+class ShiftPlan:
+    """The shifted test images: the (corruption, severity) cells, the images they corrupt and severity 0's clean ones."""
+
+    test: ImageSet  # the run's clean test split
+    bench: CorruptionBenchmark | None  # the released files, or None for stochvit's corruptions of `test`
+    corruptions: tuple[str, ...]
+    severities: tuple[int, ...]
+    conditions: list[tuple[str, int]]  # empty: no shift
+    idx: torch.Tensor | None  # the subset of the corrupted pool (None: all of it)
+    labels: torch.Tensor
+    clean_idx: torch.Tensor | None  # severity 0: the shift images' own clean copies, or (benchmark) the whole test split
+    clean_labels: torch.Tensor
+
+    def dataset(self, cond: tuple[str, int]) -> ImageSet:
+        if self.bench is not None:
+            return self.bench.cell(*cond, None if self.idx is None else self.idx.numpy())
+        return corrupt_set(self.test if self.idx is None else self.test.subset(self.idx), *cond)
+
+
+def validate(s: Settings) -> tuple[CorruptionBenchmark | None, tuple[str, ...]]:
+    """Refuse settings the suite cannot run with; returns the released benchmark (or None) and the corruptions."""
+    if s.samples < 1:
+        raise UserError(f"samples={s.samples} must be >= 1")
+    if s.n_boot < 100:
+        raise UserError(f"n_boot={s.n_boot}: use at least 100 resamples")
+    if s.shift_limit is not None and s.shift_limit < 10:
+        raise UserError(f"shift_limit={s.shift_limit} must be at least 10 images")
+    if any(len(e) < 2 for e in s.ensembles or []):
+        raise UserError("an ensemble needs at least two run directories")
+    severities = tuple(s.severities)
+    bench = open_benchmark(s.shift) if isinstance(s.shift, str) else None
     if bench is not None:
-        corruptions = bench.resolve(corruptions)
+        corruptions = bench.resolve(None if s.corruptions is None else tuple(s.corruptions))
     else:
-        corruptions = ORIGINAL_CORRUPTIONS if corruptions is None else tuple(corruptions)
+        corruptions = ORIGINAL_CORRUPTIONS if s.corruptions is None else tuple(s.corruptions)
         corruptions = CORRUPTIONS if corruptions == ("all",) else corruptions
         for c in corruptions:
-            for s in severities:
-                check(c, s)
-    if shift and not (corruptions and severities):
+            for sev in severities:
+                check(c, sev)
+    if s.shift and not (corruptions and severities):
         raise UserError("shift needs at least one corruption and one severity")
+    return bench, corruptions
+
+
+def load_groups(s: Settings) -> tuple[list[Run], list[list[Run]], list[str]]:
+    """Every run once; the methods' groups of runs (single runs, then ensembles) and their names."""
+    ensembles = [list(e) for e in s.ensembles or []]
     loaded: dict[Path, Run] = {}
-    for p in list(run_dirs) + [p for e in ensembles for p in e]:
+    for p in list(s.run_dirs) + [p for e in ensembles for p in e]:
         key = Path(p).resolve()
         if key not in loaded:
             loaded[key] = load_run(p)
-    runs = [loaded[Path(p).resolve()] for p in run_dirs]
+    runs = [loaded[Path(p).resolve()] for p in s.run_dirs]
     groups = [[r] for r in runs] + [[loaded[Path(p).resolve()] for p in e] for e in ensembles]
     names = _unique_names(runs) + [f"ensemble-{len(e)}" + (f"#{i + 1}" if len(ensembles) > 1 else "")
                                    for i, e in enumerate(ensembles)]
-    bundle = shared_data(list(loaded.values()), data, data_dir)
-    test = bundle.test
+    return list(loaded.values()), groups, names
+
+
+def shift_plan(s: Settings, bench: CorruptionBenchmark | None, corruptions: tuple[str, ...], bundle: DataBundle) -> ShiftPlan:
+    test, severities = bundle.test, tuple(s.severities)
     if bench is not None:
         bench.check(corruptions, severities, bundle.img_size, bundle.in_chans, bundle.num_classes)
     pool = bench.labels if bench is not None else test.labels  # the images that get corrupted
-    shift_idx = None
-    if shift and shift_limit is not None and shift_limit < len(pool):
+    idx = None
+    if s.shift and s.shift_limit is not None and s.shift_limit < len(pool):
         from sklearn.model_selection import train_test_split
 
-        keep = train_test_split(range(len(pool)), train_size=shift_limit, stratify=pool.numpy(), random_state=0)[0]
-        shift_idx = torch.as_tensor(sorted(keep))
-    shift_labels = pool if shift_idx is None else pool[shift_idx]
+        keep = train_test_split(range(len(pool)), train_size=s.shift_limit, stratify=pool.numpy(), random_state=0)[0]
+        idx = torch.as_tensor(sorted(keep))
     # severity 0: the shift images' own clean copies; a benchmark ships none, so the run's whole clean test split
-    clean_idx = None if bench is not None else shift_idx
-    clean_labels = test.labels if clean_idx is None else test.labels[clean_idx]
-    conditions = [(c, s) for c in corruptions for s in severities] if shift else []
+    clean_idx = None if bench is not None else idx
+    return ShiftPlan(test, bench, corruptions, severities,
+                     [(c, sev) for c in corruptions for sev in severities] if s.shift else [],
+                     idx, pool if idx is None else pool[idx], clean_idx,
+                     test.labels if clean_idx is None else test.labels[clean_idx])
 
-    def shifted(cond: tuple[str, int]) -> ImageSet:
-        if bench is not None:
-            return bench.cell(*cond, None if shift_idx is None else shift_idx.numpy())
-        return corrupt_set(test if shift_idx is None else test.subset(shift_idx), *cond)
 
-    out = Path(out) if out else runs[0].path / "calibration"
-    settings = dict(runs=[str(r.path) for r in runs],
-                    ensembles=[[str(loaded[Path(p).resolve()].path) for p in e] for e in ensembles],
-                    data=bundle.name, samples=samples, shift=shift, corruptions=list(corruptions), severities=list(severities),
-                    shift_limit=shift_limit, precision=precision, n_boot=n_boot, seed=seed, batch_size=batch_size)
-    check_output_dir(out, settings, "calibration.json", overwrite)
-
-    # predictions: each run (and ensemble) once per split and corruption; temperature scaling reuses them
+def predict_methods(s: Settings, groups: list[list[Run]], names: list[str], bundle: DataBundle,
+                    shift: ShiftPlan) -> list[Method]:
+    """Each run's predictions once per split and corruption, combined into methods (ensembles average their runs)."""
     methods: list[Method] = []
-    bar = tqdm(total=len(groups) * (2 + len(conditions)), desc="predict", unit="set", disable=quiet, mininterval=1)
+    bar = tqdm(total=len(groups) * (2 + len(shift.conditions)), desc="predict", unit="set", disable=s.quiet, mininterval=1)
     cache: dict[tuple[Path, str], torch.Tensor] = {}
 
     def probs(group: list[Run], tag: str, dataset: ImageSet) -> torch.Tensor:
@@ -241,59 +260,95 @@ def run_calibration(run_dirs: list[str | Path], ensembles: list[list[str | Path]
         for r in group:
             key = (r.path.resolve(), tag)
             if key not in cache:
-                with seeded(seed + len(cache)):  # each prediction set its own seeded draws, in a fixed order
-                    cache[key] = run_probs([r], dataset, samples, precision, batch_size)
+                with seeded(s.seed + len(cache)):  # each prediction set its own seeded draws, in a fixed order
+                    cache[key] = run_probs([r], dataset, s.samples, s.precision, s.batch_size)
             parts.append(cache[key])
         k = max(len(p) for p in parts)
         bar.update(1)
         return torch.stack([p.expand(k, -1, -1) for p in parts]).mean(0)
 
     for name, group in zip(names, groups):
-        methods.append(Method(name, group, probs(group, "val", bundle.val), probs(group, "test", test)))
-    for cond in conditions:  # one corrupted set in memory at a time
-        dataset = shifted(cond)
+        methods.append(Method(name, group, probs(group, "val", bundle.val), probs(group, "test", bundle.test)))
+    for cond in shift.conditions:  # one corrupted set in memory at a time
+        dataset = shift.dataset(cond)
         for m in methods:
             m.shift[cond] = probs(m.runs, f"{cond[0]}-{cond[1]}", dataset)
     bar.close()
-    for m in list(methods):
-        t_single = fit_temperature(m.val, bundle.val.labels, average=False)
-        t_avg = fit_temperature(m.val, bundle.val.labels, average=True) if m.samples > 1 else t_single
-        methods.append(Method(f"{m.name} +TS", m.runs, m.val, m.test, m.shift, dict(single_pass=t_single, mc_average=t_avg)))
-    order = {m.name: i for i, m in enumerate(methods)}
-    methods.sort(key=lambda m: order[m.name.removesuffix(" +TS")] + (0.5 if m.temperature else 0))
+    return methods
 
-    results = {}
-    for m in tqdm(methods, desc="metrics", unit="method", disable=quiet):
-        entry = dict(runs=[str(r.path) for r in m.runs], kind=m.kind, samples=m.samples, temperature=m.temperature,
-                     regime={r.name: _regime(r) for r in m.runs},
-                     val_nll=m.metrics(m.val, bundle.val.labels)["mc_average"]["nll"], test=m.metrics(m.test, test.labels))
-        if conditions:
-            per = {c: {s: m.metrics(m.shift[(c, s)], shift_labels) for s in severities} for c in corruptions}
-            entry["shift"] = per
-            clean = m.metrics(m.test if clean_idx is None else m.test[:, clean_idx], clean_labels)
-            entry["shift_mean"] = {0: _summary(clean)} | {
-                s: {part: {k: _nanmean([_summary(per[c][s])[part][k] for c in corruptions]) for k in METRICS}
-                    for part in ("single_pass", "mc_average")} for s in severities}
-        results[m.name] = entry
-    cells = {m.name: _cells(m, test.labels, shift_labels, clean_idx, clean_labels, conditions) for m in methods}
+
+def with_temperature_scaling(methods: list[Method], val_labels: torch.Tensor) -> list[Method]:
+    """Each method followed by its "+TS" twin, temperatures fitted on validation NLL (the predictions are reused)."""
+    scaled = []
+    for m in methods:
+        t_single = fit_temperature(m.val, val_labels, average=False)
+        t_avg = fit_temperature(m.val, val_labels, average=True) if m.samples > 1 else t_single
+        scaled.append(Method(f"{m.name} +TS", m.runs, m.val, m.test, m.shift, dict(single_pass=t_single, mc_average=t_avg)))
+    order = {m.name: i for i, m in enumerate(methods + scaled)}
+    return sorted(methods + scaled, key=lambda m: order[m.name.removesuffix(" +TS")] + (0.5 if m.temperature else 0))
+
+
+def method_entry(m: Method, bundle: DataBundle, shift: ShiftPlan) -> dict:
+    """One method's part of calibration.json: metrics on val, test and (under shift) every cell and severity."""
+    entry = dict(runs=[str(r.path) for r in m.runs], kind=m.kind, samples=m.samples, temperature=m.temperature,
+                 regime={r.name: _regime(r) for r in m.runs},
+                 val_nll=m.metrics(m.val, bundle.val.labels)["mc_average"]["nll"], test=m.metrics(m.test, bundle.test.labels))
+    if shift.conditions:
+        per = {c: {sev: m.metrics(m.shift[(c, sev)], shift.labels) for sev in shift.severities} for c in shift.corruptions}
+        entry["shift"] = per
+        clean = m.metrics(m.test if shift.clean_idx is None else m.test[:, shift.clean_idx], shift.clean_labels)
+        entry["shift_mean"] = {0: _summary(clean)} | {
+            sev: {part: {k: _nanmean([_summary(per[c][sev])[part][k] for c in shift.corruptions]) for k in METRICS}
+                  for part in ("single_pass", "mc_average")} for sev in shift.severities}
+    return entry
+
+
+def build_report(s: Settings, methods: list[Method], bundle: DataBundle, shift: ShiftPlan) -> dict:
+    """calibration.json: every method's metrics and 95% intervals, and the paired comparisons with the first."""
+    results = {m.name: method_entry(m, bundle, shift) for m in tqdm(methods, desc="metrics", unit="method", disable=s.quiet)}
+    conditions = shift.conditions
+    cells = {m.name: _cells(m, bundle.test.labels, shift.labels, shift.clean_idx, shift.clean_labels, conditions)
+             for m in methods}
     for name, c in cells.items():
-        results[name]["intervals"] = method_intervals(c, corruptions if conditions else (), severities, n_boot)
+        results[name]["intervals"] = method_intervals(c, shift.corruptions if conditions else (), shift.severities, s.n_boot)
         if conditions:  # the value the shift intervals and comparisons are about: the mean over every cell
             results[name]["shift_overall"] = {k: cell_scores(k, *_shift(c)).value() for k in CI_METRICS}
-    report = dict(data=bundle.name, split="test", images=len(test), test_source=bundle.test_source(),
-                  shift_source=_shift_source(bench, bundle, len(shift_labels)) if conditions else None,
-                  shift_images=len(shift_labels) if conditions else 0,
-                  samples=samples, ece_bins=15, corruptions=list(corruptions) if conditions else [],
-                  severities=list(severities) if conditions else [], methods=results,
-                  baseline=methods[0].name, n_boot=n_boot,
-                  comparisons={cond: [c.as_dict() for c in rows] for cond, rows in compare_methods(cells, n_boot).items()},
-                  command=" ".join(["stochvit", *sys.argv[1:]]))
-    with atomic_output_dir(out, settings, "calibration.json", overwrite) as tmp:
-        _write_outputs(tmp, report, methods, test.labels)
-    if not quiet:
+    return dict(data=bundle.name, split="test", images=len(bundle.test), test_source=bundle.test_source(),
+                shift_source=_shift_source(shift.bench, bundle, len(shift.labels)) if conditions else None,
+                shift_images=len(shift.labels) if conditions else 0,
+                samples=s.samples, ece_bins=15, corruptions=list(shift.corruptions) if conditions else [],
+                severities=list(shift.severities) if conditions else [], methods=results,
+                baseline=methods[0].name, n_boot=s.n_boot,
+                comparisons={cond: [c.as_dict() for c in rows] for cond, rows in compare_methods(cells, s.n_boot).items()},
+                command=" ".join(["stochvit", *sys.argv[1:]]))
+
+
+def run(s: Settings) -> CalibrationResult:
+    """Evaluate runs (and ensembles of runs) with and without temperature scaling; write the report into `s.out`
+    (default FIRST_RUN_DIR/calibration) all at once (what `stochvit calibration` does).
+
+    `s.shift`: True for the built-in corruptions (`corruptions` defaults to the original 8; ("all",) for every kind),
+    or "cifar10c:PATH" / "cifar100c:PATH" for the released files (default: their 15 standard kinds).
+    """
+    bench, corruptions = validate(s)
+    every_run, groups, names = load_groups(s)
+    bundle = shared_data(every_run, s.data, s.data_dir)
+    shift = shift_plan(s, bench, corruptions, bundle)
+    runs = [g[0] for g in groups[:len(s.run_dirs)]]
+    out = Path(s.out) if s.out else runs[0].path / "calibration"
+    settings = dict(runs=[str(r.path) for r in runs], ensembles=[[str(r.path) for r in g] for g in groups[len(runs):]],
+                    data=bundle.name, samples=s.samples, shift=s.shift, corruptions=list(corruptions),
+                    severities=list(shift.severities), shift_limit=s.shift_limit, precision=s.precision, n_boot=s.n_boot,
+                    seed=s.seed, batch_size=s.batch_size)
+    check_output_dir(out, settings, "calibration.json", s.overwrite)
+    methods = with_temperature_scaling(predict_methods(s, groups, names, bundle, shift), bundle.val.labels)
+    report = build_report(s, methods, bundle, shift)
+    with atomic_output_dir(out, settings, "calibration.json", s.overwrite) as tmp:
+        _write_outputs(tmp, report, methods, bundle.test.labels)
+    if not s.quiet:
         print(format_console(report))
         print(f"wrote {out}/calibration.json, calibration.md and plots")
-    return out
+    return CalibrationResult(out, json.loads(json.dumps(_clean(report), default=float)))  # as calibration.json holds it
 
 
 def _shift_source(bench, bundle: DataBundle, images: int) -> dict:
@@ -683,10 +738,3 @@ def format_console(report: dict) -> str:
             picks.append(f"best {SHORT[k]}: {best[k](rows)[1]}")
     lines.append("; ".join(picks))
     return "\n".join(lines)
-
-
-def run(s: Settings) -> Path:
-    """The suite from its settings (what `stochvit calibration` does); returns the report folder."""
-    return run_calibration(s.run_dirs, s.ensembles, s.data, s.data_dir, s.samples, s.shift,
-                           None if s.corruptions is None else tuple(s.corruptions), tuple(s.severities), s.shift_limit,
-                           s.out, s.precision, s.quiet, s.n_boot, s.seed, s.batch_size, s.overwrite)

@@ -8,11 +8,12 @@ corrupted test copies, and prints the side-by-side table and a one-paragraph rea
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
-from ..runs import read_json
 from .settings import DemoSettings as Settings
+from .settings import Result
 
 MODELS = (("deterministic", None), ("stochastic", True))
 
@@ -54,17 +55,26 @@ def reading(report: dict) -> str:
     return "\n".join(lines)
 
 
-def run(s: Settings) -> Path:
-    """Train (or reuse) both runs under `s.out`, then write and print the calibration report; returns its folder."""
-    from .calibration import run_calibration
+@dataclass
+class DemoResult(Result):
+    """`out`: the calibration report folder; `runs`: the two run directories; `report`: its calibration.json."""
+
+    runs: list[Path]
+    report: dict
+
+
+def run(s: Settings) -> DemoResult:
+    """Train (or reuse) both runs under `s.out`, then write and print the calibration report (in OUT/calibration)."""
+    from . import calibration
 
     if s.samples < 1:
         raise UserError(f"samples={s.samples} must be >= 1")
     out = Path(s.out)
     paths = [_train_or_reuse(out / name, stochastic, s.seed) for name, stochastic in MODELS]
     print("\nevaluating calibration" + (" (clean and corrupted test copies)" if s.shift else ""))
-    report_dir = run_calibration(paths, samples=s.samples, shift=s.shift, out=out / "calibration", precision=s.precision,
-                                 seed=s.seed, batch_size=s.batch_size, overwrite=s.overwrite)
-    print("\n" + reading(read_json(report_dir / "calibration.json", "calibration report")))
-    print(f"\nplots and tables: {report_dir}/ (reliability.png, shift.png, confidence_hist.png, calibration.md)")
-    return report_dir
+    cal = calibration.run(calibration.Settings(paths, samples=s.samples, shift=s.shift, out=out / "calibration",
+                                               precision=s.precision, seed=s.seed, batch_size=s.batch_size,
+                                               overwrite=s.overwrite))
+    print("\n" + reading(cal.report))
+    print(f"\nplots and tables: {cal.out}/ (reliability.png, shift.png, confidence_hist.png, calibration.md)")
+    return DemoResult(cal.out, paths, cal.report)

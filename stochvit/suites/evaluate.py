@@ -1,6 +1,6 @@
 """`stochvit evaluate`: accuracy, NLL, Brier and ECE of a run, single-pass (mean ± std) and K-sample.
 
-`run(Settings(run_dir))` writes RUN_DIR/eval-...json (named by the settings) and returns the result and its path.
+`run(Settings(run_dir))` writes RUN_DIR/eval-...json (named by the settings) and returns an `EvaluateResult`.
 On the run's own data by default; `data` evaluates on any other labelled data with the run's class names (a folder
 of class folders, or the official CIFAR-10 test set through torchvision's files), and `split="all"` on every image
 of it, which is what an external test set is for.
@@ -9,6 +9,7 @@ of it, which is what an external test set is for.
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,7 +21,7 @@ from ..layers import is_random, sampling
 from ..predict import dataset_probs, seeded
 from ..runs import Run, check_compatible, check_overwrite, data_for, load_run, write_json
 from .settings import EvaluateSettings as Settings
-from .settings import record
+from .settings import Result, record
 
 SPLITS = ("test", "val", "all")
 
@@ -93,9 +94,15 @@ def output_path(s: Settings, run: Run) -> Path:
     return run.path / f"eval-{tag}-{s.split}-{s.mode}-k{k}-seed{s.seed}.json"
 
 
-def run(s: Settings) -> tuple[dict, Path | None]:
-    """Evaluate `s.run_dir` (seeded: the same settings give the same numbers) and write the result as JSON
-    (the path; None, with a warning, when it cannot be written)."""
+@dataclass
+class EvaluateResult(Result):
+    """`out`: the JSON file written (None, with a warning, when it could not be); `report`: what it holds."""
+
+    report: dict
+
+
+def run(s: Settings) -> EvaluateResult:
+    """Evaluate `s.run_dir` (seeded: the same settings give the same numbers) and write the result as JSON."""
     if s.samples < 1:
         raise UserError(f"samples={s.samples} must be >= 1")
     if s.split not in SPLITS:
@@ -111,5 +118,5 @@ def run(s: Settings) -> tuple[dict, Path | None]:
         write_json(out, result)
     except UserError as e:
         print(f"stochvit: warning: {e}; the result was not saved", file=sys.stderr, flush=True)
-        return result, None
-    return result, out
+        return EvaluateResult(None, result)
+    return EvaluateResult(out, result)

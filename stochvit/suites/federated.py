@@ -12,11 +12,19 @@ import json
 import shutil
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..errors import UserError
 from .settings import FederatedSettings as Settings
+from .settings import Result
+
+
+@dataclass
+class FederatedResult(Result):
+    """`out`: the finished run directory; `summary`: its summary.json."""
+
+    summary: dict
 
 
 def federated_run_config(s: Settings) -> dict:
@@ -42,8 +50,8 @@ def federated_run_config(s: Settings) -> dict:
     return rc
 
 
-def run(s: Settings) -> Path:
-    """Simulate the federation (what `stochvit federated` does); returns the finished run directory.
+def run(s: Settings) -> FederatedResult:
+    """Simulate the federation (what `stochvit federated` does) into the run directory `s.out`.
 
     The run directory is locked (`stochvit.runs.run_lock`) throughout. A run that fails or is interrupted leaves
     only `logs/` in it (a federated run cannot be resumed), and its reason in one line: the ServerApp's last
@@ -69,7 +77,7 @@ def run(s: Settings) -> Path:
             raise
 
 
-def _run(s: Settings, rc: dict, out: Path) -> Path:
+def _run(s: Settings, rc: dict, out: Path) -> FederatedResult:
     import tomli_w
     from tqdm import tqdm
 
@@ -115,4 +123,4 @@ def _run(s: Settings, rc: dict, out: Path) -> Path:
     print(f"run: {out}\ntest accuracy {summary['test_accuracy']:.4f} (single pass), {t['mc_average']['accuracy']:.4f} "
           f"(K={t['samples']} average); ECE {t['single_pass']['ece']['mean']:.4f}; {s.rounds} rounds in "
           f"{time.perf_counter() - t0:.0f} s" + (f"; rounds with fewer clients: {fewer}" if fewer else ""))
-    return out
+    return FederatedResult(out, summary)

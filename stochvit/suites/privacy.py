@@ -25,7 +25,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from ..defaults import PRECISIONS
 from ..errors import UserError
 from ..eval.privacy import (
     AttackConfig,
@@ -61,7 +62,7 @@ from ..runs import (
     read_json,
     write_json,
 )
-from .settings import PRIVACY_ATTACKS
+from .settings import PRIVACY_ATTACKS, Result
 from .settings import PrivacySettings as Settings
 
 ATTACKS = PRIVACY_ATTACKS
@@ -124,15 +125,8 @@ def _run_kind(run: Run) -> str:
     return "stochastic" if is_random(run.model) else "deterministic"
 
 
-def evaluate_privacy(runs: list[Run], aux: torch.Tensor, victims: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
-                     blocks: str, attacks: list[str], sigmas: list[float], cfg: AttackConfig, passes: int = 5,
-                     seed: int = 0, partial: _Partial | None = None) -> tuple[list[dict], dict[str, torch.Tensor]]:
-    """One entry per (run, k, defence): accuracy and attack metrics. Also returns the shown reconstructions by label.
-
-    Configurations found in `partial` are reused; each newly finished one is added to it."""
-    where = default_device()
-    victims_dev = victims.to(where)
-    entries, shown = [], {}
+def _plan(runs: list[Run], blocks: str, sigmas: list[float], where: torch.device) -> list[tuple]:
+    """(run index, run, model on `where`, split point k, relative noise level) of every configuration, in order."""
     plan = []
     for i, run in enumerate(runs):
         model = run.model.to(where).eval()
@@ -140,8 +134,44 @@ def evaluate_privacy(runs: list[Run], aux: torch.Tensor, victims: torch.Tensor, 
         for k in parse_blocks(blocks, depth(model)):
             for sigma in [0.0] + (sigmas if deterministic else []):
                 plan.append((i, run, model, k, sigma))
+    return plan
+
+
+def _invert(attack: str, view, observed: torch.Tensor, victims: torch.Tensor, cfg: AttackConfig,
+            seed: int) -> tuple[dict, torch.Tensor]:
+    """One attack on the observed features: its metrics (with intervals and seconds) and the reconstructions."""
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    if attack == "decoder":
+        recon = decoder_inversion(view, observed, cfg)
+        result = _with_intervals(reconstruction_metrics(recon.cpu(), victims), recon.cpu(), victims)
+    else:
+        per_mode, recons = {}, {}
+        for mode in attacker_modes(view):
+            torch.manual_seed(seed)
+            recons[mode] = optimization_inversion(view, observed, mode, cfg).cpu()
+            per_mode[mode] = reconstruction_metrics(recons[mode], victims)
+        best = max(per_mode, key=lambda m: per_mode[m]["psnr"]["mean"])
+        recon = recons[best]
+        result = _with_intervals(dict(per_mode[best], mode=best, per_mode=per_mode), recon, victims)
+    result["seconds"] = time.perf_counter() - t0
+    return result, recon
+
+
+def evaluate_privacy(runs: list[Run], aux: torch.Tensor, victims: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+                     blocks: str, attacks: list[str], sigmas: list[float], cfg: AttackConfig, passes: int = 5,
+                     seed: int = 0, partial: _Partial | None = None, precision: str = "fp32",
+                     batch_size: int = 512) -> tuple[list[dict], dict[str, torch.Tensor]]:
+    """One entry per (run, k, defence): accuracy and attack metrics. Also returns the shown reconstructions by label.
+
+    `precision` and `batch_size` are those of the victim model's forward passes (the devices' features, the split
+    accuracy, the white-box inversion); the attacker's decoder trains in fp32. Configurations found in `partial` are
+    reused; each newly finished one is added to it."""
+    where = default_device()
+    victims_dev = victims.to(where)
+    entries, shown = [], {}
     clean_accuracy: dict[int, dict] = {}
-    for i, run, model, k, sigma in tqdm(plan, desc="privacy", unit="config"):
+    for i, run, model, k, sigma in tqdm(_plan(runs, blocks, sigmas, where), desc="privacy", unit="config"):
         key = _Partial.key(run, k, sigma)
         if partial is not None and (hit := partial.get(key)) is not None:
             entries.append(hit[0])
@@ -149,35 +179,22 @@ def evaluate_privacy(runs: list[Run], aux: torch.Tensor, victims: torch.Tensor, 
             if sigma == 0:
                 clean_accuracy[i] = hit[0]["accuracy"]
             continue
-        noise_std = sigma * feature_rms(model, aux[:1024].to(where), k) if sigma else 0.0
+        noise_std = sigma * feature_rms(model, aux[:1024].to(where), k, precision, batch_size) if sigma else 0.0
         if sigma == 0 and i in clean_accuracy:  # without noise the split does not change the model's predictions
             accuracy = clean_accuracy[i]
         else:
-            accuracy = split_accuracy(model, test_x.to(where), test_y, k, noise_std, passes, seed=seed + 17)
+            accuracy = split_accuracy(model, test_x.to(where), test_y, k, noise_std, passes, seed=seed + 17,
+                                      batch_size=batch_size, precision=precision)
             if sigma == 0:
                 clean_accuracy[i] = accuracy
-        observed = Device(model, k, noise_std, seed=seed + 1).transmit(victims_dev)  # the victim's device
-        view = attacker_view(model, k, aux.to(where), noise_std, white_box=True, seed=seed + 2)  # the attacker's share
+        observed = Device(model, k, noise_std, seed + 1, precision).transmit(victims_dev, batch_size)  # the victim's
+        view = attacker_view(model, k, aux.to(where), noise_std, white_box=True, seed=seed + 2, precision=precision,
+                             batch_size=batch_size)  # the attacker's share
         entry = dict(run=str(run.path), name=run.name, kind=_run_kind(run), block=k, defence="noise" if sigma else "none",
                      sigma=sigma, noise_std=noise_std, accuracy=accuracy, attacks={})
         label = f"{run.name} k={k}" + (f" noise {sigma:g}" if sigma else "")
         for attack in attacks:
-            torch.manual_seed(seed)
-            t0 = time.perf_counter()
-            if attack == "decoder":
-                recon = decoder_inversion(view, observed, cfg)
-                result = _with_intervals(reconstruction_metrics(recon.cpu(), victims), recon.cpu(), victims)
-            else:
-                per_mode, recons = {}, {}
-                for mode in attacker_modes(view):
-                    torch.manual_seed(seed)
-                    recons[mode] = optimization_inversion(view, observed, mode, cfg).cpu()
-                    per_mode[mode] = reconstruction_metrics(recons[mode], victims)
-                best = max(per_mode, key=lambda m: per_mode[m]["psnr"]["mean"])
-                recon = recons[best]
-                result = _with_intervals(dict(per_mode[best], mode=best, per_mode=per_mode), recon, victims)
-            result["seconds"] = time.perf_counter() - t0
-            entry["attacks"][attack] = result
+            entry["attacks"][attack], recon = _invert(attack, view, observed, victims, cfg, seed)
             shown[f"{label} {attack}"] = recon[:SHOW].cpu()
         entries.append(entry)
         if partial is not None:
@@ -362,18 +379,27 @@ def plot_privacy_utility(entries: list[dict], attacks: list[str], path: Path) ->
 
 def validate(s: Settings) -> None:
     """Refuse settings the attacks cannot run with, naming the setting."""
-    for name in ("n_victims", "samples"):
+    for name in ("n_victims", "samples", "batch_size"):
         if getattr(s, name) < 1:
             raise UserError(f"{name}={getattr(s, name)} must be >= 1")
     unknown = [a for a in s.attacks if a not in ATTACKS]
     if unknown or not s.attacks:
         raise UserError(f"attacks={list(s.attacks)}: expected a non-empty subset of {', '.join(ATTACKS)}")
+    if s.precision not in PRECISIONS:
+        raise UserError(f"precision={s.precision!r} is not one of {', '.join(PRECISIONS)}")
     if any(v <= 0 for v in s.noise_baseline):
         raise UserError(f"noise_baseline={list(s.noise_baseline)}: noise levels must be > 0")
 
 
-def run(s: Settings) -> tuple[dict, Path]:
-    """The suite from its settings (what `stochvit privacy` does): returns the result and the report folder."""
+@dataclass
+class PrivacyResult(Result):
+    """`out`: the report folder; `report`: what its privacy.json holds."""
+
+    report: dict
+
+
+def run(s: Settings) -> PrivacyResult:
+    """The suite from its settings (what `stochvit privacy` does), written into `s.out` (default FIRST_RUN_DIR/privacy)."""
     validate(s)
     runs = [load_run(p) for p in s.run_dirs]
     data = data_for(runs[0].config, s.data, s.data_dir)
@@ -390,7 +416,7 @@ def run(s: Settings) -> tuple[dict, Path]:
     cfg = s.attack
     settings = dict(blocks=s.split_blocks, attacks=list(s.attacks), noise_baseline=list(s.noise_baseline),
                     n_victims=len(victims), n_aux=len(aux), passes=s.samples, seed=s.seed, victims="test split",
-                    aux="train split", attack_config=asdict(cfg))
+                    aux="train split", attack_config=asdict(cfg), precision=s.precision, batch_size=s.batch_size)
     for r in runs:  # a bad split_blocks must fail before the resume folder exists
         parse_blocks(s.split_blocks, depth(r.model))
     out = Path(s.out) if s.out else runs[0].path / "privacy"
@@ -399,7 +425,7 @@ def run(s: Settings) -> tuple[dict, Path]:
     partial = _Partial(out, record)
     t0 = time.perf_counter()
     entries, shown = evaluate_privacy(runs, aux, victims, test_x, test_y, s.split_blocks, list(s.attacks),
-                                      list(s.noise_baseline), cfg, s.samples, s.seed, partial)
+                                      list(s.noise_baseline), cfg, s.samples, s.seed, partial, s.precision, s.batch_size)
     result = dict(
         data=data.name, test_source=data.test_source(),
         runs=[dict(run=str(r.path), name=r.name, kind=_run_kind(r)) for r in runs], settings=settings,
@@ -411,4 +437,4 @@ def run(s: Settings) -> tuple[dict, Path]:
         atomic_write_bytes(tmp / "privacy.md", markdown(result).encode())
         write_json(tmp / "privacy.json", result)
     partial.clear()
-    return result, out
+    return PrivacyResult(out, result)

@@ -16,19 +16,21 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import replace
+from contextlib import nullcontext
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from ..defaults import PRECISIONS
 from ..errors import UserError
 from ..eval import attacks as A
 from ..eval.stats import Scores, interval
 from ..layers import is_random
-from ..precision import default_device
+from ..precision import autocast, default_device
 from ..runs import Run, atomic_output_dir, check_compatible, check_output_dir, data_for, load_run, write_json
-from .settings import ROBUSTNESS_ATTACKS, ROBUSTNESS_DEFAULT_ATTACKS, record
+from .settings import ROBUSTNESS_ATTACKS, ROBUSTNESS_DEFAULT_ATTACKS, Result, record
 from .settings import RobustnessSettings as Settings
 
 ATTACKS, DEFAULT_ATTACKS = ROBUSTNESS_ATTACKS, ROBUSTNESS_DEFAULT_ATTACKS
@@ -61,6 +63,8 @@ def validate(s: Settings) -> None:
             raise UserError(f"{name}={getattr(s, name)} must be >= 1")
     if not s.eps:
         raise UserError("eps needs at least one value")
+    if s.precision not in PRECISIONS:
+        raise UserError(f"precision={s.precision!r} is not one of {', '.join(PRECISIONS)}")
     unknown = [a for a in s.attacks if a not in ATTACKS]
     if unknown:
         raise UserError(f"unknown attacks {unknown}; choose from {', '.join(ATTACKS)}")
@@ -141,36 +145,12 @@ def _pick_examples(n_total: int, n: int, seed: int) -> torch.Tensor:
     return torch.randperm(n_total, generator=g)[: min(n, n_total)].sort().values
 
 
-def evaluate_robustness(run: Run, s: Settings, data_spec: str | None = None, data_dir: str | None = None,
-                        surrogate: Run | None = None, quiet: bool = False) -> tuple[dict, dict]:
-    """Run every attack at every epsilon; returns (result for robustness.json, adversarial images for the grid)."""
-    validate(s)
-    if "transfer" in s.attacks and surrogate is None:
-        raise UserError("the transfer attack needs a surrogate run (surrogate=RUN_DIR, trained on the same data)")
-    data = data_for(run.config, data_spec, data_dir)
-    check_compatible(run.config, data)
-    if surrogate is not None:
-        check_compatible(surrogate.config, data)
-    device = default_device()
-    model = run.model.to(device).eval()
-    sur = surrogate.model.to(device).eval() if surrogate is not None else None
-    random = is_random(model)
-    torch.manual_seed(s.seed)
-    x_all, y_all = data.test.tensors()
-    idx = _pick_examples(len(y_all), s.n_examples, s.seed)
-    x, y = x_all[idx].to(device), y_all[idx].to(device)
+def _attack_all(model, sur, x: torch.Tensor, y: torch.Tensor, clean: torch.Tensor, s: Settings, attacks: list[str],
+                quiet: bool) -> tuple[dict, dict, dict[float, torch.Tensor], str]:
+    """Every attack at every epsilon: (robustness.json's "attacks", per-example fractions per attack and epsilon,
+    the adversarial images shown per epsilon, and the attack that made them)."""
     n = len(y)
-    dims = x[0].numel()
-    attacks = [a for a in ATTACKS if a in s.attacks]  # canonical order; aa-rand reuses the APGD runs
-    t0 = time.perf_counter()
-    clean = _correct(model, x, y, s)
-    result: dict = dict(
-        run=str(run.path), data=data.name, split="test", test_source=data.test_source(), n_examples=n, norm=s.norm,
-        randomized=random, settings=record(s), rule=rule_text(s.passes, random), clean=_summary(clean, s.n_boot),
-        clean_seconds=time.perf_counter() - t0, attacks={}, worst_case={}, descriptions={a: DESCRIPTIONS[a] for a in attacks},
-    )
-    if not random:
-        result["note"] = "deterministic model: EOT averages one pass, so eot-pgd equals pgd up to its random start"
+    results: dict = {}
     fractions: dict[str, dict[float, torch.Tensor]] = {a: {} for a in attacks}
     apgd_runs: dict[tuple[str, float], tuple[torch.Tensor, float]] = {}  # aa-rand reuses the APGD-CE/DLR runs
     shown: dict[float, torch.Tensor] = {}
@@ -178,7 +158,7 @@ def evaluate_robustness(run: Run, s: Settings, data_spec: str | None = None, dat
     grid_ids = torch.arange(min(n, 6))
     bar = tqdm(total=len(attacks) * len(s.eps), desc="attacks", disable=quiet, mininterval=1)
     for name in attacks:
-        result["attacks"][name] = {}
+        results[name] = {}
         for eps in s.eps:
             bar.set_postfix(attack=name, eps=eps_label(eps, s.norm))
             start = time.perf_counter()
@@ -203,23 +183,60 @@ def evaluate_robustness(run: Run, s: Settings, data_spec: str | None = None, dat
             _check_ball(x_adv, x, eps, s.norm, name)
             frac = _fractions(model, x_adv, y, clean, s)
             fractions[name][eps] = frac
-            result["attacks"][name][eps_label(eps, s.norm)] = dict(eps=eps, **_summary(frac, s.n_boot), seconds=seconds)
+            results[name][eps_label(eps, s.norm)] = dict(eps=eps, **_summary(frac, s.n_boot), seconds=seconds)
             if name in WHITE_BOX and (eps not in shown or name == "aa-rand"):
                 shown[eps], shown_by = x_adv[grid_ids].cpu(), name
             bar.update()
     bar.close()
-    for eps in s.eps:
-        worst = torch.stack([fractions[a][eps] for a in attacks]).amin(0) if attacks else clean
-        fractions.setdefault("worst_case", {})[eps] = worst
-        result["worst_case"][eps_label(eps, s.norm)] = dict(eps=eps, **_summary(worst, s.n_boot))
-    if s.sanity:
-        large = LARGE_EPS[s.norm] or 0.5 * math.sqrt(dims)
-        result["sanity"] = sanity_checks(result, model, x, y, clean, s, large, fractions, quiet)
+    return results, fractions, shown, shown_by
+
+
+def evaluate_robustness(run: Run, s: Settings, data_spec: str | None = None, data_dir: str | None = None,
+                        surrogate: Run | None = None, quiet: bool = False) -> tuple[dict, dict]:
+    """Run every attack at every epsilon; returns (result for robustness.json, adversarial images for the grid).
+
+    Every forward pass of the model and the surrogate, the attacks' gradient passes included, runs under
+    `s.precision`'s autocast (`stochvit.precision`); the losses are taken in fp32."""
+    validate(s)
+    if "transfer" in s.attacks and surrogate is None:
+        raise UserError("the transfer attack needs a surrogate run (surrogate=RUN_DIR, trained on the same data)")
+    data = data_for(run.config, data_spec, data_dir)
+    check_compatible(run.config, data)
+    if surrogate is not None:
+        check_compatible(surrogate.config, data)
+    device = default_device()
+    model = run.model.to(device).eval()
+    sur = surrogate.model.to(device).eval() if surrogate is not None else None
+    random = is_random(model)
+    torch.manual_seed(s.seed)
+    x_all, y_all = data.test.tensors()
+    idx = _pick_examples(len(y_all), s.n_examples, s.seed)
+    x, y = x_all[idx].to(device), y_all[idx].to(device)
+    attacks = [a for a in ATTACKS if a in s.attacks]  # canonical order; aa-rand reuses the APGD runs
+    t0 = time.perf_counter()
+    with autocast(s.precision, device, model), (autocast(s.precision, device, sur) if sur is not None else nullcontext()):
+        clean = _correct(model, x, y, s)
+        result: dict = dict(
+            run=str(run.path), data=data.name, split="test", test_source=data.test_source(), n_examples=len(y),
+            norm=s.norm, randomized=random, settings=record(s), rule=rule_text(s.passes, random),
+            clean=_summary(clean, s.n_boot), clean_seconds=time.perf_counter() - t0, attacks={}, worst_case={},
+            descriptions={a: DESCRIPTIONS[a] for a in attacks})
+        if not random:
+            result["note"] = "deterministic model: EOT averages one pass, so eot-pgd equals pgd up to its random start"
+        result["attacks"], fractions, shown, shown_by = _attack_all(model, sur, x, y, clean, s, attacks, quiet)
+        for eps in s.eps:
+            worst = torch.stack([fractions[a][eps] for a in attacks]).amin(0) if attacks else clean
+            fractions.setdefault("worst_case", {})[eps] = worst
+            result["worst_case"][eps_label(eps, s.norm)] = dict(eps=eps, **_summary(worst, s.n_boot))
+        if s.sanity:
+            large = LARGE_EPS[s.norm] or 0.5 * math.sqrt(x[0].numel())
+            result["sanity"] = sanity_checks(result, model, x, y, clean, s, large, fractions, quiet)
     result["seconds"] = time.perf_counter() - t0
     # per example (test-split index): the fraction of fresh passes it survives, clean and per attack and epsilon;
     # robust under the all-pass rule where it is 1
     result["per_example"] = dict(index=idx.tolist(), clean=clean.cpu().tolist(), **{
         a: {eps_label(e, s.norm): f.cpu().tolist() for e, f in per.items()} for a, per in fractions.items()})
+    grid_ids = torch.arange(min(len(y), 6))
     grid = dict(x=x[grid_ids].cpu(), y=y[grid_ids].cpu(), adv=shown, attack=shown_by, model=model)
     return result, grid
 
@@ -242,13 +259,9 @@ def _check(name: str, ok: bool | None, detail: str) -> dict:
     return dict(check=name, status="SKIP" if ok is None else ("PASS" if ok else "FLAG"), detail=detail)
 
 
-def sanity_checks(result: dict, model, x, y, clean, s: Settings, large_eps: float, fractions: dict, quiet: bool) -> list[dict]:
-    """PASS/FLAG per check of the gradient-obfuscation checklist; SKIP when the attacks it compares were not run."""
-    n = len(y)
-    labels = [eps_label(e, s.norm) for e in s.eps]
-    att = result["attacks"]
-    checks = []
-    # 1. accuracy falls with eps and reaches ~0 at a large eps
+def _falls_with_eps(result: dict, model, x, y, clean, s: Settings, large_eps: float) -> dict:
+    """Check 1: accuracy falls with eps and reaches ~0 at a large eps (runs the large-eps attack)."""
+    n, labels = len(y), [eps_label(e, s.norm) for e in s.eps]
     worst = [result["worst_case"][lab]["mean"] for lab in labels]
     rises = [(labels[i], labels[i + 1]) for i in range(len(worst) - 1) if worst[i + 1] > worst[i] + _tol(worst[i], n)]
     main = next((a for a in ("eot-pgd", "apgd-ce", "pgd") if a in s.attacks), "eot-pgd")
@@ -256,34 +269,39 @@ def sanity_checks(result: dict, model, x, y, clean, s: Settings, large_eps: floa
     big = _run(main, model, x, y, large_eps, s, active=clean > 0)
     big_acc = _summary(_fractions(model, big, y, clean, s))
     result["large_eps"] = dict(attack=main, eps=large_eps, **big_acc, seconds=time.perf_counter() - start)
-    checks.append(_check(
+    return _check(
         "accuracy falls as epsilon grows and reaches ~0 at a large epsilon", not rises and big_acc["mean"] <= 0.05,
         f"worst-case mean accuracy {', '.join(f'{w:.3f}' for w in worst)} at eps {', '.join(labels)}"
         + (f"; rises between {rises}" if rises else "")
-        + f"; {main} at eps={large_eps:.3g}: {big_acc['mean']:.3f} (want <= 0.05)"))
-    # 2. more iterations are not weaker
+        + f"; {main} at eps={large_eps:.3g}: {big_acc['mean']:.3f} (want <= 0.05)")
+
+
+def _more_iterations(result: dict, model, x, y, clean, s: Settings) -> dict:
+    """Check 2: four times the iterations is not weaker (runs the longer attack at the middle epsilon)."""
     mid = s.eps[len(s.eps) // 2]
     lab = eps_label(mid, s.norm)
     it_attack = next((a for a in ("eot-pgd", "pgd", "apgd-ce") if a in s.attacks), None)
     if it_attack is None:
-        checks.append(_check("more iterations are not weaker", None, "no iterative attack was run"))
-    else:
-        start = time.perf_counter()
-        longer = _run(it_attack, model, x, y, mid, s, steps=4 * s.steps, active=clean > 0)
-        more = _summary(_fractions(model, longer, y, clean, s))
-        base = att[it_attack][lab]["mean"]
-        result["more_iterations"] = dict(attack=it_attack, eps=mid, steps=4 * s.steps, **more,
-                                         seconds=time.perf_counter() - start)
-        checks.append(_check("more iterations are not weaker", more["mean"] <= base + _tol(base, n),
-                             f"{it_attack} at eps {lab}: {s.steps} steps {base:.3f}, {4 * s.steps} steps {more['mean']:.3f}"))
-    # 3. EOT is not weaker than no EOT
+        return _check("more iterations are not weaker", None, "no iterative attack was run")
+    start = time.perf_counter()
+    longer = _run(it_attack, model, x, y, mid, s, steps=4 * s.steps, active=clean > 0)
+    more = _summary(_fractions(model, longer, y, clean, s))
+    base = result["attacks"][it_attack][lab]["mean"]
+    result["more_iterations"] = dict(attack=it_attack, eps=mid, steps=4 * s.steps, **more, seconds=time.perf_counter() - start)
+    return _check("more iterations are not weaker", more["mean"] <= base + _tol(base, len(y)),
+                  f"{it_attack} at eps {lab}: {s.steps} steps {base:.3f}, {4 * s.steps} steps {more['mean']:.3f}")
+
+
+def _orderings(att: dict, labels: list[str], n: int) -> list[dict]:
+    """Checks 3-5 from the attacks already run: EOT is not weaker than no EOT, white-box is not weaker than Square,
+    transfer is not stronger than white-box."""
+    checks = []
     if "pgd" in att and "eot-pgd" in att:
         bad = [lb for lb in labels if att["eot-pgd"][lb]["mean"] > att["pgd"][lb]["mean"] + _tol(att["pgd"][lb]["mean"], n)]
         checks.append(_check("EOT is not weaker than no EOT", not bad, "eot-pgd vs pgd mean accuracy: " + ", ".join(
             f"{lb}: {att['eot-pgd'][lb]['mean']:.3f} vs {att['pgd'][lb]['mean']:.3f}" for lb in labels)))
     else:
         checks.append(_check("EOT is not weaker than no EOT", None, "needs both pgd and eot-pgd"))
-    # 4. white-box is not weaker than Square; 5. transfer is not stronger than white-box
     white = [a for a in WHITE_BOX if a in att]
 
     def best_white(lb: str) -> tuple[str, float]:
@@ -304,6 +322,12 @@ def sanity_checks(result: dict, model, x, y, clean, s: Settings, large_eps: floa
                 bad.append(lb)
         checks.append(_check(title, not bad, "; ".join(rows)))
     return checks
+
+
+def sanity_checks(result: dict, model, x, y, clean, s: Settings, large_eps: float, fractions: dict, quiet: bool) -> list[dict]:
+    """PASS/FLAG per check of the gradient-obfuscation checklist; SKIP when the attacks it compares were not run."""
+    return [_falls_with_eps(result, model, x, y, clean, s, large_eps), _more_iterations(result, model, x, y, clean, s),
+            *_orderings(result["attacks"], [eps_label(e, s.norm) for e in s.eps], len(y))]
 
 
 # -- outputs --------------------------------------------------------------------------------------
@@ -461,8 +485,10 @@ def plot_grid(grid: dict, result: dict, path: Path, passes: int) -> None:
     device = next(model.parameters()).device
     columns = [("clean", x)] + [(f"eps {eps_label(e, result['norm'])}", adv[e]) for e in sorted(adv)]
     fig, axes = plt.subplots(len(x), len(columns), figsize=(1.5 * len(columns), 1.6 * len(x)), squeeze=False)
+    precision = result["settings"].get("precision", "fp32")
     for j, (title, imgs) in enumerate(columns):
-        pred = predict_proba(model, imgs.to(device), passes).argmax(1).cpu()
+        with autocast(precision, device, model):
+            pred = predict_proba(model, imgs.to(device), passes).argmax(1).cpu()
         for i in range(len(x)):
             img = imgs[i].permute(1, 2, 0).numpy()
             ax = axes[i, j]
@@ -487,8 +513,15 @@ def write_outputs(result: dict, grid: dict, out: Path, passes: int, overwrite: b
     return Path(out)
 
 
-def run(s: Settings) -> tuple[dict, Path]:
-    """The suite from its settings (what `stochvit robustness` does): returns the result and the report folder."""
+@dataclass
+class RobustnessResult(Result):
+    """`out`: the report folder; `report`: what its robustness.json holds."""
+
+    report: dict
+
+
+def run(s: Settings) -> RobustnessResult:
+    """The suite from its settings (what `stochvit robustness` does), written into `s.out` (default RUN_DIR/robustness-NORM)."""
     loaded = load_run(s.run_dir)
     surrogate = load_run(s.surrogate) if s.surrogate else None
     if surrogate is not None and "transfer" not in s.attacks and s.attacks == list(DEFAULT_ATTACKS):
@@ -497,4 +530,4 @@ def run(s: Settings) -> tuple[dict, Path]:
     out = Path(s.out) if s.out else loaded.path / f"robustness-{s.norm}"
     check_output_dir(out, record(s), "robustness.json", s.overwrite)
     result, grid = evaluate_robustness(loaded, s, s.data, s.data_dir, surrogate)
-    return result, write_outputs(result, grid, out, s.passes, s.overwrite)
+    return RobustnessResult(write_outputs(result, grid, out, s.passes, s.overwrite), result)

@@ -1,7 +1,9 @@
-"""Every suite's typed settings: `run(Settings(...))` from Python is what the command line does.
+"""Every suite's typed settings, and the base of its result: `run(Settings(...))` from Python is what the command line does.
 
 Kept apart from the suites themselves, and free of torch, so that the command line takes its defaults from these
 dataclasses (one place) and still prints `--help` at once. Each suite module re-exports its class as `Settings`.
+One convention for every suite: `run(settings) -> result`, a dataclass derived from `Result` holding `out` (where the
+suite wrote) and its key numbers; where reporting is a separate step (study), `report(result, out)` writes it.
 Output rule: a report on runs goes into the first run directory it reads, in a file or folder named by the suite
 (and, for evaluate, its settings) unless `out` says otherwise; a command that makes runs (train, federated, transfer,
 demo) writes them under `out`. An existing report made with other settings is refused unless `overwrite` is set.
@@ -37,6 +39,14 @@ def record(settings: Any) -> dict:
         return v
 
     return {k: plain(v) for k, v in asdict(settings).items() if k not in ("out", "overwrite", "quiet")}
+
+
+@dataclass
+class Result:
+    """What every suite's `run(settings)` returns: `out`, where it wrote (a report folder, a run directory, or the
+    evaluation's JSON file; None only when that file could not be written), and in each subclass the key numbers."""
+
+    out: Path | None
 
 
 def default(cls: type, name: str) -> Any:
@@ -107,6 +117,7 @@ class RobustnessSettings:
     passes: int = 10  # fresh stochastic passes for the final robust accuracy (the command line's --samples)
     n_examples: int = 1000
     batch_size: int = 250
+    precision: str = "fp32"  # autocast of every forward pass of the model (and surrogate), gradient passes included
     seed: int = 0
     sanity: bool = True
     n_boot: int = 1000  # bootstrap resamples of the 95% intervals
@@ -127,6 +138,8 @@ class PrivacySettings:
     samples: int = 5  # single passes averaged for the accuracy of random models
     attack: AttackConfig = field(default_factory=AttackConfig)
     seed: int = 0
+    precision: str = "fp32"  # autocast of the victim model's forward passes (the decoder attack trains in fp32)
+    batch_size: int = 512  # images per forward pass of the victim model
     out: str | Path | None = None  # default: FIRST_RUN_DIR/privacy
     overwrite: bool = False
 

@@ -2,6 +2,7 @@
 
 Settings -> run(settings) -> StudyResult -> report(result, out). The measurement lives in `stochvit.suites.study_runs` (training,
 cached predictions) and `stochvit.eval.stats` (intervals and verdicts); this module turns them into tables and plots.
+The report is a separate step because it is cheap: a progress report rebuilds it from the cached predictions.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from ..errors import UserError
 from ..eval.calibration import apply_temperature, fit_temperature
 from ..eval.stats import Comparison, Scores, compare, comparison_table
 from ..runs import read_json, read_metrics
+from .settings import Result, record
 from .settings import StudySettings as Settings
 from .study_runs import StudySpec, cached_predictions, load_spec, run_status, shift_set, train_missing
 
@@ -27,7 +29,9 @@ OVERCONFIDENT_ECE, OVERCONFIDENT_LOSS_RATIO = 0.08, 0.7
 
 
 @dataclass
-class StudyResult:
+class StudyResult(Result):
+    """`out`: the study's folder (its runs, and report/ by default); the plan, regime and comparisons to report."""
+
     spec: StudySpec
     plan: list[dict]
     regime: dict
@@ -35,6 +39,7 @@ class StudyResult:
     values: dict = field(default_factory=dict)  # condition -> method -> metric -> per-seed values
     temperatures: dict = field(default_factory=dict)
     seconds: dict = field(default_factory=dict)
+    settings: dict = field(default_factory=dict)  # the settings that made it, recorded in the report's settings.json
 
 
 def _plan(spec: StudySpec) -> list[dict]:
@@ -128,7 +133,8 @@ def run(settings: Settings, log=print) -> StudyResult:
     probs, labels = _predictors(spec, log)
     methods, temps = _methods(spec, probs, labels)
     t2 = time.perf_counter()
-    result = StudyResult(spec=spec, plan=plan, regime=_regime(spec), temperatures=temps)
+    result = StudyResult(out=spec.out, spec=spec, plan=plan, regime=_regime(spec), temperatures=temps,
+                         settings=record(settings) | dict(spec=str(Path(settings.spec).resolve())))
     for cond in CONDITIONS:
         result.values[cond] = {name: {metric: [Scores.from_probs(metric, r[cond], labels[cond]).value() for r in runs]
                                       for metric in spec.calibration.metrics} for name, runs in methods.items()}
@@ -166,21 +172,20 @@ def _regime(spec: StudySpec) -> dict:
 # -- report ---------------------------------------------------------------------------------------------
 
 def report(result: StudyResult, out: str | Path | None = None) -> Path:
-    """study.json, study.md and one forest plot per condition into `out` (default: the spec's out/report)."""
-    from ..runs import write_json
+    """study.json, study.md and one forest plot per condition into `out` (default: the spec's out/report), written all
+    at once (`runs.atomic_output_dir`). A previous report of the study is replaced: it is rebuilt from the runs and
+    their cached predictions, so nothing is lost; a folder holding anything else is refused."""
+    from ..runs import atomic_output_dir, write_json
 
-    out = Path(out) if out else result.spec.out / "report"
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(out) if out else result.out / "report"
     data = dict(name=result.spec.name, plan=result.plan, regime=result.regime, temperatures=result.temperatures,
                 values=result.values, seconds=result.seconds,
                 comparisons={c: [r.as_dict() for r in rows] for c, rows in result.comparisons.items()})
-    write_json(out / "study.json", data)
-    for cond, rows in result.comparisons.items():
-        _forest_plot(out / f"comparisons-{cond}.png", rows, f"{result.spec.name}: {cond} test, method - baseline, 95% CI")
-    text = format_markdown(result)
-    tmp = out / ".study.md.tmp"
-    tmp.write_text(text)
-    tmp.replace(out / "study.md")
+    with atomic_output_dir(out, result.settings, "study.json", overwrite=True) as tmp:
+        write_json(tmp / "study.json", data)
+        for cond, rows in result.comparisons.items():
+            _forest_plot(tmp / f"comparisons-{cond}.png", rows, f"{result.spec.name}: {cond} test, method - baseline, 95% CI")
+        (tmp / "study.md").write_text(format_markdown(result))
     return out
 
 

@@ -5,16 +5,26 @@ The engine is `stochvit.eval.transfer`; this is its typed entry point, `run(Sett
 
 from __future__ import annotations
 
-from pathlib import Path
+from dataclasses import dataclass
 
 from ..defaults import DEFAULT_STOCHASTIC
+from .settings import Result
 from .settings import TransferSettings as Settings
 
 
-def run(s: Settings) -> Path:
-    """Prepare and train the transferred run (what `stochvit transfer` does); returns the run directory."""
+@dataclass
+class TransferResult(Result):
+    """`out`: the new run directory (its transfer.md says what was transferred); `summary`: its summary.json."""
+
+    summary: dict
+
+
+def run(s: Settings) -> TransferResult:
+    """Prepare and train the transferred run (what `stochvit transfer` does) into the run directory `s.out`."""
     from ..eval.transfer import transfer
+    from ..runs import read_json
 
     layer = {**DEFAULT_STOCHASTIC, **(s.layer or {})}
-    return transfer(s.source, s.out, data=s.data, weights=s.weights, mode=s.transfer_mode, stochastic=s.stochastic_target,
+    path = transfer(s.source, s.out, data=s.data, weights=s.weights, mode=s.transfer_mode, stochastic=s.stochastic_target,
                     layer=layer, backbone_lr_scale=s.backbone_lr_scale, **s.train)
+    return TransferResult(path, read_json(path / "summary.json", "summary"))
