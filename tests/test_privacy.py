@@ -100,7 +100,8 @@ def test_attacker_path_has_no_access_to_the_victims_draws(digits_images):
     for attack in (decoder_inversion, optimization_inversion):
         params = inspect.signature(attack).parameters
         assert list(params)[:2] == ["view", "observed"] and "Device" not in str(params)
-    assert {f for f in AttackerView.__dataclass_fields__} == {"net", "k", "patch", "prefix", "aux", "query"}
+    # (precision: the name of the white-box passes' autocast, a string that can carry no draw)
+    assert {f for f in AttackerView.__dataclass_fields__} == {"net", "k", "patch", "prefix", "aux", "query", "precision"}
     # the query oracle is another device: the deployed software, not the victim's
     deployed = view.query.__self__
     assert isinstance(deployed, Device) and deployed is not victim

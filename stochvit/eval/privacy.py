@@ -45,7 +45,6 @@ the decoder network and the optimisation loop; both attacks follow the feature-i
 from __future__ import annotations
 
 import copy
-import functools
 import secrets
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -122,18 +121,18 @@ class Device:
     `noise_std` > 0 adds Gaussian noise of that (absolute) standard deviation to the transmitted
     features: the standard defence. `seed=None` seeds the private stream from OS entropy, as a real
     device would; pass a seed for reproducible experiments. `precision` is the autocast of its forward
-    passes (`stochvit.precision`); the features are transmitted in fp32 either way.
+    passes (`stochvit.precision`; the features are transmitted in fp32 either way), `batch_size` their size.
     """
 
     def __init__(self, model: Normalized, k: int, noise_std: float = 0.0, seed: int | None = None,
-                 precision: str = "fp32") -> None:
+                 precision: str = "fp32", batch_size: int = 512) -> None:
         n = depth(model)
         if not 0 <= k <= n:
             raise ValueError(f"k={k} must be in 0..{n}")
         if noise_std < 0:
             raise ValueError(f"noise_std={noise_std} must be >= 0")
         self._model = copy.deepcopy(model).eval().requires_grad_(False)  # own modules: nobody else can hook them
-        self.k, self.noise_std, self.precision = k, float(noise_std), precision
+        self.k, self.noise_std, self.precision, self.batch_size = k, float(noise_std), precision, batch_size
         self._where = next(self._model.parameters()).device
         seed = secrets.randbits(63) if seed is None else seed
         self._cpu_rng = torch.Generator().manual_seed(seed).get_state()
@@ -155,11 +154,11 @@ class Device:
                     self._cuda_rng = torch.cuda.get_rng_state(self._where)
 
     @torch.no_grad()
-    def transmit(self, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    def transmit(self, images: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
         """The features sent to the server for [0, 1] `images`: a detached copy, on the images' device."""
         out = []
         with self._private_rng():
-            for chunk in images.split(batch_size):
+            for chunk in images.split(batch_size or self.batch_size):
                 with autocast(self.precision, self._where, self._model):
                     t = block_features(self._model, chunk.to(self._where), self.k)
                 t = t.float()
@@ -198,12 +197,12 @@ def attacker_view(model: Normalized, k: int, aux: torch.Tensor, noise_std: float
                   seed: int | None = None, precision: str = "fp32", batch_size: int = 512) -> AttackerView:
     """The attacker's view of a deployment of `model` split after k blocks (noise defence `noise_std`); `precision`
     and `batch_size` are those of the model's forward passes."""
-    deployed = Device(model, k, noise_std, seed, precision)  # the software the attacker can query: never the victim's
+    deployed = Device(model, k, noise_std, seed, precision, batch_size)  # the software the attacker queries, not the victim's
     net = copy.deepcopy(model).eval().requires_grad_(False) if white_box else None
     patch = model.net.patch_embed.patch_size
     return AttackerView(net=net, k=k, patch=int(patch[0] if isinstance(patch, tuple) else patch),
-                        prefix=int(model.net.num_prefix_tokens), aux=aux.detach().clone(),
-                        query=functools.partial(deployed.transmit, batch_size=batch_size), precision=precision)
+                        prefix=int(model.net.num_prefix_tokens), aux=aux.detach().clone(), query=deployed.transmit,
+                        precision=precision)
 
 
 class InversionDecoder(nn.Module):
