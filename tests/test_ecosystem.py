@@ -10,10 +10,12 @@ import math
 import os
 import re
 import shlex
+import shutil
 import stat
 import subprocess
 import sys
 import tomllib
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -44,6 +46,73 @@ def test_packaging_license_py_typed_single_version_and_bounds():
     assert deps["timm"].replace(" ", "").endswith(",<2")
     assert meta["requires-python"] == ">=3.11"  # flwr 1.42 needs 3.11
     assert any(d.startswith("tomli_w") for d in meta["optional-dependencies"]["federated"])  # suites/federated.py imports it
+
+
+def _tracked(under: str) -> list[str]:
+    """The repository's tracked files under `under` (what a clean checkout, hence a CI build, holds)."""
+    try:
+        out = subprocess.run(["git", "ls-files", under], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout: no source tree to build a wheel from")
+    return out.split()
+
+
+@pytest.mark.slow
+def test_wheel_installs_in_a_fresh_venv_and_runs_from_there(tmp_path: Path):
+    """A wheel built from a clean copy of the repo holds every package file (the Flower app's manifest, py.typed), installs
+    in a new venv with its dependencies resolved from the site-packages already there (no index), and its console script
+    runs by full path, unactivated, importing the installed package, not the source tree."""
+    src = tmp_path / "src"
+    for name in ["pyproject.toml", "README.md", "LICENSE", *_tracked("stochvit")]:
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, src / name)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # nothing from the source tree
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "dist"), str(src)],
+                   check=True, env=env, cwd=tmp_path, capture_output=True)
+    (wheel,) = (tmp_path / "dist").glob("stochvit-*.whl")
+    assert wheel.name == f"stochvit-{stochvit.__version__}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel) as z:
+        packaged = {n for n in z.namelist() if n.startswith("stochvit/")}
+    assert packaged == set(_tracked("stochvit")), "the wheel holds exactly the package's tracked files"
+    assert {"stochvit/py.typed", "stochvit/federated/app/pyproject.toml"} <= packaged
+
+    # --without-pip: the venv's own bundled setuptools would shadow the newer one torch requires; the outer pip installs
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True, env=env)
+    python, script = venv / "bin" / "python", venv / "bin" / "stochvit"
+    subprocess.run([*pip, "--python", str(python), "install", "--no-index", "-q", str(wheel)], check=True, env=env,
+                   cwd=tmp_path, capture_output=True)
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+
+    def run(*argv: str) -> str:
+        done = subprocess.run([str(script), *argv], env=env, cwd=cwd, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    assert run("--version").strip() == f"stochvit {stochvit.__version__}"
+    assert run("demo", "--help").startswith("usage: stochvit demo")
+    installed = subprocess.run([str(python), "-c", "import stochvit; print(stochvit.__file__)"], env=env, cwd=cwd,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    assert Path(installed).is_relative_to(venv) and not Path(installed).is_relative_to(ROOT)
+    app = Path(run("federated", "--print-app-path").strip())
+    assert app.is_relative_to(venv) and (app / "pyproject.toml").is_file()
+    assert (app / "pyproject.toml").read_bytes() == (ROOT / "stochvit/federated/app/pyproject.toml").read_bytes()
+
+
+def test_print_app_path_needs_neither_out_nor_flower(monkeypatch, capsys):
+    """`flwr run "$(stochvit federated --print-app-path)" CONN`: the installed app directory, printed before the
+    required --out is checked and without importing Flower (the federated extra may be missing)."""
+    for name in ("flwr", "tomli_w"):
+        monkeypatch.setitem(sys.modules, name, None)  # any import of them now fails
+    with pytest.raises(SystemExit) as done:
+        main(["federated", "--print-app-path"])
+    assert done.value.code == 0
+    app = Path(capsys.readouterr().out.strip())
+    assert app == Path(stochvit.__file__).resolve().parent / "federated" / "app"
+    manifest = tomllib.loads((app / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["components"]
+    assert manifest == {"serverapp": "stochvit.federated.server_app:app", "clientapp": "stochvit.federated.client_app:app"}
 
 
 @pytest.fixture(scope="module")

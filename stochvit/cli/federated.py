@@ -23,12 +23,28 @@ from .train import add_optimisation_args, train_config_from_args
 EXTRA = ("flwr", "tomli_w")  # what `pip install "stochvit[federated]"` brings
 
 
+class PrintAppPath(argparse.Action):
+    """`--print-app-path`: the installed Flower app directory (for `flwr run`), printed at parse time like --version,
+    so neither --out nor the federated extra is needed."""
+
+    def __init__(self, option_strings, dest, **kwargs) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        from ..federated.launch import APP_DIR  # stdlib only: no flwr, no torch
+
+        print(APP_DIR)
+        parser.exit()
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = add_command(sub, "federated", "federated training (FedAvg on Flower) across simulated clients, IID or label-skewed",
                     "Federated averaging of a deterministic or stochastic ViT over N clients with IID or Dirichlet(alpha) "
                     "label-skewed partitions, simulated with Flower. Writes a normal run directory (evaluate, calibration, "
                     "robustness and privacy accept it) plus metrics.jsonl / rounds.png per round and partition.json / .png. "
                     'Needs the federated extra: pip install "stochvit[federated]".')
+    p.add_argument("--print-app-path", action=PrintAppPath, help="print the installed Flower app directory and exit "
+                   '(for your own SuperLink: flwr run "$(stochvit federated --print-app-path)" CONNECTION)')
     add_data_args(p)
     add_split_args(p)
     add_model_args(p)

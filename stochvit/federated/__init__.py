@@ -6,5 +6,5 @@
     client_app.py  ClientApp: the train / evaluate message handlers
     server_app.py  ServerApp: FedAvg (flwr.serverapp.strategy), central evaluation, a normal run directory
     launch.py      SuperLink / SuperNode processes and `flwr run` for simulation and loopback deployment
-    app/           the Flower app manifest (`flwr run stochvit/federated/app <connection>`)
+    app/           the Flower app manifest (`flwr run "$(stochvit federated --print-app-path)" <connection>`)
 """
