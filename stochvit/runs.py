@@ -404,7 +404,7 @@ class Curves:
         rows = self.rows()
         ep = [r["epoch"] for r in rows]
         val_rows = [r for r in rows if "val_nll" in r]  # --val-every N leaves epochs without validation
-        fig, ax = plt.subplots(1, 3, figsize=(13, 3.6))
+        fig, ax = plt.subplots(1, 3, figsize=(13, 3.6), sharex=True)  # one epoch axis, also where val is sparse
         for a, key, title in zip(ax, ("loss", "accuracy", "ece"), ("loss / NLL", "accuracy", "ECE (val)")):
             lines = [] if key == "ece" else [("train", "o-", "C0", ep, [r[f"train_{key}"] for r in rows])]
             lines.append(("val", "s-", "C1", [r["epoch"] for r in val_rows],
@@ -412,8 +412,9 @@ class Curves:
             for label, fmt, color, x, y in lines:
                 a.plot(x, y, fmt, color=color, markersize=4, label=label)
                 if len(x) == 1:  # one point: its value in words, the axis alone is hard to read
-                    a.annotate(f"{y[0]:.3f}", (x[0], y[0]), textcoords="offset points", xytext=(6, 0), va="center",
-                               fontsize=8, color=color)
+                    left = x[0] == max(ep) and len(ep) > 1  # at the right edge: write it on the left, inside the panel
+                    a.annotate(f"{y[0]:.3f}", (x[0], y[0]), textcoords="offset points", xytext=(-6 if left else 6, 0),
+                               ha="right" if left else "left", va="center", fontsize=8, color=color)
             a.set_title(title)
             a.set_xlabel("epoch")
             if len(ep) < 3:

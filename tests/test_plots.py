@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from stochvit.runs import Curves
@@ -129,3 +131,60 @@ def test_reliability_histogram_lines_have_a_legend():
     legend = bottom.get_legend()
     assert legend is not None and [t.get_text() for t in legend.get_texts()] == ["mean confidence", "accuracy"]
     assert "gap to mean confidence" in [t.get_text() for t in top.get_legend().get_texts()]
+
+
+def test_curves_with_sparse_validation_share_one_epoch_axis(tmp_path):
+    curves = Curves(tmp_path)  # --val-every 5 over 5 epochs: validation only after the last one
+    for e in range(5):
+        row = _row(e)
+        curves.append(row if e == 4 else {k: v for k, v in row.items() if not k.startswith("val_")})
+    fig = curves.figure()
+    assert len({ax.get_xlim() for ax in fig.axes}) == 1 and fig.axes[2].get_xlim()[0] < 0  # ECE keeps epochs 0-4
+    for ax in fig.axes:
+        (text,) = [t for t in ax.texts if t.get_color() == _lines(ax)["val"].get_color()]
+        assert text.get_ha() == "right"  # the lone val point is at the right edge: its value written on its left
+
+
+def test_calibration_replot_redraws_shift_plots_from_the_saved_report(tmp_path):
+    import json
+    import shutil
+
+    from stochvit.suites.calibration import _clean, _int_keys, replot
+
+    report = {"severities": [1, 2], "methods": {"a": {"shift_mean": {0: {"x": 1.0}, 2: {"x": float("nan")}}}}}
+    assert _int_keys(json.loads(json.dumps(_clean(report))))["methods"]["a"]["shift_mean"].keys() == {0, 2}
+    saved = Path(__file__).resolve().parents[1] / "benchmarks/runs/cifar10-full/calibration/calibration.json"
+    shutil.copy(saved, tmp_path / "calibration.json")  # a committed report from before the intervals
+    assert replot(tmp_path) == [tmp_path / "shift.png", tmp_path / "shift_by_corruption.png"]
+    assert all((tmp_path / n).stat().st_size > 0 for n in ("shift.png", "shift_by_corruption.png"))
+    assert not (tmp_path / "metrics.png").exists()  # its error bars need the intervals this report lacks
+
+
+def test_robust_accuracy_at_one_epsilon_marks_the_worst_case(tmp_path):
+    from stochvit.runs import write_json
+    from stochvit.suites.robustness import figure, replot
+
+    result = _robust_result({"pgd": [0.3, 0.2, 0.1]}, all_pass=[0.25, 0.15, 0.05])  # kept: 8/255 alone
+    result["worst_case"] = {"8/255": result["worst_case"]["8/255"]}
+    result["attacks"] = {n: {"8/255": v["8/255"]} for n, v in result["attacks"].items()}
+    worst = [line for line in figure(result).axes[0].get_lines() if line.get_label().startswith("worst case")]
+    assert len(worst) == 2 and len({line.get_marker() for line in worst}) == 2  # a lone point per rule, each its own
+    assert all(line.get_marker() not in ("None", "", None) for line in worst)
+    write_json(tmp_path / "robustness.json", result)
+    assert replot(tmp_path) == [tmp_path / "robust_accuracy.png"] and (tmp_path / "robust_accuracy.png").stat().st_size
+
+
+def test_privacy_utility_names_sigma_once_and_claims_intervals_only_when_drawn(tmp_path):
+    from stochvit.runs import write_json
+    from stochvit.suites.privacy import privacy_utility_figure, replot
+
+    entries = [_entry("det", "deterministic", 1, s, a, p) for s, a, p in ((0.0, 0.9, 30), (0.3, 0.85, 25), (1.0, 0.6, 18))]
+    fig = privacy_utility_figure(entries, ["decoder", "optimization"])
+    assert "bars: 95% bootstrap intervals" in fig._suptitle.get_text()
+    assert all(sorted(t.get_text() for t in ax.texts) == ["σ=0.3", "σ=1"] for ax in fig.axes)  # once per sigma
+    for e in entries:
+        for a in e["attacks"].values():
+            del a["ci"]
+    assert "no intervals" in privacy_utility_figure(entries, ["decoder", "optimization"])._suptitle.get_text()
+    write_json(tmp_path / "privacy.json", dict(entries=entries, settings=dict(attacks=["decoder", "optimization"])))
+    assert replot(tmp_path) == [tmp_path / "privacy_utility.png"] and (tmp_path / "privacy_utility.png").stat().st_size

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import textwrap
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -50,6 +51,7 @@ from ..runs import (
     data_for,
     load_run,
     pyplot,
+    read_json,
     read_metrics,
     write_json,
 )
@@ -443,6 +445,30 @@ def _write_outputs(tmp: Path, report: dict, methods: list[Method], labels: torch
         plot_shift(tmp / "shift.png", tmp / "shift_by_corruption.png", report)
 
 
+def _int_keys(obj):
+    """calibration.json read back with its severity keys as ints again (JSON made them strings; the plots index by int)."""
+    if isinstance(obj, dict):
+        return {int(k) if k.isdigit() else k: _int_keys(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_int_keys(v) for v in obj]
+    return obj
+
+
+def replot(out: Path) -> list[Path]:
+    """Redraw the plots that calibration.json holds the numbers of (shift curves; metrics.png when it has intervals),
+    without predicting again. The reliability and confidence plots need the per-image probabilities: rerun the suite."""
+    out = Path(out)
+    report = _int_keys(read_json(out / "calibration.json", "the calibration report to redraw"))
+    drawn = []
+    if all("intervals" in m for m in report["methods"].values()):
+        plot_metrics(out / "metrics.png", report)
+        drawn.append(out / "metrics.png")
+    if report["corruptions"]:
+        plot_shift(out / "shift.png", out / "shift_by_corruption.png", report)
+        drawn += [out / "shift.png", out / "shift_by_corruption.png"]
+    return drawn
+
+
 # -- plots (matplotlib, Agg) -------------------------------------------------------------------------------------
 
 def _grid(n: int, cols: int = 4) -> tuple[int, int]:
@@ -568,6 +594,8 @@ def plot_shift(path: Path, by_corruption: Path, report: dict) -> None:
         ax.fill_between(sev, [b[0] for b in bounds], [b[1] for b in bounds], color=colors[name.removesuffix(" +TS")],
                         alpha=0.08 if name.endswith(" +TS") else 0.15, linewidth=0)
 
+    has_ci = all("intervals" in m for m in report["methods"].values())  # reports before the intervals have none
+    bands = "bands: 95% bootstrap intervals" if has_ci else "no intervals in this report (rerun the suite for them)"
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for name in names:
         sm, ci = report["methods"][name]["shift_mean"], report["methods"][name].get("intervals", {}).get("shift_mean")
@@ -581,11 +609,12 @@ def plot_shift(path: Path, by_corruption: Path, report: dict) -> None:
         curve = {n: [report["methods"][n]["shift_mean"][s]["mc_average"][key] for s in sev] for n in names}
         hidden = [n for n in names if n.endswith(" +TS") and curve[n] == curve[n.removesuffix(" +TS")]]
         if hidden:  # a temperature rarely moves an argmax: say why a legend entry has no visible line
-            ax.set_title(f"{ax.get_title()}\n{', '.join(hidden)}: same values as without TS, line hidden")
+            which = "every +TS line" if len(hidden) == sum(n.endswith(" +TS") for n in names) else ", ".join(hidden)
+            ax.set_title(f"{ax.get_title()}\n" + textwrap.fill(f"{which}: same values as without TS, line hidden", 60,
+                                                                break_on_hyphens=False))
         ax.title.set_fontsize(9)
-    fig.suptitle("K-sample average; bands: 95% bootstrap intervals over the test images", fontsize=9)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
+    fig.suptitle(f"K-sample average; {bands}{' over the test images' if has_ci else ''}", fontsize=9)
+    _legend_right(fig, axes[0])
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
@@ -599,14 +628,21 @@ def plot_shift(path: Path, by_corruption: Path, report: dict) -> None:
                     **style(name))
             if "intervals" in e:
                 band(ax, name, [e["intervals"]["shift_mean"][0]["ece"]] + [e["intervals"]["shift_ece"][c][s] for s in sev[1:]])
-        ax.set(title=c, xlabel="severity", ylabel="ECE")
+        ax.set(title=c, xlabel="severity", ylabel="ECE", xticks=sev)
     for ax in list(axes.flat)[len(corruptions):]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=6)
-    fig.suptitle("ECE per corruption (K-sample average); bands: 95% bootstrap intervals", fontsize=9)
-    fig.tight_layout()
+    fig.suptitle(f"ECE per corruption (K-sample average); {bands}", fontsize=9)
+    _legend_right(fig, axes.flat[0])
     fig.savefig(by_corruption, dpi=90)
     plt.close(fig)
+
+
+def _legend_right(fig, ax) -> None:
+    """One legend for the figure, right of the panels: inside a panel, a dozen methods hide its curves."""
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", fontsize=7, frameon=False)
+    width = 0.055 * max(len(label) for label in labels) + 0.6  # inches: a 7-pt character ~0.055 in, plus the line
+    fig.tight_layout(rect=(0, 0, 1 - width / fig.get_figwidth(), 1))
 
 
 # -- tables ---------------------------------------------------------------------------------------------------

@@ -357,7 +357,7 @@ def privacy_utility_figure(entries: list[dict], attacks: list[str]):
                                 elinewidth=0.8, color=colours[name],
                                 label=f"{name} ({kind}) {attack}")
                     for e, xi, yi in zip(points, x, y):
-                        if e["sigma"]:
+                        if e["sigma"] and attack == attacks[0]:  # the other attack's point at this accuracy: same sigma
                             ax.annotate(f"σ={e['sigma']:g}", (xi, yi), fontsize=7, textcoords="offset points", xytext=(3, 3))
             ax.set_xlabel("accuracy (single pass)")
             ax.set_ylabel(f"attack {metric.upper()}" + (" (dB)" if metric == "psnr" else ""))
@@ -367,14 +367,24 @@ def privacy_utility_figure(entries: list[dict], attacks: list[str]):
     handles, labels = axes[0, 0].get_legend_handles_labels()  # below the panels: inside, it hid points
     rows = math.ceil(len(labels) / 2)
     fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8, frameon=False)
+    has_ci = any("ci" in a for e in entries for a in e["attacks"].values())  # reports before the intervals have none
     fig.suptitle("privacy vs utility (lower leakage and higher accuracy = better: bottom right)\n"
-                 "bars: 95% bootstrap intervals of the attack's PSNR/SSIM over the victims", fontsize=10)
+                 + ("bars: 95% bootstrap intervals of the attack's PSNR/SSIM over the victims" if has_ci else
+                    "no intervals in this report (rerun the suite for them)"), fontsize=10)
     fig.tight_layout(rect=(0, (0.25 * rows + 0.1) / fig.get_figheight(), 1, 1))
     return fig
 
 
 def plot_privacy_utility(entries: list[dict], attacks: list[str], path: Path) -> None:
     _save_figure(privacy_utility_figure(entries, attacks), path)
+
+
+def replot(out: Path) -> list[Path]:
+    """Redraw privacy_utility.png from the saved privacy.json (no attack reruns); reconstructions.png needs the images."""
+    out = Path(out)
+    result = read_json(out / "privacy.json", "the privacy report to redraw")
+    plot_privacy_utility(result["entries"], result["settings"]["attacks"], out / "privacy_utility.png")
+    return [out / "privacy_utility.png"]
 
 
 def validate(s: Settings) -> None:

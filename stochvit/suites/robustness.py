@@ -441,11 +441,12 @@ def figure(result: dict):
             err = [[v["mean"] - v["ci"]["mean"][0] for v in cells], [v["ci"]["mean"][1] - v["mean"] for v in cells]]
         ax.errorbar([e + shift for e in eps], [v["mean"] for v in cells], yerr=err, marker=MARKERS[i % len(MARKERS)],
                     markersize=4, capsize=2, elinewidth=0.7, label=label)
-    rules = [("mean", "--", "mean"), ("all_pass", ":", "all-pass")]
+    rules = [("mean", "--", "mean", "_"), ("all_pass", ":", "all-pass", "x")]
     if [w[lb]["mean"] for lb in labels] == [w[lb]["all_pass"] for lb in labels]:  # a deterministic model: one line
-        rules = [("mean", "--", "mean = all-pass")]
-    for key, style, rule in rules:
-        ax.plot(eps, [w[lb][key] for lb in labels], "k" + style, lw=2, label=f"worst case ({rule})")
+        rules = [("mean", "--", "mean = all-pass", "_")]
+    for key, style, rule, marker in rules:
+        ax.plot(eps, [w[lb][key] for lb in labels], "k" + style, lw=2, label=f"worst case ({rule})",
+                **(dict(marker=marker, ms=14 if marker == "_" else 7, mew=2) if len(eps) == 1 else {}))  # no line to see
         if has_ci:
             ax.fill_between(eps, [w[lb]["ci"][key][0] for lb in labels], [w[lb]["ci"][key][1] for lb in labels],
                             color="k", alpha=0.12 if key == "mean" else 0.06, linewidth=0)
@@ -472,6 +473,15 @@ def plot(result: dict, path: Path) -> None:
     fig = figure(result)
     fig.savefig(path, dpi=110)
     pyplot().close(fig)
+
+
+def replot(out: Path) -> list[Path]:
+    """Redraw robust_accuracy.png from the saved robustness.json (no attack reruns); the example grid needs the images."""
+    from ..runs import read_json
+
+    out = Path(out)
+    plot(read_json(out / "robustness.json", "the robustness report to redraw"), out / "robust_accuracy.png")
+    return [out / "robust_accuracy.png"]
 
 
 def plot_grid(grid: dict, result: dict, path: Path, passes: int) -> None:
