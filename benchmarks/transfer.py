@@ -15,7 +15,7 @@ plus from-scratch training on the same labels (deterministic and stochastic) as 
 
 Runs go to benchmarks/runs/transfer-NAME/ (finished ones are reused, interrupted ones resumed). Tables go to
 benchmarks/results/transfer[-NAME].json/.md/.png (text after the "<!-- reading -->" marker is kept); NAME=digits
-writes transfer.md.
+writes transfer.md. `--plot-only` redraws the .png from the .json alone.
 Deterministic source: keep == off (there is nothing to turn off), so only `keep` is run and reported for both;
 stochastic source: `add` is refused (already stochastic), so keep and off are run.
 """
@@ -124,26 +124,37 @@ def _table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _plot(rows: list[dict], path: Path, name: str) -> None:
+def _plot(rows: list[dict], path: Path, name: str, n_test: int | None = None) -> None:
+    """Accuracy bars with their value and, given the test-set size, a 95% Wilson interval over the test images (scipy)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from scipy.stats import binomtest
 
     fractions = sorted({r["labels"] for r in rows if r["kind"] != "pretrain"})
-    fig, axes = plt.subplots(1, len(fractions), figsize=(6 * len(fractions), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(fractions), figsize=(6 * len(fractions), 4.3), squeeze=False)
     for ax, labels in zip(axes[0], fractions):
         bars: dict[str, list[dict]] = {}  # mean over seeds
         for r in rows:
             if r["labels"] == labels and r["kind"] != "pretrain":
                 key = f"{r['source']}/{r['stochastic']}/{r['mode']}" if r["kind"] == "transfer" else f"scratch {r['target']}"
                 bars.setdefault(key, []).append(r)
-        ax.barh(list(bars), [sum(r["accuracy_k"] for r in rs) / len(rs) for rs in bars.values()],
+        acc = [sum(r["accuracy_k"] for r in rs) / len(rs) for rs in bars.values()]
+        err = None
+        if n_test:
+            cis = [binomtest(round(a * n_test), n_test).proportion_ci(method="wilson") for a in acc]
+            err = [[a - c.low for a, c in zip(acc, cis)], [c.high - a for a, c in zip(acc, cis)]]
+        ax.barh(list(bars), acc, xerr=err, capsize=2, error_kw=dict(elinewidth=0.8),
                 color=["gray" if rs[0]["kind"] == "scratch" else "tab:blue" if rs[0]["source"] == "det" else "tab:orange"
                        for rs in bars.values()])
+        for y, a in enumerate(acc):  # the value: differences of a point or two are invisible in the bars
+            ax.text((err[1][y] + a if err else a) + 0.01, y, f"{a:.3f}", va="center", fontsize=7)
         ax.set_xlim(0, 1)
         ax.set_title(f"{name} classes 5-9, {labels} training labels")
         ax.set_xlabel("test accuracy (K-sample average)")
+    note = (f"bars: 95% Wilson intervals over the {n_test} test images" if n_test else "no intervals (test-set size not saved)")
+    fig.suptitle(f"{note}; blue: deterministic source, orange: stochastic source, grey: from scratch", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -165,11 +176,17 @@ def main() -> None:
                    help="pretraining kinds this invocation runs (with their from-scratch floor and transfers); two "
                         "invocations with one kind each can run side by side, one core each")
     p.add_argument("--report-only", action="store_true", help="only write the tables from the runs finished so far")
+    p.add_argument("--plot-only", action="store_true", help="only redraw the plot from the saved results JSON (no runs needed)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="transfer / from-scratch seeds (pretraining: seed 0)")
     a = p.parse_args()
     torch.set_num_threads(1)  # the machine is shared: one thread avoids OpenMP thrashing
     t0 = time.perf_counter()
     root = HERE / "runs" / f"transfer-{a.name}"
+    stem = "transfer" if a.name == "digits" else f"transfer-{a.name}"
+    if a.plot_only:
+        saved = read_json(RESULTS / f"{stem}.json", "the results to redraw (run without --plot-only first)")
+        _plot(saved["rows"], RESULTS / f"{stem}.png", a.name, saved.get("n_test"))
+        return
     if not a.report_only:
         run_all(a, root)
     rows = collect(root)
@@ -177,13 +194,12 @@ def main() -> None:
         raise SystemExit(f"no finished runs under {root}: nothing to report (run without --report-only first)")
     wall = time.perf_counter() - t0
     RESULTS.mkdir(exist_ok=True)
-    stem = "transfer" if a.name == "digits" else f"transfer-{a.name}"
-    write_json(RESULTS / f"{stem}.json", dict(settings=vars(a), wall_seconds=wall, rows=rows))
-    _plot(rows, RESULTS / f"{stem}.png", a.name)
+    n_test = read_json(Path(rows[-1]["run"]) / "config.json", "config")["data"]["sizes"]["test"]
+    write_json(RESULTS / f"{stem}.json", dict(settings=vars(a), wall_seconds=wall, n_test=n_test, rows=rows))
+    _plot(rows, RESULTS / f"{stem}.png", a.name, n_test)
     md = RESULTS / f"{stem}.md"
     kept = md.read_text().split(MARKER, 1)[1] if md.exists() and MARKER in md.read_text() else "\n\n(reading to be written)\n"
     total = sum(r["seconds"] for r in rows)
-    n_test = read_json(Path(rows[-1]["run"]) / "config.json", "config")["data"]["sizes"]["test"]
     header = (
         f"# Transfer benchmark: {a.name} classes 0-4 -> 5-9\n\n"
         f"Command: `nice -n 10 python benchmarks/transfer.py {' '.join(sys.argv[1:])}`\n\n"
