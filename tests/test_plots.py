@@ -188,3 +188,15 @@ def test_privacy_utility_names_sigma_once_and_claims_intervals_only_when_drawn(t
     assert "no intervals" in privacy_utility_figure(entries, ["decoder", "optimization"])._suptitle.get_text()
     write_json(tmp_path / "privacy.json", dict(entries=entries, settings=dict(attacks=["decoder", "optimization"])))
     assert replot(tmp_path) == [tmp_path / "privacy_utility.png"] and (tmp_path / "privacy_utility.png").stat().st_size
+
+
+def test_adversarial_examples_show_several_classes_of_a_class_sorted_split():
+    import torch
+
+    from stochvit.suites.robustness import grid_examples
+
+    y = torch.tensor([0] * 10 + [1] * 3 + [2] * 5)  # the first six examples are all class 0
+    ids = grid_examples(y)
+    assert ids.tolist() == [0, 1, 2, 3, 10, 13] and set(y[ids].tolist()) == {0, 1, 2}
+    assert grid_examples(torch.tensor([3, 3])).tolist() == [0, 1]  # fewer examples than the grid: all of them
+    assert grid_examples(torch.arange(9)).tolist() == list(range(6))  # more classes than rows: the first six

@@ -145,6 +145,17 @@ def _pick_examples(n_total: int, n: int, seed: int) -> torch.Tensor:
     return torch.randperm(n_total, generator=g)[: min(n, n_total)].sort().values
 
 
+def grid_examples(y: torch.Tensor, n: int = 6) -> torch.Tensor:
+    """Which examples adversarial_examples.png shows: the first of each class, then the next ones, up to n. The first n
+    alone can all be one class (a test split held out in folder order is sorted by class)."""
+    first: dict[int, int] = {}
+    for i, c in enumerate(y.tolist()):
+        first.setdefault(c, i)
+    ids = list(first.values())[:n]
+    ids += [i for i in range(len(y)) if i not in first.values()][: n - len(ids)]
+    return torch.tensor(sorted(ids), dtype=torch.long)
+
+
 def _attack_all(model, sur, x: torch.Tensor, y: torch.Tensor, clean: torch.Tensor, s: Settings, attacks: list[str],
                 quiet: bool) -> tuple[dict, dict, dict[float, torch.Tensor], str]:
     """Every attack at every epsilon: (robustness.json's "attacks", per-example fractions per attack and epsilon,
@@ -155,7 +166,7 @@ def _attack_all(model, sur, x: torch.Tensor, y: torch.Tensor, clean: torch.Tenso
     apgd_runs: dict[tuple[str, float], tuple[torch.Tensor, float]] = {}  # aa-rand reuses the APGD-CE/DLR runs
     shown: dict[float, torch.Tensor] = {}
     shown_by = "none"
-    grid_ids = torch.arange(min(n, 6))
+    grid_ids = grid_examples(y.cpu())
     bar = tqdm(total=len(attacks) * len(s.eps), desc="attacks", disable=quiet, mininterval=1)
     for name in attacks:
         results[name] = {}
