@@ -339,6 +339,21 @@ def test_committed_runs_still_load_and_predict(run_dir):
 
 
 
+@pytest.mark.slow
+def test_a_committed_run_evaluates_to_its_recorded_test_metrics(cifar_dir, tmp_path):
+    """`stochvit evaluate` with today's code on a committed deterministic fp32 run (its data path relative to the repo,
+    as committed) gives the test metrics its summary.json recorded when it was trained."""
+    from stochvit.cli import main
+
+    run = Path(__file__).resolve().parents[1] / "benchmarks" / "runs" / "cifar10-overconfident" / "deterministic-fp32"
+    recorded = json.loads((run / "summary.json").read_text())["test"]["single_pass"]
+    out = tmp_path / "eval.json"
+    assert main(["evaluate", str(run), "--samples", "1", "--precision", "fp32", "--out", str(out)]) == 0
+    now = json.loads(out.read_text())["single_pass"]
+    for key in ("accuracy", "nll", "brier", "ece"):
+        assert now[key]["mean"] == pytest.approx(recorded[key]["mean"], abs=1e-5), key
+
+
 # -- a checkpoint written by the code before the restructuring still resumes, bit-exactly ---------------------------
 
 OLD_CHECKPOINT = Path(__file__).resolve().parent / "data" / "old_checkpoint"
