@@ -1,4 +1,14 @@
-"""Device and numeric precision: bf16 autocast where the hardware runs it natively and it pays, fp32 weights always.
+"""Device, threads and numeric precision: bf16 autocast where the hardware runs it natively and it pays, fp32 weights
+always.
+
+`resolve_device` turns `--device cpu|cuda|cuda:N` (None: CUDA when available) into a torch.device, refusing in one
+line a device this machine lacks. `set_threads` is `--threads N`: torch's intra-op (and, while still settable,
+inter-op) threads of this process, exported as OMP_NUM_THREADS / MKL_NUM_THREADS to the processes it starts. Without
+it torch keeps its own default (one thread per core). On cores shared with other jobs, OpenMP workers spin at every
+barrier and lose whole time slices: the issue tracker's measurement (issue 16) had the digits training at about 113
+img/s with 2 threads beside one other stochvit job against 752 img/s with one thread at the same moment (about 2,300
+idle), so `--threads 1` is the setting that degrades gracefully under load. `benchmarks/throughput.py --threads-study`
+measures threads 1 vs 2 on the machine at hand.
 
 On a CPU in bf16, timm's attention runs on its explicit path (q @ k^T, softmax, @ v) instead of PyTorch's fused
 scaled_dot_product_attention, whose bf16 CPU kernel is slow, above all its backward. Measured side by side on a 2-core
@@ -14,6 +24,8 @@ test accuracy 0.944 / 0.911 (deterministic / stochastic) instead of 0.961 / 0.95
 from __future__ import annotations
 
 import contextlib
+import os
+import re
 import warnings
 from collections.abc import Iterator
 from functools import lru_cache
@@ -21,12 +33,52 @@ from functools import lru_cache
 import torch
 
 from .defaults import PRECISIONS
+from .errors import UserError
 
 CPU_BF16_MIN_WIDTH = 128  # between the digits model (width 64: little gain, see above) and vit_tiny (192)
 
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """`device` ("cpu", "cuda", "cuda:N"; None: `default_device()`) as a torch.device that exists on this machine."""
+    if device is None:
+        return default_device()
+    text = str(device).strip()
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
+        raise UserError(f"device={text}: expected cpu, cuda or cuda:N")
+    d = torch.device(text)
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise UserError(f"device={text}: CUDA is not available here ({why}); use device=cpu")
+        n = torch.cuda.device_count()
+        if d.index is not None and d.index >= n:
+            raise UserError(f"device={text}: this machine has {n} CUDA device(s), cuda:0 to cuda:{n - 1}")
+    return d
+
+
+def set_threads(threads: int | None) -> int:
+    """Run torch on `threads` intra-op threads (None: leave torch's default); returns the count in use.
+
+    Inter-op threads are set too while torch still allows it (before the process's first parallel work); the
+    environment's OMP_NUM_THREADS / MKL_NUM_THREADS carry the count to the processes started afterwards
+    (data-loading workers, Flower's SuperNodes).
+    """
+    if threads is None:
+        return torch.get_num_threads()
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise UserError(f"threads={threads}: must be an integer >= 1")
+    torch.set_num_threads(threads)
+    if torch.get_num_interop_threads() != threads:
+        try:
+            torch.set_num_interop_threads(threads)
+        except RuntimeError:  # parallel work already ran in this process (e.g. a second command in one interpreter)
+            pass
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
+    return torch.get_num_threads()
 
 
 @lru_cache(maxsize=1)

@@ -42,7 +42,7 @@ from .eval.metrics import classification_metrics
 from .layers import random_modules
 from .mlp import set_fused
 from .models import Normalized, stochastic_config
-from .precision import autocast, default_device, resolve_precision
+from .precision import autocast, resolve_device, resolve_precision
 from .predict import dataset_probs
 from .runs import (
     LOCK_FILE,
@@ -455,16 +455,20 @@ def check_trainable_width(model: nn.Module, device: torch.device) -> None:
                         "train): use distribution='gaussian', position='output', or a CUDA device")
 
 
-def prepare(cfg: TrainConfig, path: Path, resumed: bool = False) -> Training:
+def prepare(cfg: TrainConfig, path: Path, resumed: bool = False, device: str | torch.device | None = None) -> Training:
     """Data, model, optimiser, schedule and loader of a run; a resumed run also gets its checkpoint's state.
+
+    `device`: "cpu", "cuda" or "cuda:N" (None: cuda when available); under torchrun each rank takes the GPU of its
+    rank on a CUDA device, and `cpu` keeps every rank on the CPU (gloo).
 
     The order of the random draws is part of the checkpoint format: seed, initialise the model, then (resuming)
     restore the saved RNG states; the loader draws its shuffle only when iterated. Changing it breaks the bit-exact
     resume of existing run directories.
     """
     rank, world = _distributed()
-    device = default_device() if world == 1 else torch.device("cuda", rank % max(1, torch.cuda.device_count())) \
-        if torch.cuda.is_available() else torch.device("cpu")
+    device = resolve_device(device)
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", rank % torch.cuda.device_count())
     data = load_data(cfg.data, cfg.data_dir, cfg.download, cfg.split_seed, train_limit=cfg.train_limit, img_size=cfg.img_size,
                      data_mode=cfg.data_mode)
     if cfg.augment == "none":
@@ -653,20 +657,23 @@ def finish_run(t: Training, path: Path) -> None:
 
 
 def train(cfg: TrainConfig | None = None, out: str | Path | None = None, resume: str | Path | None = None,
-          quiet: bool = False, on_step: Callable[[int], None] | None = None, lr: float | None = None) -> Path:
+          quiet: bool = False, on_step: Callable[[int], None] | None = None, lr: float | None = None,
+          device: str | torch.device | None = None) -> Path:
     """Train (or resume) a run and return its directory: `open_run`, `prepare`, `train_one_epoch` and `end_epoch`
     per epoch, `finish_run`.
 
     `on_step(global_step)` runs after every optimiser step (tests kill the process there to check the resume).
     `lr` (with `resume` only) continues with a new peak learning rate, the way out of a NaN loss (`change_peak_lr`).
+    `device`: where it trains ("cpu", "cuda", "cuda:N"; None: cuda when available); not part of the run's settings.
     With `cfg.adv` set, each batch is replaced by adversarial examples from `stochvit.eval.attacks.adversarial_step`;
     the attack draws from the global RNGs, which the checkpoint saves, so adversarial runs resume exactly too.
     The writing process holds the run directory's lock (`stochvit.runs.run_lock`) throughout; a fresh run that
     fails before its first checkpoint leaves nothing behind, a later failure leaves it resumable.
     """
+    resolve_device(device)  # a device this machine lacks: refused before the run directory is touched
     with ExitStack() as stack:
         cfg, path = open_run(stack, cfg, out, resume, lr)
-        t = prepare(cfg, path, resumed=resume is not None)
+        t = prepare(cfg, path, resumed=resume is not None, device=device)
         if resume is not None and lr is not None:
             change_peak_lr(t, path, lr)
         if resume is None and t.rank == 0:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -19,6 +20,8 @@ from stochvit.train import TrainConfig, train
 SAMPLING = ("train", "evaluate", "demo", "calibration", "robustness", "privacy", "federated", "transfer")
 PRECISION = BATCH = SAMPLING  # wherever a model runs; study takes both from its spec
 SUITES = ("evaluate", "demo", "calibration", "robustness", "privacy", "federated", "transfer", "study")
+# where a model runs in this process: federated's clients and a study's trainings pick their own device
+DEVICE = ("train", "evaluate", "demo", "calibration", "robustness", "privacy", "transfer")
 OLD_ALIASES = {"train": ["--eval-samples"], "federated": ["--eval-samples"], "transfer": ["--eval-samples", "--mode",
                "--stochastic"], "robustness": ["--passes"], "privacy": ["--passes", "--blocks"]}
 
@@ -53,6 +56,8 @@ def test_every_subcommand_shares_one_vocabulary_and_shows_its_defaults():
             assert (concept in flags) == (name in SAMPLING), (name, concept)
         assert ("--precision" in flags) == (name in PRECISION), name
         assert ("--batch-size" in flags and "-b" in flags) == (name in BATCH), name
+        assert "--threads" in flags, name  # every subcommand runs a model
+        assert ("--device" in flags) == (name in DEVICE), name
         for old in ("--eval-samples", "--passes", "--mode" if name == "transfer" else "--passes"):
             assert old not in flags, f"{name} shows the old spelling {old}"
         for old in OLD_ALIASES.get(name, []):  # hidden, still accepted
@@ -97,6 +102,52 @@ def test_help_imports_neither_torch_nor_timm_nor_flower():
     done = _python(code)
     assert done.returncode == 0, done.stderr
     assert "HEAVY []" in done.stdout, done.stdout[-300:]
+
+
+def test_threads_take_effect_inside_a_run_and_bad_values_are_one_line(tmp_path, capsys, monkeypatch):
+    """`--threads N` is what torch uses while the command works (and what it hands to its child processes)."""
+    import torch
+
+    import stochvit.train
+
+    seen = []
+    inner = stochvit.train.train_one_epoch
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return inner(*args, **kwargs)
+
+    monkeypatch.setattr(stochvit.train, "train_one_epoch", spy)
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # restored after the test: set_threads exports them
+        monkeypatch.setenv(name, "1")
+    before = torch.get_num_threads()
+    want = 3 if before != 3 else 2
+    try:
+        assert main(["train", "--epochs", "1", "--warmup-epochs", "0", "--train-limit", "100", "--eval-samples", "1",
+                     "--threads", str(want), "--out", str(tmp_path / "r")]) == 0
+        assert seen == [want] and os.environ["OMP_NUM_THREADS"] == str(want)
+    finally:
+        torch.set_num_threads(before)
+    capsys.readouterr()
+    for bad in ("0", "-2"):
+        assert main(["evaluate", str(tmp_path / "r"), "--threads", bad]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert lines == [f"stochvit evaluate: error: --threads={bad}: must be an integer >= 1"], lines
+    assert torch.get_num_threads() == before
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
+@pytest.mark.parametrize("name", DEVICE)
+def test_device_cuda_without_cuda_is_one_line(name, tmp_path, capsys):
+    out = str(tmp_path / "r")
+    argv = {"train": ["train", "--out", out], "demo": ["demo", "--out", out],
+            "transfer": ["transfer", "--from", "vit_tiny_patch4_32", "--out", out]}.get(name, [name, str(tmp_path)])
+    assert main([*argv, "--device", "cuda"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"stochvit {name}: error: --device=cuda: CUDA is not available here"), lines
+    assert "use --device=cpu" in lines[0] and not (tmp_path / "r").exists()
+    assert main([*argv, "--device", "gpu"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"stochvit {name}: error: --device=gpu: expected cpu, cuda or cuda:N"]
 
 
 def test_version(capsys):

@@ -65,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{getattr(e, 'prog', 'stochvit')}: error: {e}", file=sys.stderr)
         return 2
     try:
+        if getattr(args, "threads", None) is not None:
+            from ..precision import set_threads
+
+            set_threads(args.threads)
         args.func(args)
     except UserError as e:
         sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.command]

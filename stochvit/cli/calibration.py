@@ -14,6 +14,7 @@ from .common import (
     add_out,
     add_overwrite,
     add_precision,
+    add_runtime,
     add_samples,
     add_seed,
     int_list,
@@ -54,6 +55,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_batch_size(g, default(S, "batch_size"))
     add_out(p, None, "report folder (None: FIRST_RUN_DIR/calibration)")
     add_overwrite(p)
+    add_runtime(p)
     p.set_defaults(func=command)
 
 
@@ -62,4 +64,5 @@ def command(a: argparse.Namespace) -> None:
 
     corruptions = None if a.corruptions is None else tuple(c.strip() for c in a.corruptions.split(",") if c.strip())
     run(Settings(a.run_dirs, a.ensemble or [], a.data, a.data_dir, a.samples, a.shift, corruptions,
-                 tuple(a.severities), a.shift_limit, a.seed, a.precision, a.batch_size, a.n_boot, a.out, a.overwrite))
+                 tuple(a.severities), a.shift_limit, a.seed, a.precision, a.batch_size, a.n_boot, a.out, a.overwrite,
+                 device=a.device))

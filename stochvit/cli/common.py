@@ -1,9 +1,9 @@
 """The flags every subcommand shares, with one name per concept and defaults from the library.
 
 One vocabulary: `--samples` is always the number of stochastic passes, `--seed` always seeds what a command samples,
-`--precision` and `-b/--batch-size` go wherever a model runs, `--out` is where outputs go and `--overwrite` allows
-replacing a report made with other settings. Old spellings stay accepted as hidden aliases. Nothing here imports
-torch: `--help` prints at once.
+`--precision` and `-b/--batch-size` go wherever a model runs, `--threads` and `--device` say where it runs, `--out` is
+where outputs go and `--overwrite` allows replacing a report made with other settings. Old spellings stay accepted as
+hidden aliases. Nothing here imports torch: `--help` prints at once.
 
 `-c/--config FILE.yaml` (every command; timm's convention, and timm's way: the file's values become the parser's
 defaults, so flags on the command line override them) and `args.yaml`, the resolved flags a run directory keeps,
@@ -152,6 +152,18 @@ def add_precision(g, default: str = "auto", what: str = "") -> None:
 
 def add_batch_size(g, default: int | None, what: str = "images per forward pass") -> None:
     g.add_argument("-b", "--batch-size", type=int, default=default, help=what)
+
+
+def add_runtime(p: argparse.ArgumentParser, device: bool = True) -> None:
+    """`--threads` (every command that runs a model) and `--device` (those that run it in this process), checked by the
+    library (`stochvit.precision.set_threads`, `resolve_device`) so that a bad value is one line."""
+    g = p.add_argument_group("runtime")
+    g.add_argument("--threads", type=int, default=None,
+                   help="torch threads of this process and of the processes it starts (None: torch's default, one per "
+                        "core); 1 degrades gracefully when other jobs share the cores")
+    if device:
+        g.add_argument("--device", default=None, metavar="cpu|cuda|cuda:N",
+                       help="where the model runs (None: cuda when available, else cpu)")
 
 
 def add_out(p, default: str | None, what: str, required: bool = False) -> None:

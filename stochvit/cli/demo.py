@@ -6,7 +6,7 @@ import argparse
 
 from ..suites.settings import DemoSettings as S
 from ..suites.settings import default
-from .common import add_batch_size, add_command, add_out, add_overwrite, add_precision, add_samples, add_seed
+from .common import add_batch_size, add_command, add_out, add_overwrite, add_precision, add_runtime, add_samples, add_seed
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -24,10 +24,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_precision(g, default(S, "precision"))
     add_batch_size(g, default(S, "batch_size"), "images per forward pass of the evaluation")
     add_overwrite(p)
+    add_runtime(p)
     p.set_defaults(func=command)
 
 
 def command(a: argparse.Namespace) -> None:
     from ..suites.demo import Settings, run
 
-    run(Settings(a.out, a.samples, a.shift, a.seed, a.precision, a.batch_size, a.overwrite))
+    run(Settings(a.out, a.samples, a.shift, a.seed, a.precision, a.batch_size, a.overwrite, a.device))

@@ -7,7 +7,17 @@ import argparse
 from ..defaults import MODES
 from ..suites.settings import EvaluateSettings as S
 from ..suites.settings import default
-from .common import add_batch_size, add_command, add_data_args, add_out, add_overwrite, add_precision, add_samples, add_seed
+from .common import (
+    add_batch_size,
+    add_command,
+    add_data_args,
+    add_out,
+    add_overwrite,
+    add_precision,
+    add_runtime,
+    add_samples,
+    add_seed,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -29,6 +39,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_batch_size(g, default(S, "batch_size"))
     add_out(p, None, "output JSON file (None: RUN_DIR/eval-<data>-<split>-<mode>-k<K>-seed<S>.json)")
     add_overwrite(p)
+    add_runtime(p)
     p.set_defaults(func=command)
 
 
@@ -36,6 +47,6 @@ def command(a: argparse.Namespace) -> None:
     from ..suites.evaluate import Settings, format_table, run
 
     r = run(Settings(a.run_dir, a.data, a.data_dir, a.samples, a.mode, a.split, a.seed, a.precision, a.batch_size, a.out,
-                     a.overwrite))
+                     a.overwrite, a.device))
     print(f"{r.report['run']} on {r.report['images']} (mode={a.mode})\n{format_table(r.report)}"
           + (f"\nwrote {r.out}" if r.out else ""))

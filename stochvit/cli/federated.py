@@ -13,6 +13,7 @@ from .common import (
     add_data_args,
     add_model_args,
     add_out,
+    add_runtime,
     add_split_args,
     add_tracking_args,
     unused_dir,
@@ -69,6 +70,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_out(p, None, "run directory to create (must be new or empty)", required=True)
     # testing hook (the reliability tests' fault injection), hidden from --help
     p.add_argument("--fail-from-round", type=int, default=0, help=argparse.SUPPRESS)
+    add_runtime(p, device=False)  # the clients and the server pick their own device
     p.set_defaults(func=command)
 
 

@@ -14,6 +14,7 @@ from .common import (
     add_out,
     add_overwrite,
     add_precision,
+    add_runtime,
     add_samples,
     add_seed,
     alias,
@@ -55,6 +56,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_batch_size(g, default(S, "batch_size"), "images per forward pass of the victim model")
     add_out(p, None, "report folder (None: FIRST_RUN_DIR/privacy)")
     add_overwrite(p)
+    add_runtime(p)
     p.set_defaults(func=command)
 
 
@@ -62,7 +64,7 @@ def settings_from_args(a: argparse.Namespace) -> S:
     attack = AttackConfig(decoder_steps=a.decoder_steps, decoder_width=a.decoder_width, opt_steps=a.opt_steps,
                           tv_weight=a.tv_weight)
     return S(a.run_dirs, a.data, a.data_dir, a.split_blocks, a.attacks, a.noise_baseline, a.n_victims, a.aux_limit,
-             a.samples, attack, a.seed, a.precision, a.batch_size, a.out, a.overwrite)
+             a.samples, attack, a.seed, a.precision, a.batch_size, a.out, a.overwrite, a.device)
 
 
 def command(a: argparse.Namespace) -> None:

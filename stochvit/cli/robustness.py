@@ -14,6 +14,7 @@ from .common import (
     add_out,
     add_overwrite,
     add_precision,
+    add_runtime,
     add_samples,
     add_seed,
     eps_list,
@@ -53,6 +54,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--no-sanity", action="store_true", help="skip the sanity report (saves the long-run and large-eps attacks)")
     add_out(p, None, "report folder (None: RUN_DIR/robustness-NORM)")
     add_overwrite(p)
+    add_runtime(p)
     p.set_defaults(func=command)
 
 
@@ -63,6 +65,6 @@ def command(a: argparse.Namespace) -> None:
     eps = a.eps or list(LINF_EPS if a.norm == "linf" else L2_EPS)
     r = run(Settings(a.run_dir, a.data, a.data_dir, a.surrogate, a.norm, eps, attacks, a.eot, a.steps, a.restarts,
                      a.square_queries, a.samples, a.n_examples, a.batch_size, a.precision, a.seed, not a.no_sanity,
-                     a.n_boot, a.out, a.overwrite))
+                     a.n_boot, a.out, a.overwrite, a.device))
     print(markdown(r.report))
     print(f"wrote {r.out}/robustness.json, robustness.md, robust_accuracy.png, adversarial_examples.png")

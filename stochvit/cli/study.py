@@ -6,7 +6,7 @@ import argparse
 
 from ..suites.settings import StudySettings as S
 from ..suites.settings import default
-from .common import add_command, add_out
+from .common import add_command, add_out, add_runtime
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -17,6 +17,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-train", dest="train", action="store_false", help="report on finished runs only, train nothing")
     p.add_argument("--n-boot", type=int, default=default(S, "n_boot"), help="bootstrap resamples per comparison")
     add_out(p, None, "report folder (None: the spec's out/report)")
+    add_runtime(p, device=False)  # the trainings run with the spec's threads
     p.set_defaults(func=command)
 
 

@@ -16,6 +16,7 @@ from .common import (
     add_model_args,
     add_out,
     add_precision,
+    add_runtime,
     add_samples,
     add_seed,
     add_split_args,
@@ -80,6 +81,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", default=None, metavar="RUN_DIR",
                    help="continue an interrupted run with its own settings (other flags are refused, except --lr: "
                         "a new peak learning rate from the last checkpoint on, e.g. after a NaN loss)")
+    add_runtime(p)
     p.set_defaults(func=command)
 
 
@@ -137,11 +139,12 @@ def command(a: argparse.Namespace) -> None:
     from ..train import is_main_process, new_run_dir, train
 
     if a.resume:
-        ignored = flags_given_with(a, "train", keep=("resume", "lr"))
+        ignored = flags_given_with(a, "train", keep=("resume", "lr", "threads", "device"))
         if ignored:
             raise UserError(f"--resume continues a run with its own settings and directory; remove {', '.join(ignored)} "
-                            f"(only --lr may change, e.g. after a NaN loss; a different schedule needs a new run)")
-        path = train(resume=a.resume, lr=a.lr)
+                            "(only --lr, --threads and --device may change, e.g. --lr after a NaN loss; a different "
+                            "schedule needs a new run)")
+        path = train(resume=a.resume, lr=a.lr, device=a.device)
     else:
         cfg = train_config_from_args(a)
         if a.adv:
@@ -149,7 +152,7 @@ def command(a: argparse.Namespace) -> None:
         a.out = str(a.out or new_run_dir())  # args.yaml records the directory
         fresh = unused_dir(a.out) and is_main_process()
         try:
-            path = train(cfg, out=a.out)
+            path = train(cfg, out=a.out, device=a.device)
         finally:
             if fresh:
                 write_args_yaml(a.out, a)

@@ -14,6 +14,7 @@ from .common import (
     add_layer_args,
     add_out,
     add_precision,
+    add_runtime,
     add_samples,
     add_seed,
     add_split_args,
@@ -63,6 +64,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_samples(g, 10, "stochastic passes of the final evaluation", old=("--eval-samples",))
     add_tracking_args(p)
     add_out(p, None, "new run directory", required=True)
+    add_runtime(p)
     p.set_defaults(func=command)
 
 
@@ -73,7 +75,7 @@ def command(a: argparse.Namespace) -> None:
     fresh = unused_dir(a.out)
     try:
         r = run(Settings(a.source, a.out, a.weights, a.data, a.transfer_mode, a.stochastic_target, layer_from_args(a),
-                         a.backbone_lr_scale, train))
+                         a.backbone_lr_scale, train, a.device))
     finally:
         if fresh:
             write_args_yaml(a.out, a)

@@ -255,9 +255,13 @@ def report(path: Path, summary: dict | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def transfer(source: str, out: str | Path, quiet: bool = False, **kwargs: Any) -> Path:
-    """Prepare the run directory and train it with the ordinary trainer, whose last step (`runs.finalize_run`) writes
-    transfer.md just before summary.json (also when an interrupted transfer is finished with `stochvit train --resume`)."""
+def transfer(source: str, out: str | Path, quiet: bool = False, device: str | None = None, **kwargs: Any) -> Path:
+    """Prepare the run directory and train it with the ordinary trainer (on `device`; None: cuda when available), whose
+    last step (`runs.finalize_run`) writes transfer.md just before summary.json (also when an interrupted transfer is
+    finished with `stochvit train --resume`)."""
+    from ..precision import resolve_device
+
+    resolve_device(device)  # a device this machine lacks: refused before the run directory is written
     path = prepare(source, out, **kwargs)
-    train(resume=path, quiet=quiet)
+    train(resume=path, quiet=quiet, device=device)
     return path

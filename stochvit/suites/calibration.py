@@ -42,6 +42,7 @@ from ..eval.corruptions import CORRUPTIONS, ORIGINAL_CORRUPTIONS, check, corrupt
 from ..eval.metrics import mc_metrics
 from ..eval.stats import Comparison, Scores, compare, comparison_table, interval
 from ..layers import MCDropout, is_random, random_modules
+from ..precision import resolve_device
 from ..predict import dataset_probs, seeded
 from ..runs import (
     Run,
@@ -219,11 +220,13 @@ def validate(s: Settings) -> tuple[CorruptionBenchmark | None, tuple[str, ...]]:
 def load_groups(s: Settings) -> tuple[list[Run], list[list[Run]], list[str]]:
     """Every run once; the methods' groups of runs (single runs, then ensembles) and their names."""
     ensembles = [list(e) for e in s.ensembles or []]
+    where = resolve_device(s.device)  # where the models predict (None: cuda when available)
     loaded: dict[Path, Run] = {}
     for p in list(s.run_dirs) + [p for e in ensembles for p in e]:
         key = Path(p).resolve()
         if key not in loaded:
             loaded[key] = load_run(p)
+            loaded[key].model.to(where)
     runs = [loaded[Path(p).resolve()] for p in s.run_dirs]
     groups = [[r] for r in runs] + [[loaded[Path(p).resolve()] for p in e] for e in ensembles]
     names = _unique_names(runs) + [f"ensemble-{len(e)}" + (f"#{i + 1}" if len(ensembles) > 1 else "")

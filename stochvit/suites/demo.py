@@ -18,7 +18,7 @@ from .settings import Result
 MODELS = (("deterministic", None), ("stochastic", True))
 
 
-def _train_or_reuse(path: Path, stochastic: bool | None, seed: int = 0) -> Path:
+def _train_or_reuse(path: Path, stochastic: bool | None, seed: int = 0, device: str | None = None) -> Path:
     from ..train import TrainConfig, train
 
     if (path / "summary.json").exists():
@@ -27,10 +27,10 @@ def _train_or_reuse(path: Path, stochastic: bool | None, seed: int = 0) -> Path:
     t0 = time.perf_counter()
     if (path / "config.json").exists():
         print(f"resuming {path}")
-        train(resume=path)
+        train(resume=path, device=device)
     else:
         print(f"training the {path.name} ViT on digits (default recipe: 60 epochs) into {path}")
-        train(TrainConfig(stochastic=stochastic, seed=seed), out=path)
+        train(TrainConfig(stochastic=stochastic, seed=seed), out=path, device=device)
     print(f"{path.name}: trained in {time.perf_counter() - t0:.0f} s")
     return path
 
@@ -65,16 +65,18 @@ class DemoResult(Result):
 
 def run(s: Settings) -> DemoResult:
     """Train (or reuse) both runs under `s.out`, then write and print the calibration report (in OUT/calibration)."""
+    from ..precision import resolve_device
     from . import calibration
 
     if s.samples < 1:
         raise UserError(f"samples={s.samples} must be >= 1")
+    resolve_device(s.device)  # a device this machine lacks: refused before training
     out = Path(s.out)
-    paths = [_train_or_reuse(out / name, stochastic, s.seed) for name, stochastic in MODELS]
+    paths = [_train_or_reuse(out / name, stochastic, s.seed, s.device) for name, stochastic in MODELS]
     print("\nevaluating calibration" + (" (clean and corrupted test copies)" if s.shift else ""))
     cal = calibration.run(calibration.Settings(paths, samples=s.samples, shift=s.shift, out=out / "calibration",
                                                precision=s.precision, seed=s.seed, batch_size=s.batch_size,
-                                               overwrite=s.overwrite))
+                                               overwrite=s.overwrite, device=s.device))
     print("\n" + reading(cal.report))
     print(f"\nplots and tables: {cal.out}/ (reliability.png, shift.png, confidence_hist.png, calibration.md)")
     return DemoResult(cal.out, paths, cal.report)

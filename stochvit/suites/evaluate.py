@@ -18,6 +18,7 @@ from ..data import DataBundle, ImageSet
 from ..errors import UserError
 from ..eval.metrics import mc_metrics
 from ..layers import is_random, sampling
+from ..precision import resolve_device
 from ..predict import dataset_probs, seeded
 from ..runs import Run, check_compatible, check_overwrite, data_for, load_run, write_json
 from .settings import EvaluateSettings as Settings
@@ -107,7 +108,9 @@ def run(s: Settings) -> EvaluateResult:
         raise UserError(f"samples={s.samples} must be >= 1")
     if s.split not in SPLITS:
         raise UserError(f"split={s.split!r} is not one of {', '.join(SPLITS)}")
+    device = resolve_device(s.device)
     loaded = load_run(s.run_dir)
+    loaded.model.to(device)
     out = output_path(s, loaded)
     settings = record(s) | {"run_dir": str(loaded.path)}
     check_overwrite(out, settings, s.overwrite)

@@ -50,7 +50,7 @@ from ..eval.privacy import (
 )
 from ..eval.stats import Scores, compare, interval
 from ..layers import is_random
-from ..precision import default_device
+from ..precision import resolve_device
 from ..runs import (
     Run,
     atomic_output_dir,
@@ -161,13 +161,14 @@ def _invert(attack: str, view, observed: torch.Tensor, victims: torch.Tensor, cf
 def evaluate_privacy(runs: list[Run], aux: torch.Tensor, victims: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
                      blocks: str, attacks: list[str], sigmas: list[float], cfg: AttackConfig, passes: int = 5,
                      seed: int = 0, partial: _Partial | None = None, precision: str = "fp32",
-                     batch_size: int = 512) -> tuple[list[dict], dict[str, torch.Tensor]]:
+                     batch_size: int = 512, device: str | None = None) -> tuple[list[dict], dict[str, torch.Tensor]]:
     """One entry per (run, k, defence): accuracy and attack metrics. Also returns the shown reconstructions by label.
 
     `precision` and `batch_size` are those of the victim model's forward passes (the devices' features, the split
     accuracy, the white-box inversion); the attacker's decoder trains in fp32. Configurations found in `partial` are
-    reused; each newly finished one is added to it."""
-    where = default_device()
+    reused; each newly finished one is added to it. `device`: where the models and the attacks run (None: cuda when
+    available)."""
+    where = resolve_device(device)
     victims_dev = victims.to(where)
     entries, shown = [], {}
     clean_accuracy: dict[int, dict] = {}
@@ -411,6 +412,7 @@ class PrivacyResult(Result):
 def run(s: Settings) -> PrivacyResult:
     """The suite from its settings (what `stochvit privacy` does), written into `s.out` (default FIRST_RUN_DIR/privacy)."""
     validate(s)
+    resolve_device(s.device)  # a device this machine lacks: refused before anything loads
     runs = [load_run(p) for p in s.run_dirs]
     data = data_for(runs[0].config, s.data, s.data_dir)
     for r in runs:
@@ -435,7 +437,8 @@ def run(s: Settings) -> PrivacyResult:
     partial = _Partial(out, record)
     t0 = time.perf_counter()
     entries, shown = evaluate_privacy(runs, aux, victims, test_x, test_y, s.split_blocks, list(s.attacks),
-                                      list(s.noise_baseline), cfg, s.samples, s.seed, partial, s.precision, s.batch_size)
+                                      list(s.noise_baseline), cfg, s.samples, s.seed, partial, s.precision, s.batch_size,
+                                      s.device)
     result = dict(
         data=data.name, test_source=data.test_source(),
         runs=[dict(run=str(r.path), name=r.name, kind=_run_kind(r)) for r in runs], settings=settings,

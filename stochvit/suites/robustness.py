@@ -28,7 +28,7 @@ from ..errors import UserError
 from ..eval import attacks as A
 from ..eval.stats import Scores, interval
 from ..layers import is_random
-from ..precision import autocast, default_device
+from ..precision import autocast, resolve_device
 from ..runs import Run, atomic_output_dir, check_compatible, check_output_dir, data_for, load_run, write_json
 from .settings import ROBUSTNESS_ATTACKS, ROBUSTNESS_DEFAULT_ATTACKS, Result, record
 from .settings import RobustnessSettings as Settings
@@ -215,7 +215,7 @@ def evaluate_robustness(run: Run, s: Settings, data_spec: str | None = None, dat
     check_compatible(run.config, data)
     if surrogate is not None:
         check_compatible(surrogate.config, data)
-    device = default_device()
+    device = resolve_device(s.device)
     model = run.model.to(device).eval()
     sur = surrogate.model.to(device).eval() if surrogate is not None else None
     random = is_random(model)
@@ -543,6 +543,7 @@ class RobustnessResult(Result):
 
 def run(s: Settings) -> RobustnessResult:
     """The suite from its settings (what `stochvit robustness` does), written into `s.out` (default RUN_DIR/robustness-NORM)."""
+    resolve_device(s.device)  # a device this machine lacks: refused before anything loads
     loaded = load_run(s.run_dir)
     surrogate = load_run(s.surrogate) if s.surrogate else None
     if surrogate is not None and "transfer" not in s.attacks and s.attacks == list(DEFAULT_ATTACKS):

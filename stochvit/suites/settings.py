@@ -7,6 +7,8 @@ suite wrote) and its key numbers; where reporting is a separate step (study), `r
 Output rule: a report on runs goes into the first run directory it reads, in a file or folder named by the suite
 (and, for evaluate, its settings) unless `out` says otherwise; a command that makes runs (train, federated, transfer,
 demo) writes them under `out`. An existing report made with other settings is refused unless `overwrite` is set.
+`device` ("cpu", "cuda", "cuda:N"; None: CUDA when available) says where the model runs; like `out`, it is not part
+of the settings a report is compared by.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ def record(settings: Any) -> dict:
             return {k: plain(x) for k, x in v.items()}
         return v
 
-    return {k: plain(v) for k, v in asdict(settings).items() if k not in ("out", "overwrite", "quiet")}
+    return {k: plain(v) for k, v in asdict(settings).items() if k not in ("out", "overwrite", "quiet", "device")}
 
 
 @dataclass
@@ -68,6 +70,7 @@ class EvaluateSettings:
     batch_size: int = 256
     out: str | Path | None = None  # default: RUN_DIR/eval-<data>-<split>-<mode>-k<K>-seed<S>.json
     overwrite: bool = False
+    device: str | None = None  # cpu | cuda | cuda:N (None: cuda when available)
 
 
 @dataclass
@@ -79,6 +82,7 @@ class DemoSettings:
     precision: str = "auto"
     batch_size: int = 256  # of the calibration predictions
     overwrite: bool = False
+    device: str | None = None  # cpu | cuda | cuda:N (None: cuda when available)
 
 
 @dataclass
@@ -99,6 +103,7 @@ class CalibrationSettings:
     out: str | Path | None = None  # default: FIRST_RUN_DIR/calibration
     overwrite: bool = False
     quiet: bool = False
+    device: str | None = None  # cpu | cuda | cuda:N (None: cuda when available)
 
 
 @dataclass
@@ -123,6 +128,7 @@ class RobustnessSettings:
     n_boot: int = 1000  # bootstrap resamples of the 95% intervals
     out: str | Path | None = None  # default: RUN_DIR/robustness-NORM
     overwrite: bool = False
+    device: str | None = None  # cpu | cuda | cuda:N (None: cuda when available)
 
 
 @dataclass
@@ -142,6 +148,7 @@ class PrivacySettings:
     batch_size: int = 512  # images per forward pass of the victim model
     out: str | Path | None = None  # default: FIRST_RUN_DIR/privacy
     overwrite: bool = False
+    device: str | None = None  # cpu | cuda | cuda:N (None: cuda when available)
 
 
 @dataclass
@@ -171,6 +178,7 @@ class TransferSettings:
     layer: dict | None = None  # the stochastic layer for stochastic_target="add" (default: the default layer)
     backbone_lr_scale: float = 1.0
     train: dict = field(default_factory=dict)  # TrainConfig fields (epochs, lr, seed, ...); absent: the transfer recipe
+    device: str | None = None  # cpu | cuda | cuda:N (None: cuda when available)
 
 
 @dataclass(frozen=True)

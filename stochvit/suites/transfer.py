@@ -26,5 +26,5 @@ def run(s: Settings) -> TransferResult:
 
     layer = {**DEFAULT_STOCHASTIC, **(s.layer or {})}
     path = transfer(s.source, s.out, data=s.data, weights=s.weights, mode=s.transfer_mode, stochastic=s.stochastic_target,
-                    layer=layer, backbone_lr_scale=s.backbone_lr_scale, **s.train)
+                    layer=layer, backbone_lr_scale=s.backbone_lr_scale, device=s.device, **s.train)
     return TransferResult(path, read_json(path / "summary.json", "summary"))
