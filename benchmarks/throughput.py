@@ -1,6 +1,13 @@
 """Throughput of plain vs stochastic ViTs, measured side by side in one process with interleaved repeats.
 
-    python benchmarks/throughput.py --out benchmarks/results/throughput.json
+    python benchmarks/throughput.py --out benchmarks/results/throughput.json            # the cells below
+    python benchmarks/throughput.py --sections all --out benchmarks/results/throughput-scale.json   # the scale study
+    python benchmarks/throughput.py --sections all --quick --out /tmp/t.json            # the same at toy size (seconds)
+
+With `--sections` (see `scale_sections.py` beside this file) it measures instead, in one run, what issue 16 asks:
+the bf16 matmul peak beside the end-to-end trainer (their ratio), the default layer against the plain model in bf16
+training by two interleaving methods, threads 1 vs 2 idle and beside a load, the orthogonal kind at digits width, and
+a torch.profiler breakdown of one bf16 training step; it writes JSON and a Markdown table beside it.
 
 Models: plain timm `vit_tiny_patch4_32`, the same with the default stochastic layer (diagonal U[0.5,1.5],
 token-consistent, pre-activation), eager or with its scale compiled into the activation (`stochvit.set_fused`; compiled
@@ -23,6 +30,7 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -68,6 +76,22 @@ def _step_fn(model: nn.Module, task: str, precision: str, x: torch.Tensor, y: to
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="benchmarks/results/throughput.json")
+    p.add_argument("--sections", default=None, help="comma list of peak,trainer,layer,threads,orthogonal,profile or all: "
+                   "the scale study (scale_sections.py) instead of the cells")
+    p.add_argument("--quick", action="store_true", help="with --sections: toy sizes, seconds (for the tests)")
+    a, _ = p.parse_known_args()
+    if a.sections is None:
+        legacy_main(p)
+        return
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import scale_sections
+
+    scale_sections.main(p)
+
+
+def legacy_main(p: argparse.ArgumentParser) -> None:
+    """The cells of every model x task x precision (the command lines in RESULTS.md before `--sections`)."""
     p.add_argument("--model", default="vit_tiny_patch4_32")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--rounds", type=int, default=5)
@@ -78,7 +102,6 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     p.add_argument("--trainer-data", default=None, help="also time `stochvit train` end to end on this dataset spec")
     p.add_argument("--trainer-limit", type=int, default=2560, help="training images for the trainer timing")
-    p.add_argument("--out", default="benchmarks/results/throughput.json")
     a = p.parse_args()
     if a.precisions is None:
         a.precisions = "fp32,bf16" if cpu_has_native_bf16() else "fp32"

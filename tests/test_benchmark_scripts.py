@@ -1,0 +1,60 @@
+"""The measurement scripts run end to end at toy size and write valid reports (no speed thresholds: timings are not
+properties of the code)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _main(monkeypatch, script: str, argv: list[str]) -> None:
+    monkeypatch.syspath_prepend(str(BENCH))
+    monkeypatch.setattr(sys, "argv", [script, *argv])
+    module = __import__(script.removesuffix(".py"))
+    module.main()
+
+
+def test_throughput_scale_sections_quick(tmp_path, monkeypatch):
+    threads = torch.get_num_threads()
+    out = tmp_path / "t.json"
+    _main(monkeypatch, "throughput.py", ["--sections", "all", "--quick", "--out", str(out)])
+    assert torch.get_num_threads() == threads  # the threads section restores the caller's setting
+    r = json.loads(out.read_text())
+    assert {"peak", "trainer", "layer", "threads", "orthogonal", "profile"} <= set(r)
+    t = r["trainer"]
+    assert t["stochastic"] and t["images_per_s"] > 0 and math.isfinite(t["ratio_to_limit"])
+    assert abs(t["gflop_per_image_counted"] - 1.04) < 0.05  # the issue's cost of a vit_tiny_patch4_32 training step
+    for method in ("blocks", "alternating"):
+        assert set(r["layer"][method]["explicit"]) == {"plain", "stochastic"}
+    assert r["layer"]["blocks"]["explicit"]["plain"]["ratio"]["median"] == 1.0
+    assert {row["model"] for row in r["threads"]["rows"]} == {"vit_digits_patch2_8", "vit_tiny_patch4_32"}
+    assert r["orthogonal"]["train"]["diagonal"]["ratio"]["median"] == 1.0
+    top = r["profile"]["top"]
+    assert top and all(a["self_cpu_ms_per_step"] >= b["self_cpu_ms_per_step"] for a, b in zip(top, top[1:]))
+    md = out.with_suffix(".md").read_text()
+    assert "| method | attention |" in md and "| op | self CPU ms / step |" in md
+
+
+def test_suite_times_quick(digits_runs, tmp_path, monkeypatch):
+    out = tmp_path / "s.json"
+    _main(monkeypatch, "suite_times.py", [
+        "--run", str(digits_runs["stochastic"]), "--baseline", str(digits_runs["deterministic"]), "--images", "20",
+        "--robustness-images", "4", "--steps", "1", "--eot", "1", "--queries", "2", "--decoder-steps", "2",
+        "--opt-steps", "1", "--out", str(out)])
+    r = json.loads(out.read_text())
+    assert r["images"] == 20 and set(r["suites"]) == {"evaluate", "calibration", "robustness", "privacy"}
+    for row in r["suites"].values():
+        assert row["seconds"] > 0
+    for name in ("robustness", "privacy"):  # the defaults' budgets are larger: the extrapolation cannot shrink a time
+        assert r["suites"][name]["default_seconds"] >= r["suites"][name]["seconds"] * 0.999
+    import stochvit.runs
+    import stochvit.suites.evaluate
+
+    assert stochvit.suites.evaluate.data_for is stochvit.runs.data_for  # the suites' data loading is restored
+    assert "| robustness |" in out.with_suffix(".md").read_text()
