@@ -368,6 +368,7 @@ def main(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trainer-data", default=None, help="dataset spec for the trainer section (None: synthetic PNGs)")
     p.add_argument("--rounds", type=int, default=None, help="rounds of the layer, threads and orthogonal sections")
     p.add_argument("--threads", type=int, default=None, help="torch threads outside the threads section (None: torch's)")
+    p.add_argument("--batch-size", type=int, default=None, help="CIFAR-size batch of every section (None: 128, quick 8)")
     a = p.parse_args()
     sections = SECTIONS if a.sections == "all" else tuple(x.strip() for x in a.sections.split(",") if x.strip())
     passive = sections == ("threads-passive",)
@@ -377,6 +378,8 @@ def main(p: argparse.ArgumentParser) -> None:
     c = dict(QUICK if a.quick else FULL)
     if a.rounds:
         c.update(layer_rounds=a.rounds, thread_rounds=a.rounds, ortho_rounds=a.rounds)
+    if a.batch_size:
+        c["batch"] = a.batch_size
     if a.threads:
         torch.set_num_threads(a.threads)
     out = Path(a.out)
