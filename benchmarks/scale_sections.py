@@ -14,8 +14,8 @@
   as the ratio of medians.
 - threads: training images/s with 1 and 2 torch threads (rounds interleaved) for the digits model (its recipe, fp32)
   and the CIFAR-size model (bf16 where native), idle and beside a load (a child process training vit_tiny in bf16 on
-  torch's default threads, "one other stochvit job"); beside the load also with OMP_WAIT_POLICY=PASSIVE (a child run of
-  this section, since OpenMP reads it at start-up).
+  torch's default threads, "one other stochvit job"); the digits model also with OMP_WAIT_POLICY=PASSIVE, idle and
+  loaded (a child run of this section, since OpenMP reads it at start-up).
 - orthogonal: plain, diagonal and full-orthogonal layers at digits width (vit_digits_patch2_8, batch 64), training and
   inference, blocks method.
 - profile: torch.profiler of bf16 vit_tiny training steps (default layer): the top ops by self CPU time.
@@ -151,7 +151,8 @@ def background_load() -> Iterator[None]:
     proc = subprocess.Popen([sys.executable, "-c", LOAD_CODE], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env,
                             text=True, preexec_fn=child_dies_with_parent)
     try:
-        proc.stdout.readline()  # "ready": it has imported torch and taken one step
+        if proc.stdout.readline().strip() != "ready":  # it has imported torch and taken one step
+            raise RuntimeError(f"the background load process exited with status {proc.wait()}")
         yield
     finally:
         proc.kill()
@@ -249,9 +250,10 @@ def threads_section(c: dict, tmp: Path, models: tuple[str, ...] = ("digits", "ci
                     child: bool = True) -> dict:
     loads = c["loads"] if loads is None else loads
     before = torch.get_num_threads()
-    specs = {"digits": ("digits", c["digits_batch"]),
-             "cifar-size": (synthetic_folder(tmp / "threads-cifar", max(100, int(c["thread_steps"] * c["batch"] / 0.8) + 10)),
-                            c["batch"])}
+    specs = {"digits": ("digits", c["digits_batch"])}
+    if "cifar-size" in models:
+        folder = synthetic_folder(tmp / "threads-cifar", max(100, int(c["thread_steps"] * c["batch"] / 0.8) + 10))
+        specs["cifar-size"] = (folder, c["batch"])
     trainings = {m: training(specs[m][0], specs[m][1], c["thread_steps"] * specs[m][1], tmp) for m in models}
     rows = []
     try:
@@ -394,7 +396,7 @@ def main(p: argparse.ArgumentParser) -> None:
         for name in sections:
             t = time.perf_counter()
             if passive:
-                result["threads"] = threads_section(c, tmp, models=("digits",), loads=("loaded",), child=False)
+                result["threads"] = threads_section(c, tmp, models=("digits",), loads=("idle", "loaded"), child=False)
             elif name == "trainer":
                 result["peak"] = result.get("peak") or peak_section(c, tmp)
                 result["trainer"] = trainer_section(c, tmp, a.trainer_data, result["peak"])
