@@ -140,11 +140,11 @@ def main() -> None:
                 m = stochvit.suites.robustness
                 s = m.Settings(a.run, steps=a.steps, eot=a.eot, queries=a.queries, n_examples=a.robustness_images,
                                out=tmp / "robustness")
-                r, _ = m.run(s)
+                r = m.run(s).report
             elif name == "privacy":
                 m = stochvit.suites.privacy
                 cfg = AttackConfig(decoder_steps=a.decoder_steps, opt_steps=a.opt_steps)
-                r, _ = m.run(m.Settings([a.run, a.baseline], attack=cfg, out=tmp / "privacy"))
+                r = m.run(m.Settings([a.run, a.baseline], attack=cfg, out=tmp / "privacy")).report
             else:
                 p.error(f"--suites: unknown {name!r}")
             sec = time.perf_counter() - t
