@@ -44,7 +44,7 @@ def test_every_subcommand_shares_one_vocabulary_and_shows_its_defaults():
         assert p.formatter_class is Formatter, name
         for option, action in flags.items():
             dests.setdefault(option, set()).add(action.dest)
-            if option in ("-h", "--help"):
+            if option in ("-h", "--help") or action.default is argparse.SUPPRESS:  # print-and-exit actions
                 continue
             assert action.help, f"{name} {option} has no help text"
             shown = Formatter("x")._get_help_string(action)
