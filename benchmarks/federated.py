@@ -8,8 +8,10 @@ same rounds and local epochs, each through `stochvit federated` (a real Flower s
                                                                     # CIFAR-10, CPU-short (runs/cifar10-federated)
 
 Runs go to benchmarks/runs/{digits,cifar10}-federated/<partition>-<model> (finished ones are reused); the table
-(final and per-round accuracy / ECE, wall time) goes to results.{json,md} there; the reading is
-written up by hand in benchmarks/results/federated.md.
+(final and per-round accuracy / ECE, wall time) goes to results.{json,md} there, with the comparisons: stochastic minus
+deterministic per partition, and each Dirichlet partition minus IID per model, each with a paired 95% interval over
+the shared test images (one seed per run: test-image sampling only; stochvit.suites.compare_runs), also plotted in
+differences.png. The reading is written up by hand in benchmarks/results/federated.md.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from stochvit.eval.stats import Comparison
+from stochvit.suites.compare_runs import Predictions, RunPredictions, compare_runs, comparisons_markdown, plot_comparisons
 
 RUNS = Path(__file__).resolve().parent / "runs"
 PARTITIONS = ("iid", "dirichlet:0.5", "dirichlet:0.1")
@@ -47,7 +52,7 @@ def run(partition: str, model: str, a: argparse.Namespace) -> dict:
     s = json.loads((out / "summary.json").read_text())
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     skew = json.loads((out / "partition.json").read_text())["label_skew"]
-    return dict(partition=partition, model=model, label_skew=skew, wall_seconds=wall,
+    return dict(partition=partition, model=model, run=str(out), label_skew=skew, wall_seconds=wall,
                 test_accuracy=s["test"]["single_pass"]["accuracy"]["mean"], test_ece=s["test"]["single_pass"]["ece"]["mean"],
                 test_nll=s["test"]["single_pass"]["nll"]["mean"], test_accuracy_mc=s["test"]["mc_average"]["accuracy"],
                 test_ece_mc=s["test"]["mc_average"]["ece"], samples=s["test"]["samples"],
@@ -73,6 +78,26 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def comparisons(results: list[dict], predictions: Predictions) -> list[Comparison]:
+    """Stochastic - deterministic per partition, then each non-IID partition - IID per model (one run each)."""
+    run = {(r["partition"], r["model"]): r["run"] for r in results}
+    partitions = list(dict.fromkeys(r["partition"] for r in results))
+    pairs = [((p, "stochastic"), (p, "deterministic")) for p in partitions]
+    pairs += [((p, m), ("iid", m)) for m in MODELS for p in partitions if p != "iid"]
+    return [c for a, b in pairs if a in run and b in run
+            for c in compare_runs([run[a]], [run[b]], f"{a[0]} {a[1]}", f"{b[0]} {b[1]}", predictions)]
+
+
+def report(results: list[dict], root: Path, predictions: Predictions) -> tuple[list[Comparison], str]:
+    """results.md's text (tables and the comparisons) and differences.png; returns the comparisons and the text."""
+    rows = comparisons(results, predictions)
+    text = table(results)
+    if rows:
+        plot_comparisons(root / "differences.png", rows, "federated: method - baseline, 95% CI over test images")
+        text += "\n" + comparisons_markdown(rows, "Comparisons") + "\n![differences](differences.png)\n"
+    return rows, text
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--clients", type=int, default=5)
@@ -89,8 +114,9 @@ def main() -> None:
     a.root = RUNS / ("digits-federated" if a.data == "digits" else "cifar10-federated")
     a.root.mkdir(parents=True, exist_ok=True)
     results = [run(part, model, a) for part in (a.only or PARTITIONS) for model in MODELS]
-    (a.root / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    text = table(results)
+    rows, text = report(results, a.root, RunPredictions(a.eval_samples))
+    (a.root / "results.json").write_text(json.dumps(dict(results=results, comparisons=[c.as_dict() for c in rows]),
+                                                    indent=2) + "\n")
     (a.root / "results.md").write_text(text)
     print(text)
 

@@ -15,7 +15,9 @@ plus from-scratch training on the same labels (deterministic and stochastic) as 
 
 Runs go to benchmarks/runs/transfer-NAME/ (finished ones are reused, interrupted ones resumed). Tables go to
 benchmarks/results/transfer[-NAME].json/.md/.png (text after the "<!-- reading -->" marker is kept); NAME=digits
-writes transfer.md. `--plot-only` redraws the .png from the .json alone.
+writes transfer.md. `--plot-only` redraws the .png from the .json alone. The report also compares the stochastic
+source with the deterministic one at the same trained model (paired 95% intervals over the shared test images, and
+over seeds where several: stochvit.suites.compare_runs), in the JSON, the .md and transfer[-NAME]-differences.png.
 Deterministic source: keep == off (there is nothing to turn off), so only `keep` is run and reported for both;
 stochastic source: `add` is refused (already stochastic), so keep and off are run.
 """
@@ -31,8 +33,10 @@ from pathlib import Path
 import torch
 
 from stochvit.data import load_data
+from stochvit.eval.stats import Comparison
 from stochvit.eval.transfer import transfer
 from stochvit.runs import read_json, write_json
+from stochvit.suites.compare_runs import Predictions, RunPredictions, compare_runs, comparisons_markdown, plot_comparisons
 from stochvit.train import TrainConfig, train
 
 HERE = Path(__file__).resolve().parent
@@ -42,6 +46,9 @@ MARKER = "<!-- reading -->"
 # (source, --stochastic, --mode)
 COMBOS = [(src, stoch, mode) for src, stochs in (("det", ("keep", "add")), ("stoch", ("keep", "off")))
           for stoch in stochs for mode in ("finetune", "linear-probe")]
+# the report's comparisons: the stochastic source (method) against the deterministic one (baseline) with the same
+# trained model, deterministic (stochastic source with its layers off) or stochastic (deterministic source plus layers)
+SOURCE_PAIRS = (("off", "keep"), ("keep", "add"))  # (--stochastic of the stochastic source, of the deterministic one)
 
 
 def _finish(path: Path, start, *args, **kwargs) -> float:
@@ -160,11 +167,41 @@ def _plot(rows: list[dict], path: Path, name: str, n_test: int | None = None) ->
     plt.close(fig)
 
 
+def comparisons(rows: list[dict], predictions: Predictions) -> list[Comparison]:
+    """Stochastic minus deterministic source (`SOURCE_PAIRS`) at each label count and mode, on the seeds both have."""
+    runs: dict[tuple, dict[int, str]] = {}
+    for r in rows:
+        if r["kind"] == "transfer":
+            runs.setdefault((r["labels"], r["mode"], r["source"], r["stochastic"]), {})[r["seed"]] = r["run"]
+    out = []
+    for labels, mode in dict.fromkeys(key[:2] for key in runs):
+        for stoch, det in SOURCE_PAIRS:
+            m, b = runs.get((labels, mode, "stoch", stoch), {}), runs.get((labels, mode, "det", det), {})
+            if seeds := sorted(set(m) & set(b)):
+                out += compare_runs([m[s] for s in seeds], [b[s] for s in seeds], f"{labels}/{mode}: stoch-{stoch}",
+                                    f"det-{det}", predictions)
+    return out
+
+
+def report(rows: list[dict], stem: str, name: str, predictions: Predictions,
+           results: Path = RESULTS) -> tuple[list[Comparison], str]:
+    """The comparisons, their forest plot ({stem}-differences.png) and their Markdown section."""
+    found = comparisons(rows, predictions)
+    if not found:
+        return found, ""
+    results.mkdir(parents=True, exist_ok=True)
+    plot_comparisons(results / f"{stem}-differences.png", found,
+                     f"{name}: stochastic minus deterministic source, same trained model, 95% CI")
+    section = comparisons_markdown(found, "Stochastic vs deterministic source")
+    return found, section + f"\n![differences]({stem}-differences.png)\n\n"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--parent", default="digits", help="dataset spec split by class: 0-4 pretraining, 5-9 transfer")
     p.add_argument("--name", default="digits", help="names the run folder and the results files")
-    p.add_argument("--model", default="vit_digits_patch2_8")
+    p.add_argument("--model", default="vit_digits_patch2_8", help="the committed tables' model (the digits recipe's is "
+                   "vit_digits_convstem_8)")
     p.add_argument("--lr", type=float, default=3e-3, help="pretraining and from-scratch lr (transfer: stochvit transfer's)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--pretrain-epochs", type=int, default=60, help="digits recipe (60 epochs, lr 3e-3)")
@@ -195,7 +232,9 @@ def main() -> None:
     wall = time.perf_counter() - t0
     RESULTS.mkdir(exist_ok=True)
     n_test = read_json(Path(rows[-1]["run"]) / "config.json", "config")["data"]["sizes"]["test"]
-    write_json(RESULTS / f"{stem}.json", dict(settings=vars(a), wall_seconds=wall, n_test=n_test, rows=rows))
+    found, section = report(rows, stem, a.name, RunPredictions(a.eval_samples))
+    write_json(RESULTS / f"{stem}.json", dict(settings=vars(a), wall_seconds=wall, n_test=n_test, rows=rows,
+                                              comparisons=[c.as_dict() for c in found]))
     _plot(rows, RESULTS / f"{stem}.png", a.name, n_test)
     md = RESULTS / f"{stem}.md"
     kept = md.read_text().split(MARKER, 1)[1] if md.exists() and MARKER in md.read_text() else "\n\n(reading to be written)\n"
@@ -213,7 +252,7 @@ def main() -> None:
     if a.report_only and md.exists():  # the header names the commands that trained the runs: keep it
         old = md.read_text().split(MARKER, 1)[0]
         header = old[: old.index("\n|") + 1] if "\n|" in old else header
-    md.write_text(header + _table(rows) + f"\n\n![accuracy]({stem}.png)\n\n" + MARKER + kept)
+    md.write_text(header + _table(rows) + f"\n\n![accuracy]({stem}.png)\n\n" + section + MARKER + kept)
     print(json.dumps(dict(wall_seconds=round(wall)), indent=None))
     print(_table(rows))
 

@@ -219,7 +219,7 @@ def test_evaluate_from_python_is_seeded_and_refuses_to_overwrite_other_settings(
     assert json.loads(first.out.read_text())["settings"]["batch_size"] == 7
 
 
-def test_calibration_and_demo_from_python(tiny, tmp_path):
+def test_calibration_and_demo_from_python(tiny, tmp_path, capsys):
     from stochvit.suites import calibration, demo
 
     cal = calibration.run(calibration.Settings([tiny["det"], tiny["sto"]], samples=2, n_boot=100, out=tmp_path / "cal",
@@ -232,10 +232,22 @@ def test_calibration_and_demo_from_python(tiny, tmp_path):
     (tmp_path / "demo").mkdir()
     for name, src in (("deterministic", "det"), ("stochastic", "sto")):  # finished runs are reused: no training here
         shutil.copytree(tiny[src], tmp_path / "demo" / name)
+    capsys.readouterr()
     d = demo.run(demo.Settings(tmp_path / "demo", samples=2, shift=False))
     assert d.out == tmp_path / "demo" / "calibration"
     assert d.runs == [tmp_path / "demo" / n for n in ("deterministic", "stochastic")]
     assert json.loads((d.out / "calibration.json").read_text()) == d.report
+    # the closing summary: each difference with the report's paired 95% interval and verdict, and what it covers
+    printed = capsys.readouterr().out.split("Stochastic (K=2 average) vs deterministic")[1]
+    rows = [c for c in d.report["comparisons"]["clean"]
+            if c["method"] == "stochastic" and c["metric"] in ("accuracy", "nll", "ece")]
+    assert len(rows) == 3
+    for c in rows:
+        title = {"nll": "NLL", "ece": "ECE"}.get(c["metric"], c["metric"])
+        line = next(x for x in printed.splitlines() if x.split()[1:2] == [title])
+        assert f"{c['difference']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]  {c['verdict']}" in line
+        assert c["low"] <= c["difference"] <= c["high"]
+    assert "one seed per model" in printed and "test-image sampling only" in printed
 
 
 def test_robustness_and_privacy_from_python(tiny, tmp_path):

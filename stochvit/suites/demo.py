@@ -35,23 +35,36 @@ def _train_or_reuse(path: Path, stochastic: bool | None, seed: int = 0, device: 
     return path
 
 
-def reading(report: dict) -> str:
-    """Plain-words comparison of the stochastic K-sample prediction with the deterministic baseline (calibration.json)."""
-    m = report["methods"]
-    det, sto = m["deterministic"]["test"]["mc_average"], m["stochastic"]["test"]["mc_average"]
-    ts = m["deterministic +TS"]["test"]["mc_average"]
-    k = report["samples"]
-    lines = [f"Stochastic (K={k} average) vs deterministic: accuracy {det['accuracy']:.3f} -> {sto['accuracy']:.3f}, "
-             f"NLL {det['nll']:.3f} -> {sto['nll']:.3f}, ECE {det['ece']:.3f} -> {sto['ece']:.3f} "
-             f"(temperature-scaled deterministic: ECE {ts['ece']:.3f}, NLL {ts['nll']:.3f})."]
-    if report["corruptions"]:
-        def shifted(name: str, key: str) -> float:
-            sm = m[name]["shift_mean"]
-            return sum(sm[str(s)]["mc_average"][key] for s in report["severities"]) / len(report["severities"])
+_TITLES = {"accuracy": "accuracy", "nll": "NLL", "ece": "ECE"}
 
-        lines.append(f"Under corruption (mean over {len(report['corruptions'])} kinds x {len(report['severities'])} severities): "
-                     f"ECE {shifted('deterministic', 'ece'):.3f} -> {shifted('stochastic', 'ece'):.3f}, "
-                     f"accuracy {shifted('deterministic', 'accuracy'):.3f} -> {shifted('stochastic', 'accuracy'):.3f}.")
+
+def _differences(rows: list[dict], condition: str) -> list[str]:
+    """One line per metric of stochastic - deterministic in a calibration report's comparisons of one condition."""
+    out = []
+    for c in rows:
+        if c["method"] == "stochastic" and c["baseline"] == "deterministic" and c["metric"] in _TITLES:
+            verdict = c["verdict"] + (f" (smallest detectable {c['half_width']:.3f})" if c["low"] <= 0 <= c["high"] else "")
+            out.append(f"  {condition:<10} {_TITLES[c['metric']]:<8} {c['baseline_value']:.3f} -> {c['method_value']:.3f}  "
+                       f"{c['difference']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]  {verdict}")
+    return out
+
+
+def reading(report: dict) -> str:
+    """Plain-words comparison of the stochastic K-sample prediction with the deterministic baseline (calibration.json):
+    each difference with its paired 95% interval and verdict (`stochvit.eval.stats`). The demo trains one seed per
+    model, so the interval covers the sampling of test images only, not of training."""
+    ts = report["methods"]["deterministic +TS"]["test"]["mc_average"]
+    comparisons = report["comparisons"]
+    lines = [f"Stochastic (K={report['samples']} average) vs deterministic: difference [95% CI], verdict",
+             *_differences(comparisons["clean"], "clean")]
+    if "shift" in comparisons:
+        lines += _differences(comparisons["shift"], "corrupted")
+    lines.append(f"Temperature-scaled deterministic: ECE {ts['ece']:.3f}, NLL {ts['nll']:.3f}.")
+    if "shift" in comparisons:
+        lines.append(f"corrupted: mean over {len(report['corruptions'])} kinds x {len(report['severities'])} severities "
+                     f"of {report['shift_images']} test images.")
+    lines.append(f"Intervals: paired bootstrap over the {report['images']} test images. The demo trains one seed per "
+                 "model, so they cover test-image sampling only, not training (several seeds: `stochvit study`).")
     return "\n".join(lines)
 
 

@@ -184,7 +184,7 @@ def report(result: StudyResult, out: str | Path | None = None) -> Path:
     with atomic_output_dir(out, result.settings, "study.json", overwrite=True) as tmp:
         write_json(tmp / "study.json", data)
         for cond, rows in result.comparisons.items():
-            _forest_plot(tmp / f"comparisons-{cond}.png", rows, f"{result.spec.name}: {cond} test, method - baseline, 95% CI")
+            forest_plot(tmp / f"comparisons-{cond}.png", rows, f"{result.spec.name}: {cond} test, method - baseline, 95% CI")
         (tmp / "study.md").write_text(format_markdown(result))
     return out
 
@@ -221,12 +221,15 @@ def format_markdown(result: StudyResult) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _forest_plot(path: Path, rows: list[Comparison], title: str) -> None:
+def forest_plot(path: Path, rows: list[Comparison], title: str) -> None:
+    """Each difference with its 95% interval, one panel per metric, coloured by verdict (also the transfer and
+    federated reports' plot, `stochvit.suites.compare_runs`)."""
     from ..runs import pyplot
 
     plt = pyplot()
     metrics = list(dict.fromkeys(r.metric for r in rows))
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 0.45 * len(rows) / len(metrics) + 1.6),
+    height = 0.45 * len(rows) / len(metrics) + 1.6
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), height),
                              sharey=True, squeeze=False)
     colours = {"better": "tab:green", "worse": "tab:red", "no difference detected": "tab:gray"}
     for ax, metric in zip(axes[0], metrics):
@@ -244,6 +247,6 @@ def _forest_plot(path: Path, rows: list[Comparison], title: str) -> None:
     handles = [plt.Line2D([], [], marker="o", ls="", color=c, label=v) for v, c in colours.items()]
     fig.legend(handles=handles, loc="lower center", ncol=3, frameon=False)
     fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.tight_layout(rect=(0, min(0.3, 0.3 / height), 1, 1))  # 0.3 inch for the legend, however few the rows
     fig.savefig(path, dpi=90)
     plt.close(fig)

@@ -1,0 +1,81 @@
+"""Paired comparisons of finished runs on their shared test images, for the reports that compare runs (the transfer and
+federated benchmarks): `stochvit.eval.stats` intervals and verdicts, a Markdown table and a forest plot.
+
+A run's evidence is its K-pass-average probabilities on its own test split (a deterministic run repeats one pass),
+computed once per report with a fixed seed. Both sides of a comparison must be scored on the same test images.
+One run per side: a paired bootstrap over test images; several seeds: the t-interval over per-seed differences
+plus the image-bootstrap variance (see `stochvit.eval.stats`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+from ..eval.stats import Comparison, Scores, compare, comparison_table, interval
+
+METRICS = ("accuracy", "nll", "ece")  # of the K-sample average
+Predictions = Callable[[str | Path], tuple[torch.Tensor, torch.Tensor]]  # run dir -> (probs (N, C), labels (N,))
+
+
+class RunPredictions:
+    """run directory -> (K-average probabilities (N, C), labels (N,)) on the run's test split, computed once."""
+
+    def __init__(self, samples: int = 10, seed: int = 0, precision: str = "auto") -> None:
+        self.samples, self.seed, self.precision = samples, seed, precision
+        self._cache: dict[Path, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
+        from ..predict import dataset_probs
+        from ..runs import data_for, load_run
+
+        path = Path(path).resolve()
+        if path not in self._cache:
+            run = load_run(path)
+            torch.manual_seed(self.seed)  # the same passes whenever the report is rebuilt
+            probs, labels = dataset_probs(run.model, data_for(run.config).test, self.samples, precision=self.precision)
+            self._cache[path] = probs.mean(0), labels
+        return self._cache[path]
+
+
+def compare_runs(method: Sequence[str | Path], baseline: Sequence[str | Path], method_name: str, baseline_name: str,
+                 predictions: Predictions, metrics: Sequence[str] = METRICS, n_boot: int = 1000) -> list[Comparison]:
+    """method - baseline for each metric; `method` and `baseline` list one run per seed, in the same seed order when
+    both have several (their per-seed differences are paired)."""
+    sides = [[predictions(p) for p in runs] for runs in (method, baseline)]
+    labels = sides[0][0][1] if sides[0] else None
+    for (_, y), path in zip([*sides[0], *sides[1]], [*method, *baseline]):
+        if not torch.equal(y, labels):
+            raise UserError(f"run {path} was scored on other test images than {method[0]}: a paired comparison needs "
+                            "the same test split")
+    return [compare([Scores.from_probs(k, p, y) for p, y in sides[0]], [Scores.from_probs(k, p, y) for p, y in sides[1]],
+                    k, method_name, baseline_name, n_boot=n_boot) for k in metrics]
+
+
+def value_interval(runs: Sequence[str | Path], predictions: Predictions, metric: str = "accuracy",
+                   n_boot: int = 1000) -> tuple[float, float, float]:
+    """The seed-averaged metric and its 95% interval over test images (test-image sampling only): a bar and its
+    error bar, both from the same predictions."""
+    parts = [Scores.from_probs(metric, *predictions(p)) for p in runs]
+    mean = Scores(lambda w: torch.stack([s(w) for s in parts]).mean(0), parts[0].n)
+    low, high = interval(mean, n_boot=n_boot)
+    value = mean.value()
+    return value, min(low, value), max(high, value)
+
+
+def comparisons_markdown(rows: Sequence[Comparison], what: str) -> str:
+    """A titled table of the comparisons, saying what the intervals cover."""
+    how = sorted({c.interval for c in rows})
+    return (f"## {what}: differences with 95% intervals\n\nInterval: {'; '.join(how)}. A verdict is **better** or "
+            "**worse** only when the interval excludes 0; otherwise the half-width is the smallest difference this "
+            "experiment could have detected.\n\n" + comparison_table(rows, digits=3))
+
+
+def plot_comparisons(path: Path, rows: Sequence[Comparison], title: str) -> None:
+    """The forest plot of the study report: each difference with its interval, one panel per metric."""
+    from .study import forest_plot
+
+    forest_plot(path, list(rows), title)
