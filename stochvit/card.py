@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .models import STEM_MODELS
 from .runs import atomic_write_bytes
 
 METRICS = (("accuracy", "accuracy"), ("nll", "NLL"), ("brier", "Brier"), ("ece", "ECE (15 bins)"))
@@ -98,6 +99,8 @@ def _details(name: str, config: dict, model: nn.Module | None) -> list[str]:
     kind = ("with token-consistent stochastic layers" if stoch and stoch.get("sharing") == "image"
             else "with stochastic layers" if stoch else "deterministic (no stochastic layer)")
     timm_name = f"; plain timm: `{config['architecture']}` with `model_args` from config.json" if "architecture" in config else ""
+    if config.get("architecture") == m["name"] and m["name"] in STEM_MODELS:  # a stem timm's model_args cannot describe
+        timm_name += " after `import stochvit`, which registers its convolution stem (timm alone does not know the name)"
     lines = [f"# Model card for {name}", "",
              f"A `{m['name']}` vision transformer, {kind}, trained on `{spec}` with stochvit "
              f"{versions.get('stochvit', '')}.", "", "## Model details", "",

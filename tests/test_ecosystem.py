@@ -117,9 +117,48 @@ def test_print_app_path_needs_neither_out_nor_flower(monkeypatch, capsys):
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> Path:
-    """A one-epoch stochastic digits run (seconds): the run directory every loader below reads."""
-    cfg = TrainConfig(epochs=1, train_limit=200, batch_size=50, eval_samples=2, warmup_epochs=0)
+    """A one-epoch stochastic digits run (seconds) of the plain patch-2 ViT, the run directory every loader below
+    reads (the recipe's conv-stem model needs `import stochvit` in timm: `stem_run`)."""
+    cfg = TrainConfig(epochs=1, train_limit=200, batch_size=50, eval_samples=2, warmup_epochs=0, model="vit_digits_patch2_8")
     return train(cfg, out=tmp_path_factory.mktemp("eco") / "run", quiet=True)
+
+
+@pytest.fixture(scope="module")
+def stem_run(tmp_path_factory) -> Path:
+    """A one-epoch deterministic run of the digits recipe's conv-stem model."""
+    cfg = TrainConfig(epochs=1, train_limit=200, batch_size=50, eval_samples=1, warmup_epochs=0, stochastic=None,
+                      model="vit_digits_convstem_8")
+    return train(cfg, out=tmp_path_factory.mktemp("eco") / "stem", quiet=True)
+
+
+def test_a_conv_stem_run_loads_in_timm_after_import_stochvit_and_says_so(stem_run: Path, tmp_path: Path):
+    """timm's model_args cannot carry the stem, so config.json names the registered model; timm alone refuses the
+    name, timm after `import stochvit` rebuilds the run, and the model card tells the user."""
+    config = json.loads((stem_run / "config.json").read_text())
+    assert config["architecture"] == "vit_digits_convstem_8" and config["pretrained_cfg"]["first_conv"] == "patch_embed.stem.0"
+    assert "after `import stochvit`" in (stem_run / "README.md").read_text()
+    x, normalised = _normalised(config)
+    torch.save(dict(x=normalised, y=stochvit.load_model(stem_run)(x)), tmp_path / "xy.pt")
+    code = f"""
+import sys, timm, torch
+run = {str(stem_run)!r}
+try:
+    timm.create_model("local-dir:" + run, pretrained=True)
+    raise SystemExit("timm alone built the stem model")
+except RuntimeError as e:
+    assert "Unknown model" in str(e), e
+import stochvit
+xy = torch.load({str(tmp_path / "xy.pt")!r})
+a = timm.create_model("local-dir:" + run, pretrained=True).eval()
+b = timm.create_model("vit_digits_convstem_8", pretrained=True, pretrained_cfg_overlay=dict(file=run + "/model.safetensors"),
+                      in_chans=1, img_size=8).eval()
+for m in (a, b):
+    assert torch.allclose(m(xy["x"]), xy["y"], atol=1e-5)
+print("ok")
+"""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
 
 
 def _normalised(config: dict, n: int = 3) -> tuple[torch.Tensor, torch.Tensor]:

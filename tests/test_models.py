@@ -167,8 +167,33 @@ def test_mean_mode_model_is_deterministic_and_differs_from_off():
 # -- create_model and the registered small ViTs ----------------------------------------------------
 
 
-@pytest.mark.parametrize("name,shape", [("vit_digits_patch2_8", (2, 1, 8, 8)), ("vit_tiny_patch4_32", (2, 3, 32, 32)),
-                                        ("vit_small_patch4_32", (2, 3, 32, 32))])
+def test_conv_stem_tokens_see_a_4x4_window_and_the_patch2_model_is_unchanged():
+    """Each token of the stem model reads its 2x2 patch plus a 1-pixel border (the 3x3 stem); vit_digits_patch2_8
+    keeps its state-dict keys and 1-channel patch convolution, so committed runs still load."""
+    from stochvit.models import ConvStemPatchEmbed
+
+    stem = create_model("vit_digits_convstem_8", stochastic=False).eval()
+    embed = stem.patch_embed
+    assert isinstance(embed, ConvStemPatchEmbed) and embed.num_patches == 16 and embed.in_chans == 1
+    assert isinstance(embed.stem[1], nn.BatchNorm2d) and embed.proj.in_channels == 32
+    x = torch.rand(1, 1, 8, 8, requires_grad=True)
+    embed(x)[0, 0].sum().backward()  # token 0: the top-left patch
+    reads = x.grad[0, 0] != 0
+    assert reads[:3, :3].all() and reads.sum() == 9  # rows/columns 0-2 (padding beyond the edge)
+    x.grad = None
+    embed(x)[0, 5].sum().backward()  # token 5: patch (1, 1), pixels 2-3, so rows/columns 1-4
+    assert (x.grad[0, 0] != 0).nonzero().min(0).values.tolist() == [1, 1] and (x.grad[0, 0] != 0).sum() == 16
+    bare = ConvStemPatchEmbed(stem_norm=False)
+    assert isinstance(bare.stem[1], nn.Identity) and bare.stem[0].bias is not None
+    plain = create_model("vit_digits_patch2_8", stochastic=False)
+    assert type(plain.patch_embed) is timm.layers.PatchEmbed and plain.patch_embed.proj.in_channels == 1
+    assert not any(k.startswith("patch_embed.stem") for k in plain.state_dict())
+    assert set(stem.state_dict()) - set(plain.state_dict()) == {f"patch_embed.stem.{k}" for k in (
+        "0.weight", "1.weight", "1.bias", "1.running_mean", "1.running_var", "1.num_batches_tracked")}
+
+
+@pytest.mark.parametrize("name,shape", [("vit_digits_patch2_8", (2, 1, 8, 8)), ("vit_digits_convstem_8", (2, 1, 8, 8)),
+                                        ("vit_tiny_patch4_32", (2, 3, 32, 32)), ("vit_small_patch4_32", (2, 3, 32, 32))])
 def test_registered_small_vits(name, shape):
     assert name in timm.list_models(name)
     model = create_model(name, stochastic=True).eval()
