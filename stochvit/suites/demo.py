@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..defaults import recipe_text
 from ..errors import UserError
 from .settings import DemoSettings as Settings
 from .settings import Result
@@ -29,7 +30,7 @@ def _train_or_reuse(path: Path, stochastic: bool | None, seed: int = 0, device: 
         print(f"resuming {path}")
         train(resume=path, device=device)
     else:
-        print(f"training the {path.name} ViT on digits (default recipe: 60 epochs) into {path}")
+        print(f"training the {path.name} ViT on digits (default recipe: {recipe_text()}) into {path}")
         train(TrainConfig(stochastic=stochastic, seed=seed), out=path, device=device)
     print(f"{path.name}: trained in {time.perf_counter() - t0:.0f} s")
     return path
