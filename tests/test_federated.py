@@ -245,7 +245,10 @@ def test_one_round_fedavg_is_weighted_average_of_client_updates(tmp_path, marker
     first = updates[0][0].to_torch_state_dict()
     for key, value in final.items():
         expected = sum(w * u.to_torch_state_dict()[key] for w, (u, _) in zip(weights, updates))
-        torch.testing.assert_close(value, expected, atol=2e-5, rtol=1e-4)
+        if value.is_floating_point():
+            torch.testing.assert_close(value, expected, atol=2e-5, rtol=1e-4)
+        else:  # the stem's BatchNorm step counter: FedAvg's average comes back as the buffer's integer type
+            assert (value - expected).abs().max() < 1, key
     assert any(not torch.equal(final[k], first[k]) for k in final)  # the average is not one client's model
 
 

@@ -75,6 +75,17 @@ def test_head_replaced_pos_embed_resampled_and_channels_adapted() -> None:
     assert target(torch.randn(2, 1, 64, 64)).shape == (2, 5)
 
 
+def test_a_conv_stem_adapts_its_stem_conv_to_other_channels() -> None:
+    """The stem model's first convolution is the stem's (3x3), not the patch projection that reads its 32 channels."""
+    src = create_model("vit_digits_convstem_8", stochastic=False, in_chans=3)
+    target = create_model("vit_digits_convstem_8", stochastic=False, num_classes=5)  # 1 channel
+    state, notes = adapt_state_dict(src.state_dict(), target)
+    assert any("input channels adapted 3 -> 1 (patch_embed.stem.0.weight)" in n for n in notes)
+    assert torch.allclose(state["patch_embed.stem.0.weight"], src.patch_embed.stem[0].weight.sum(1, keepdim=True))
+    assert torch.equal(state["patch_embed.proj.weight"], src.patch_embed.proj.weight)
+    target.load_state_dict(state)
+
+
 def test_timm_source_on_digits_resizes_and_uses_target_normalisation(tmp_path: Path) -> None:
     src = timm.create_model("vit_tiny_patch4_32")  # 32px, 8x8 grid, RGB
     save_file(src.state_dict(), str(tmp_path / "w.safetensors"))

@@ -125,7 +125,9 @@ def stochastic_for(mode: str, source: dict | None, layer: dict | None = None) ->
 
 def _first_conv(net: nn.Module) -> str | None:
     cfg = getattr(net, "pretrained_cfg", None) or {}
-    name = cfg.get("first_conv") or ("patch_embed.proj" if hasattr(net, "patch_embed") else None)
+    embed = getattr(net, "patch_embed", None)
+    name = cfg.get("first_conv") or ("patch_embed.stem.0" if hasattr(embed, "stem") else  # vit_digits_convstem_8
+                                     "patch_embed.proj" if embed is not None else None)
     return name[0] if isinstance(name, (tuple, list)) else name
 
 
