@@ -550,6 +550,18 @@ class NonFiniteLoss(Diverged):
         self.loss = loss
 
 
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def freeze_norm_statistics(model: nn.Module) -> int:
+    """Put BatchNorm layers whose parameters are all frozen (a linear probe's backbone, e.g. the conv stem of
+    vit_digits_convstem_8) in eval mode, so that their running statistics stay bit-identical too. Returns the count."""
+    frozen = [m for m in model.modules() if isinstance(m, BATCH_NORMS) and not any(p.requires_grad for p in m.parameters())]
+    for m in frozen:
+        m.eval()
+    return len(frozen)
+
+
 def train_one_epoch(model: nn.Module, loader, opt, *, sched=None, loss_fn: nn.Module | None = None,
                     precision: str = "fp32", clip_grad: float | None = None, adv_step: Callable | None = None,
                     net: nn.Module | None = None, step: int = 0, on_step: Callable[[int], None] | None = None,
@@ -565,6 +577,7 @@ def train_one_epoch(model: nn.Module, loader, opt, *, sched=None, loss_fn: nn.Mo
     loss_fn = nn.CrossEntropyLoss() if loss_fn is None else loss_fn
     device = next(model.parameters()).device
     net.train()
+    freeze_norm_statistics(model)
     sync = device.type != "cuda"  # reading the loss every step stalls a GPU's queue: there it is checked per epoch
     t0, first, seen = time.perf_counter(), step, 0
     loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device)
