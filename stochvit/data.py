@@ -158,7 +158,10 @@ def split_indices(labels: np.ndarray, test_given: bool, val_given: bool, split_s
                                        split_seed)
         train_idx, val_idx = rest[keep], rest[held]
     if train_limit is not None and train_limit < len(train_idx):
-        sub, _ = _stratified_split(labels[train_idx], 1 - train_limit / len(train_idx), split_seed)
+        if len(train_idx) - train_limit < len(np.unique(labels[train_idx])):  # too few left out to stratify them
+            sub = np.sort(np.random.default_rng(split_seed).permutation(len(train_idx))[:train_limit])
+        else:
+            sub, _ = _stratified_split(labels[train_idx], 1 - train_limit / len(train_idx), split_seed)
         train_idx = train_idx[sub]
     return train_idx, val_idx, test_idx
 

@@ -66,6 +66,15 @@ def test_train_limit_keeps_a_stratified_subset_of_train(digits):
     assert all(18 <= n <= 22 for n in Counter(small.train.labels.tolist()).values())
 
 
+
+def test_a_train_limit_just_below_the_split_drops_a_few_images_instead_of_failing(digits):
+    n = len(digits.train)
+    for limit in (n - 1, n - 5):  # fewer left out than classes: sklearn cannot stratify that, a seeded drop can
+        near = load_data("digits", train_limit=limit)
+        assert len(near.train) == limit and set(_keys(near.train.images)) <= set(_keys(digits.train.images))
+        assert _keys(near.test.images) == _keys(digits.test.images)
+        assert _keys(load_data("digits", train_limit=limit).train.images) == _keys(near.train.images), "seeded"
+
 def test_samples_are_float_images_in_unit_range_and_train_is_augmented(digits):
     x, y = digits.val[0]
     assert x.dtype == torch.float32 and x.shape == (1, 8, 8) and 0 <= x.min() and x.max() <= 1
