@@ -128,6 +128,17 @@ def recipe_for(data: str) -> dict[str, Any]:
     return dict(RECIPES.get(base, RECIPES["default"]))
 
 
+# Models small enough that a second intra-op thread buys nothing idle and collapses under load: measured for the digits
+# ViT by `benchmarks/throughput.py --sections threads` (benchmarks/RESULTS.md). The CLI trains them on one thread
+# unless --threads or OMP_NUM_THREADS says otherwise; larger models keep torch's default, one thread per core.
+ONE_THREAD_MODELS = ("vit_digits_patch2_8", "vit_digits_convstem_8")
+
+
+def default_threads(model: str | None) -> int | None:
+    """The CLI's thread count for training `model` when neither --threads nor OMP_NUM_THREADS is given (None: torch's)."""
+    return 1 if model in ONE_THREAD_MODELS else None
+
+
 def recipe_text(data: str = "digits") -> str:
     """A recipe in words, for `--help`: "vit_digits_convstem_8, 60 epochs, batch 64, lr 0.003"."""
     r = recipe_for(data)

@@ -128,6 +128,15 @@ def test_threads_take_effect_inside_a_run_and_bad_values_are_one_line(tmp_path, 
         assert seen == [want] and os.environ["OMP_NUM_THREADS"] == str(want)
     finally:
         torch.set_num_threads(before)
+    seen.clear()
+    monkeypatch.delenv("OMP_NUM_THREADS")  # no --threads, no OMP_NUM_THREADS: the digits model trains on one thread
+    torch.set_num_threads(2)
+    try:
+        assert main(["train", "--epochs", "1", "--warmup-epochs", "0", "--train-limit", "100", "--eval-samples", "1",
+                     "--out", str(tmp_path / "r1")]) == 0
+        assert seen == [1]
+    finally:
+        torch.set_num_threads(before)
     capsys.readouterr()
     for bad in ("0", "-2"):
         assert main(["evaluate", str(tmp_path / "r"), "--threads", bad]) == 2

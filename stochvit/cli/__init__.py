@@ -13,10 +13,12 @@ torch. User mistakes raise `UserError` (a `ValueError`), printed here as one lin
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 
 from .. import __version__
+from ..defaults import default_threads, recipe_for
 from ..errors import UserError
 from . import calibration, demo, evaluate, federated, privacy, robustness, study, train, transfer
 from .common import parse_args
@@ -65,10 +67,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{getattr(e, 'prog', 'stochvit')}: error: {e}", file=sys.stderr)
         return 2
     try:
-        if getattr(args, "threads", None) is not None:
+        threads = getattr(args, "threads", None)
+        if threads is None and args.command in ("train", "demo") and not getattr(args, "resume", None) \
+                and "OMP_NUM_THREADS" not in os.environ:  # small models train fastest on one thread (defaults.py)
+            model = getattr(args, "model", None) or recipe_for(getattr(args, "data", None) or "digits")["model"]
+            threads = default_threads(model)
+        if threads is not None:
             from ..precision import set_threads
 
-            set_threads(args.threads)
+            set_threads(threads)
         args.func(args)
     except UserError as e:
         sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.command]

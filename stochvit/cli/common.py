@@ -159,8 +159,9 @@ def add_runtime(p: argparse.ArgumentParser, device: bool = True) -> None:
     library (`stochvit.precision.set_threads`, `resolve_device`) so that a bad value is one line."""
     g = p.add_argument_group("runtime")
     g.add_argument("--threads", type=int, default=None,
-                   help="torch threads of this process and of the processes it starts (None: torch's default, one per "
-                        "core); 1 degrades gracefully when other jobs share the cores")
+                   help="torch threads of this process and of the processes it starts (None: 1 to train the digits "
+                        "models, which gain nothing from a second thread; otherwise torch's default, one per core; "
+                        "OMP_NUM_THREADS is honoured); 1 degrades gracefully when other jobs share the cores")
     if device:
         g.add_argument("--device", default=None, metavar="cpu|cuda|cuda:N",
                        help="where the model runs (None: cuda when available, else cpu)")
