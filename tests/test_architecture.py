@@ -345,7 +345,7 @@ def test_transfer_and_study_from_python(tiny, tmp_path, monkeypatch):
     def fail(path, rows, title):  # a failure mid-report: study.json is written, a plot is not
         raise RuntimeError("plot failed")
 
-    monkeypatch.setattr(study, "_forest_plot", fail)
+    monkeypatch.setattr(study, "forest_plot", fail)
     for target in (out, tmp_path / "fresh"):
         with pytest.raises(RuntimeError, match="plot failed"):
             study.report(result, target)

@@ -195,7 +195,7 @@ def test_calibration_command_end_to_end(digits_runs, tmp_path, capsys):
         sm = m[name]["shift_mean"]
         assert list(sm) == ["0", "1", "5"]
         assert sm["5"]["mc_average"]["accuracy"] < sm["0"]["mc_average"]["accuracy"]
-    assert m["stoch"]["test"]["single_pass"]["accuracy"]["std"] > 0
+    assert m["stoch"]["test"]["single_pass"]["nll"]["std"] > 0  # the passes differ (accuracy may not, at 0.99)
     assert m["det"]["test"]["mc_average"]["accuracy"] == pytest.approx(
         json.loads((digits_runs["deterministic"] / "summary.json").read_text())["test"]["mc_average"]["accuracy"])
     table = (out / "calibration.md").read_text()

@@ -258,6 +258,8 @@ def test_init_weights_start_training_from_a_run(run_copy, tmp_path, capsys):
     before, after = load_file(str(run_copy / "model.safetensors")), load_file(str(out / "model.safetensors"))
     assert before.keys() == after.keys()
     for k in before:
+        if "running_" in k or "num_batches_tracked" in k:  # the stem's BatchNorm statistics move in training at any lr
+            continue
         torch.testing.assert_close(after[k], before[k], rtol=0, atol=1e-6)
 
 
