@@ -31,6 +31,13 @@ from stochvit.train import TrainConfig, train, warn_long_warmup
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _python_prints_ok(code: str) -> None:
+    """Run `code` in a fresh interpreter (nothing of this process imported) and expect it to print "ok"."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
 def test_packaging_license_py_typed_single_version_and_bounds():
     assert "MIT License" in (ROOT / "LICENSE").read_text() and "stochvit developers" in (ROOT / "LICENSE").read_text()
     assert (Path(stochvit.__file__).parent / "py.typed").is_file()
@@ -156,9 +163,7 @@ for m in (a, b):
     assert torch.allclose(m(xy["x"]), xy["y"], atol=1e-5)
 print("ok")
 """
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+    _python_prints_ok(code)
 
 
 def _normalised(config: dict, n: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
@@ -222,9 +227,7 @@ for m in (a, b):
     assert torch.allclose(m(xy["x"]), xy["y"], atol=1e-5)
 print("ok")
 """
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+    _python_prints_ok(code)
 
 
 def test_pretrained_cfg_overlay_file_loads_local_weights(tiny_run: Path, tmp_path: Path):
