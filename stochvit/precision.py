@@ -4,11 +4,10 @@ always.
 `resolve_device` turns `--device cpu|cuda|cuda:N` (None: CUDA when available) into a torch.device, refusing in one
 line a device this machine lacks. `set_threads` is `--threads N`: torch's intra-op (and, while still settable,
 inter-op) threads of this process, exported as OMP_NUM_THREADS / MKL_NUM_THREADS to the processes it starts. Without
-it torch keeps its own default (one thread per core). On cores shared with other jobs, OpenMP workers spin at every
-barrier and lose whole time slices: the issue tracker's measurement (issue 16) had the digits training at about 113
-img/s with 2 threads beside one other stochvit job against 752 img/s with one thread at the same moment (about 2,300
-idle), so `--threads 1` is the setting that degrades gracefully under load. `benchmarks/throughput.py --threads-study`
-measures threads 1 vs 2 on the machine at hand.
+it torch keeps its own default (one thread per core; the CLI trains the digits models on one, `defaults.default_threads`).
+On cores shared with other jobs, OpenMP workers spin at every barrier and lose whole time slices, so `--threads 1` is
+the setting that degrades gracefully under load (measured idle and loaded by `benchmarks/throughput.py --sections
+threads`; numbers in benchmarks/RESULTS.md).
 
 On a CPU in bf16, timm's attention runs on its explicit path (q @ k^T, softmax, @ v) instead of PyTorch's fused
 scaled_dot_product_attention, whose bf16 CPU kernel is slow, above all its backward. Measured side by side on a 2-core
