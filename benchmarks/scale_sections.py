@@ -9,7 +9,8 @@
 - layer: the default stochastic layer vs the plain model, bf16 training steps, by two methods in the same rounds:
   `blocks` (each model runs `steps` consecutive steps per round, models in a fixed order: the cells of this script's
   default mode) and `alternating` (one step each, the order flipped every round: ABBA), each with timm's attention on
-  its explicit path (what stochvit's bf16 autocast runs on a CPU) and with the fused SDPA kernel kept. A ratio is
+  its explicit path (what stochvit's bf16 autocast runs on a CPU) and with the fused SDPA kernel kept; on the explicit
+  path also the layer with its scale compiled into the activation (`stochvit.set_fused`, `train --fused`). A ratio is
   reported as the median of the per-round ratios with its 95% distribution-free interval (scipy's quantile_test) and
   as the ratio of medians.
 - threads: training images/s with 1 and 2 torch threads (rounds interleaved) for the digits model (its recipe, fp32)
@@ -188,13 +189,18 @@ def ratio_rows(times: dict[str, list[float]], base: str, batch: int) -> dict[str
 
 
 def model_cells(name: str, variants: dict[str, dict], task: str, precision: str, batch: int) -> dict:
-    """Step functions (throughput._step_fn) of `variants`: {label: dict(stochastic=..., sdpa=...)}."""
+    """Step functions (throughput._step_fn) of `variants`: {label: dict(stochastic=..., sdpa=..., fused=...)}."""
     torch.manual_seed(0)
     embed = stochvit.create_model(name, stochastic=False).patch_embed
     x = torch.randn(batch, embed.proj.in_channels, *embed.img_size)
     y = torch.randint(0, 10, (batch,))
-    return {label: _step_fn(stochvit.create_model(name, stochastic=v["stochastic"]), task, precision, x, y,
-                            sdpa=v.get("sdpa", False)) for label, v in variants.items()}
+    cells = {}
+    for label, v in variants.items():
+        model = stochvit.create_model(name, stochastic=v["stochastic"])
+        if v.get("fused"):
+            stochvit.set_fused(model)
+        cells[label] = _step_fn(model, task, precision, x, y, sdpa=v.get("sdpa", False))
+    return cells
 
 
 # -- sections ------------------------------------------------------------------------------------------------------
@@ -225,14 +231,15 @@ def trainer_section(c: dict, tmp: Path, data: str | None, peak: dict) -> dict:
 
 def layer_section(c: dict, _tmp: Path) -> dict:
     variants = {"plain": dict(stochastic=False), "stochastic": dict(stochastic=True),
+                "stochastic-fused": dict(stochastic=True, fused=True),
                 "plain-sdpa": dict(stochastic=False, sdpa=True), "stochastic-sdpa": dict(stochastic=True, sdpa=True)}
+    explicit = ("plain", "stochastic", "stochastic-fused")
     out = dict(model="vit_tiny_patch4_32", precision=BF16, batch=c["batch"], rounds=c["layer_rounds"])
     cells = model_cells("vit_tiny_patch4_32", variants, "train", BF16, c["batch"])
     blocks = interleaved(cells, c["layer_rounds"], c["layer_steps"])
-    out["blocks"] = dict(steps=c["layer_steps"], explicit=ratio_rows({k: blocks[k] for k in ("plain", "stochastic")},
-                                                                     "plain", c["batch"]),
+    out["blocks"] = dict(steps=c["layer_steps"], explicit=ratio_rows({k: blocks[k] for k in explicit}, "plain", c["batch"]),
                          sdpa=ratio_rows({k: blocks[k] for k in ("plain-sdpa", "stochastic-sdpa")}, "plain-sdpa", c["batch"]))
-    alt = interleaved({k: cells[k] for k in ("plain", "stochastic")}, c["layer_rounds"], 1, alternate=True)
+    alt = interleaved({k: cells[k] for k in explicit}, c["layer_rounds"], 1, alternate=True)
     out["alternating"] = dict(steps=1, explicit=ratio_rows(alt, "plain", c["batch"]))
     return out
 
@@ -326,15 +333,17 @@ def markdown(r: dict) -> str:
         L = r["layer"]
         lines += [f"**default layer vs plain**, {L['precision']} training, batch {L['batch']}, {L['rounds']} rounds "
                   "(median of per-round ratios [95% CI]; ratio of medians)", "",
-                  "| method | attention | plain img/s | stochastic img/s | ratio | ratio of medians |",
-                  "|---|---|---|---|---|---|"]
+                  "| method | attention | layer | plain img/s | stochastic img/s | ratio | ratio of medians |",
+                  "|---|---|---|---|---|---|---|"]
         for method in ("blocks", "alternating"):
             for att, rows in L[method].items():
                 if att == "steps":
                     continue
-                base, sto = list(rows.values())
-                lines.append(f"| {method} ({L[method]['steps']} steps) | {att} | {base['images_per_s']:.1f} | "
-                             f"{sto['images_per_s']:.1f} | {fmt(sto['ratio'])} | {sto['ratio_of_medians']:.3f} |")
+                (_, base), *others = rows.items()
+                for label, sto in others:
+                    layer = "fused (set_fused)" if label.endswith("-fused") else "eager"
+                    lines.append(f"| {method} ({L[method]['steps']} steps) | {att} | {layer} | {base['images_per_s']:.1f} | "
+                                 f"{sto['images_per_s']:.1f} | {fmt(sto['ratio'])} | {sto['ratio_of_medians']:.3f} |")
         lines.append("")
     if "threads" in r:
         lines += ["**threads** (training img/s through train_one_epoch, medians of interleaved rounds)", "",

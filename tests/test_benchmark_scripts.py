@@ -31,14 +31,14 @@ def test_throughput_scale_sections_quick(tmp_path, monkeypatch):
     assert t["stochastic"] and t["images_per_s"] > 0 and math.isfinite(t["ratio_to_limit"])
     assert abs(t["gflop_per_image_counted"] - 1.04) < 0.05  # the cost of a vit_tiny_patch4_32 training step
     for method in ("blocks", "alternating"):
-        assert set(r["layer"][method]["explicit"]) == {"plain", "stochastic"}
+        assert set(r["layer"][method]["explicit"]) == {"plain", "stochastic", "stochastic-fused"}
     assert r["layer"]["blocks"]["explicit"]["plain"]["ratio"]["median"] == 1.0
     assert {row["model"] for row in r["threads"]["rows"]} == {"vit_digits_convstem_8", "vit_tiny_patch4_32"}
     assert r["orthogonal"]["train"]["diagonal"]["ratio"]["median"] == 1.0
     top = r["profile"]["top"]
     assert top and all(a["self_cpu_ms_per_step"] >= b["self_cpu_ms_per_step"] for a, b in zip(top, top[1:]))
     md = out.with_suffix(".md").read_text()
-    assert "| method | attention |" in md and "| op | self CPU ms / step |" in md
+    assert "| method | attention | layer |" in md and "fused (set_fused)" in md and "| op | self CPU ms / step |" in md
 
 
 def test_suite_times_quick(digits_runs, tmp_path, monkeypatch):
