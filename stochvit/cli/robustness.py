@@ -52,6 +52,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_seed(g, "the attacked examples, the attacks' random starts and the stochastic passes")
     g.add_argument("--n-boot", type=int, default=default(S, "n_boot"), help="bootstrap resamples of the 95%% intervals")
     g.add_argument("--no-sanity", action="store_true", help="skip the sanity report (saves the long-run and large-eps attacks)")
+    g.add_argument("--no-eps-cascade", action="store_true",
+                   help="attack every example afresh at every epsilon (by default an example's result at an epsilon is the "
+                        "lower of its result there and at the next smaller one, and one every pass got wrong at a smaller "
+                        "epsilon is not attacked again: this never raises a robust accuracy and costs less)")
     add_out(p, None, "report folder (None: RUN_DIR/robustness-NORM)")
     add_overwrite(p)
     add_runtime(p)
@@ -65,6 +69,6 @@ def command(a: argparse.Namespace) -> None:
     eps = a.eps or list(LINF_EPS if a.norm == "linf" else L2_EPS)
     r = run(Settings(a.run_dir, a.data, a.data_dir, a.surrogate, a.norm, eps, attacks, a.eot, a.steps, a.restarts,
                      a.square_queries, a.samples, a.n_examples, a.batch_size, a.precision, a.seed, not a.no_sanity,
-                     a.n_boot, a.out, a.overwrite, a.device))
+                     a.n_boot, a.out, a.overwrite, a.device, eps_cascade=not a.no_eps_cascade))
     print(markdown(r.report))
     print(f"wrote {r.out}/robustness.json, robustness.md, robust_accuracy.png, adversarial_examples.png")

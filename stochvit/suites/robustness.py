@@ -72,18 +72,24 @@ def validate(s: Settings) -> None:
 
 
 SKIP_RULE = " Examples that no clean pass classifies correctly are not attacked: they count as non-robust anyway."
+CASCADE_RULE = (" Epsilon cascade: an adversarial image found at a smaller epsilon lies inside every larger ball, so each "
+                "attack's result for an example at an epsilon is the lower of its result there and at the next smaller "
+                "epsilon, and an example that every fresh pass got wrong at a smaller epsilon is not attacked again (its "
+                "result stays 0, whatever a new attack would find). This never raises a robust accuracy; the large-epsilon "
+                "and more-iterations checks follow the same rule.")
 
 
-def rule_text(passes: int, random: bool) -> str:
+def rule_text(passes: int, random: bool, cascade: bool = False) -> str:
+    tail = SKIP_RULE + (CASCADE_RULE if cascade else "")
     if not random:
         return ("Deterministic model: one pass per evaluation. An example is robust at an epsilon if it is classified "
                 "correctly on its clean image and on the attack's adversarial image; 'mean' and 'all-pass' coincide."
-                + SKIP_RULE)
+                + tail)
     return (f"Randomized model: every clean and adversarial image is re-evaluated over {passes} fresh stochastic passes "
             "(independent of the passes the attack used). 'mean' is the accuracy averaged over passes (per example the "
             "lower of its clean and adversarial pass-accuracy); 'all-pass' counts an example as robust only if it survives "
             f"all {passes} passes on both its clean and its adversarial image. 'worst case' takes, per example, the "
-            "weakest result over all attacks run." + SKIP_RULE)
+            "weakest result over all attacks run." + tail)
 
 
 # -- running attacks ------------------------------------------------------------------------------
@@ -156,50 +162,89 @@ def grid_examples(y: torch.Tensor, n: int = 6) -> torch.Tensor:
     return torch.tensor(sorted(ids), dtype=torch.long)
 
 
+Prev = tuple[torch.Tensor, torch.Tensor | None]  # one attack's (fractions, adversarial images) at the next smaller eps
+
+
+def _cascade_step(make, model, x: torch.Tensor, y: torch.Tensor, clean: torch.Tensor, s: Settings,
+                  prev: Prev | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One attack at one epsilon: (adversarial images, per-example fractions, this epsilon's attack alone, attacked mask).
+
+    `make(active)` returns adversarial images with the `active` examples attacked. Without the eps cascade every
+    example a clean pass gets right is attacked and all are re-evaluated. With it (`s.eps_cascade`; `prev` is the same
+    attack's outcome at the next smaller epsilon, whose ball lies inside this one) the fraction is min(this attack,
+    prev), so an example at 0 in `prev` stays 0 whatever an attack finds: it is not attacked again, keeps its earlier
+    adversarial image, and only attacked examples are re-evaluated (the others are 0 either way)."""
+    active = clean > 0
+    if not s.eps_cascade:
+        x_adv = make(active)
+        frac = _fractions(model, x_adv, y, clean, s)
+        return x_adv, frac, frac, active
+    if prev is not None:
+        active = active & (prev[0] > 0)
+    x_adv = make(active)
+    if prev is not None and prev[1] is not None:
+        x_adv = torch.where(active.view(-1, *([1] * (x.dim() - 1))), x_adv, prev[1])
+    raw = torch.zeros_like(clean)
+    if active.any():
+        raw[active] = _fractions(model, x_adv[active], y[active], clean[active], s)
+    return x_adv, raw if prev is None else torch.minimum(raw, prev[0]), raw, active
+
+
 def _attack_all(model, sur, x: torch.Tensor, y: torch.Tensor, clean: torch.Tensor, s: Settings, attacks: list[str],
-                quiet: bool) -> tuple[dict, dict, dict[float, torch.Tensor], str]:
-    """Every attack at every epsilon: (robustness.json's "attacks", per-example fractions per attack and epsilon,
-    the adversarial images shown per epsilon, and the attack that made them)."""
-    n = len(y)
+                quiet: bool) -> tuple[dict, dict, dict, dict[str, Prev], dict[float, torch.Tensor], str]:
+    """Every attack at every epsilon, smallest epsilon first: (robustness.json's "attacks", per-example fractions per
+    attack and epsilon, the same for each epsilon's attack alone (before the cascade), each attack's outcome at the
+    largest epsilon, the adversarial images shown per epsilon, and the attack that made them)."""
     results: dict = {}
     fractions: dict[str, dict[float, torch.Tensor]] = {a: {} for a in attacks}
-    apgd_runs: dict[tuple[str, float], tuple[torch.Tensor, float]] = {}  # aa-rand reuses the APGD-CE/DLR runs
+    raw_fractions: dict[str, dict[float, torch.Tensor]] = {a: {} for a in attacks}
+    done: dict[tuple[str, float], tuple] = {}  # (attack, eps) -> _cascade_step's outcome and seconds; aa-rand reuses APGD's
+    last: dict[str, Prev] = {}  # per attack, its outcome at the last epsilon done
     shown: dict[float, torch.Tensor] = {}
     shown_by = "none"
     grid_ids = grid_examples(y.cpu())
+    b = s.batch_size
+
+    def step(name: str, eps: float) -> tuple:
+        if (name, eps) in done:
+            return done[name, eps]
+        if name == "aa-rand":  # its seconds include the APGD-CE/DLR runs it reuses, as if run for it
+            parts = [step(part, eps) for part in ("apgd-ce", "apgd-dlr")]
+
+            def make(active: torch.Tensor) -> torch.Tensor:
+                ids, x_adv = active.nonzero().flatten(), x.clone()
+                for i in range(0, len(ids), b):
+                    j = ids[i:i + b]
+                    x_adv[j] = A.worst_case(model, [p[0][j] for p in parts], y[j], s.eot)
+                return x_adv
+        else:
+            parts = []
+
+            def make(active: torch.Tensor) -> torch.Tensor:
+                return _run(name, model, x, y, eps, s, sur, active=active)
+        t = time.perf_counter()
+        out = _cascade_step(make, model, x, y, clean, s, last.get(name))
+        last[name] = out[1], out[0]
+        done[name, eps] = (*out, time.perf_counter() - t + sum(p[4] for p in parts))
+        return done[name, eps]
+
     bar = tqdm(total=len(attacks) * len(s.eps), desc="attacks", disable=quiet, mininterval=1)
     for name in attacks:
         results[name] = {}
         for eps in s.eps:
             bar.set_postfix(attack=name, eps=eps_label(eps, s.norm))
-            start = time.perf_counter()
-            if name == "aa-rand":
-                parts, seconds = [], 0.0
-                for part in ("apgd-ce", "apgd-dlr"):
-                    if (part, eps) not in apgd_runs:
-                        t = time.perf_counter()
-                        adv = _run(part, model, x, y, eps, s, active=clean > 0)
-                        apgd_runs[part, eps] = adv, time.perf_counter() - t
-                    parts.append(apgd_runs[part, eps][0])
-                    seconds += apgd_runs[part, eps][1]
-                t = time.perf_counter()
-                x_adv = torch.cat([A.worst_case(model, [p[i:i + s.batch_size] for p in parts], y[i:i + s.batch_size], s.eot)
-                                   for i in range(0, n, s.batch_size)])
-                seconds += time.perf_counter() - t
-            else:
-                x_adv = _run(name, model, x, y, eps, s, sur, active=clean > 0)
-                seconds = time.perf_counter() - start
-                if name in ("apgd-ce", "apgd-dlr"):
-                    apgd_runs[name, eps] = x_adv, seconds
+            x_adv, frac, raw, active, seconds = step(name, eps)
             _check_ball(x_adv, x, eps, s.norm, name)
-            frac = _fractions(model, x_adv, y, clean, s)
-            fractions[name][eps] = frac
-            results[name][eps_label(eps, s.norm)] = dict(eps=eps, **_summary(frac, s.n_boot), seconds=seconds)
+            fractions[name][eps], raw_fractions[name][eps] = frac, raw
+            cell = dict(eps=eps, **_summary(frac, s.n_boot), seconds=seconds, attacked=int(active.sum()))
+            if s.eps_cascade:
+                cell["mean_before_cascade"] = raw.mean().item()
+            results[name][eps_label(eps, s.norm)] = cell
             if name in WHITE_BOX and (eps not in shown or name == "aa-rand"):
                 shown[eps], shown_by = x_adv[grid_ids].cpu(), name
             bar.update()
     bar.close()
-    return results, fractions, shown, shown_by
+    return results, fractions, raw_fractions, {a: last[a] for a in attacks}, shown, shown_by
 
 
 def evaluate_robustness(run: Run, s: Settings, data_spec: str | None = None, data_dir: str | None = None,
@@ -218,38 +263,51 @@ def evaluate_robustness(run: Run, s: Settings, data_spec: str | None = None, dat
     device = resolve_device(s.device)
     model = run.model.to(device).eval()
     sur = surrogate.model.to(device).eval() if surrogate is not None else None
-    random = is_random(model)
     torch.manual_seed(s.seed)
     x_all, y_all = data.test.tensors()
     idx = _pick_examples(len(y_all), s.n_examples, s.seed)
     x, y = x_all[idx].to(device), y_all[idx].to(device)
+    head = dict(run=str(run.path), data=data.name, split="test", test_source=data.test_source())
+    result, shown, shown_by = attack_examples(model, x, y, s, sur, quiet, head)
+    result["per_example"] = dict(index=idx.tolist(), **result["per_example"])
+    grid_ids = grid_examples(y.cpu()).to(y.device)  # the examples `shown` holds
+    grid = dict(x=x[grid_ids].cpu(), y=y[grid_ids].cpu(), adv=shown, attack=shown_by, model=model)
+    return result, grid
+
+
+def attack_examples(model, x: torch.Tensor, y: torch.Tensor, s: Settings, sur=None, quiet: bool = True,
+                    head: dict | None = None) -> tuple[dict, dict[float, torch.Tensor], str]:
+    """The suite on images already on the model's device: (robustness.json's content after `head`, the adversarial
+    images shown per epsilon, the attack that made them). The caller seeds torch."""
+    s = replace(s, eps=sorted(s.eps))  # smallest first: the eps cascade builds on the smaller balls
+    random = is_random(model)
     attacks = [a for a in ATTACKS if a in s.attacks]  # canonical order; aa-rand reuses the APGD runs
     t0 = time.perf_counter()
-    with autocast(s.precision, device, model), (autocast(s.precision, device, sur) if sur is not None else nullcontext()):
+    with autocast(s.precision, x.device, model), (autocast(s.precision, x.device, sur) if sur is not None else nullcontext()):
         clean = _correct(model, x, y, s)
         result: dict = dict(
-            run=str(run.path), data=data.name, split="test", test_source=data.test_source(), n_examples=len(y),
-            norm=s.norm, randomized=random, settings=record(s), rule=rule_text(s.passes, random),
-            clean=_summary(clean, s.n_boot), clean_seconds=time.perf_counter() - t0, attacks={}, worst_case={},
+            **(head or {}), n_examples=len(y), norm=s.norm, randomized=random, settings=record(s),
+            rule=rule_text(s.passes, random, s.eps_cascade), clean=_summary(clean, s.n_boot),
+            clean_seconds=time.perf_counter() - t0, attacks={}, worst_case={},
             descriptions={a: DESCRIPTIONS[a] for a in attacks})
         if not random:
             result["note"] = "deterministic model: EOT averages one pass, so eot-pgd equals pgd up to its random start"
-        result["attacks"], fractions, shown, shown_by = _attack_all(model, sur, x, y, clean, s, attacks, quiet)
+        result["attacks"], fractions, raw, last, shown, shown_by = _attack_all(model, sur, x, y, clean, s, attacks, quiet)
         for eps in s.eps:
             worst = torch.stack([fractions[a][eps] for a in attacks]).amin(0) if attacks else clean
             fractions.setdefault("worst_case", {})[eps] = worst
-            result["worst_case"][eps_label(eps, s.norm)] = dict(eps=eps, **_summary(worst, s.n_boot))
+            cell = result["worst_case"][eps_label(eps, s.norm)] = dict(eps=eps, **_summary(worst, s.n_boot))
+            if s.eps_cascade and attacks:  # what check 1 reads: a rise there is an attack weaker at a larger epsilon
+                cell["mean_before_cascade"] = torch.stack([raw[a][eps] for a in attacks]).amin(0).mean().item()
         if s.sanity:
             large = LARGE_EPS[s.norm] or 0.5 * math.sqrt(x[0].numel())
-            result["sanity"] = sanity_checks(result, model, x, y, clean, s, large, fractions, quiet)
+            result["sanity"] = sanity_checks(result, model, x, y, clean, s, large, fractions, last)
     result["seconds"] = time.perf_counter() - t0
-    # per example (test-split index): the fraction of fresh passes it survives, clean and per attack and epsilon;
-    # robust under the all-pass rule where it is 1
-    result["per_example"] = dict(index=idx.tolist(), clean=clean.cpu().tolist(), **{
+    # per example: the fraction of fresh passes it survives, clean and per attack and epsilon; robust under the
+    # all-pass rule where it is 1
+    result["per_example"] = dict(clean=clean.cpu().tolist(), **{
         a: {eps_label(e, s.norm): f.cpu().tolist() for e, f in per.items()} for a, per in fractions.items()})
-    grid_ids = torch.arange(min(len(y), 6))
-    grid = dict(x=x[grid_ids].cpu(), y=y[grid_ids].cpu(), adv=shown, attack=shown_by, model=model)
-    return result, grid
+    return result, shown, shown_by
 
 
 def _check_ball(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str, name: str) -> None:
@@ -270,35 +328,53 @@ def _check(name: str, ok: bool | None, detail: str) -> dict:
     return dict(check=name, status="SKIP" if ok is None else ("PASS" if ok else "FLAG"), detail=detail)
 
 
-def _falls_with_eps(result: dict, model, x, y, clean, s: Settings, large_eps: float) -> dict:
-    """Check 1: accuracy falls with eps and reaches ~0 at a large eps (runs the large-eps attack)."""
+def _below(eps: float, s: Settings) -> float | None:
+    """The next smaller epsilon of the run (None for the smallest)."""
+    smaller = [e for e in s.eps if e < eps]
+    return max(smaller) if smaller else None
+
+
+def _falls_with_eps(result: dict, model, x, y, clean, s: Settings, large_eps: float, last: dict) -> dict:
+    """Check 1: accuracy falls with eps and reaches ~0 at a large eps (runs the large-eps attack).
+
+    Under the eps cascade the worst case cannot rise by construction, so rises are sought in each epsilon's attacks
+    alone ("mean_before_cascade"), and the large-eps attack builds on the largest epsilon's outcome like any other."""
     n, labels = len(y), [eps_label(e, s.norm) for e in s.eps]
-    worst = [result["worst_case"][lab]["mean"] for lab in labels]
+    key = "mean_before_cascade" if s.eps_cascade else "mean"
+    worst = [result["worst_case"][lab].get(key, result["worst_case"][lab]["mean"]) for lab in labels]
     rises = [(labels[i], labels[i + 1]) for i in range(len(worst) - 1) if worst[i + 1] > worst[i] + _tol(worst[i], n)]
     main = next((a for a in ("eot-pgd", "apgd-ce", "pgd") if a in s.attacks), "eot-pgd")
     start = time.perf_counter()
-    big = _run(main, model, x, y, large_eps, s, active=clean > 0)
-    big_acc = _summary(_fractions(model, big, y, clean, s))
-    result["large_eps"] = dict(attack=main, eps=large_eps, **big_acc, seconds=time.perf_counter() - start)
+    _, big, _, active = _cascade_step(lambda act: _run(main, model, x, y, large_eps, s, active=act), model, x, y, clean, s,
+                                      last.get(main))
+    big_acc = _summary(big)
+    result["large_eps"] = dict(attack=main, eps=large_eps, **big_acc, seconds=time.perf_counter() - start,
+                               attacked=int(active.sum()))
     return _check(
         "accuracy falls as epsilon grows and reaches ~0 at a large epsilon", not rises and big_acc["mean"] <= 0.05,
-        f"worst-case mean accuracy {', '.join(f'{w:.3f}' for w in worst)} at eps {', '.join(labels)}"
+        f"worst-case mean accuracy{' (each epsilon before the cascade)' if s.eps_cascade else ''} "
+        f"{', '.join(f'{w:.3f}' for w in worst)} at eps {', '.join(labels)}"
         + (f"; rises between {rises}" if rises else "")
         + f"; {main} at eps={large_eps:.3g}: {big_acc['mean']:.3f} (want <= 0.05)")
 
 
-def _more_iterations(result: dict, model, x, y, clean, s: Settings) -> dict:
-    """Check 2: four times the iterations is not weaker (runs the longer attack at the middle epsilon)."""
+def _more_iterations(result: dict, model, x, y, clean, s: Settings, fractions: dict) -> dict:
+    """Check 2: four times the iterations is not weaker (runs the longer attack at the middle epsilon, on the examples
+    the main run attacked there: under the eps cascade both start from the same next-smaller-epsilon outcome)."""
     mid = s.eps[len(s.eps) // 2]
     lab = eps_label(mid, s.norm)
     it_attack = next((a for a in ("eot-pgd", "pgd", "apgd-ce") if a in s.attacks), None)
     if it_attack is None:
         return _check("more iterations are not weaker", None, "no iterative attack was run")
     start = time.perf_counter()
-    longer = _run(it_attack, model, x, y, mid, s, steps=4 * s.steps, active=clean > 0)
-    more = _summary(_fractions(model, longer, y, clean, s))
+    below = _below(mid, s)
+    prev = (fractions[it_attack][below], None) if below is not None else None
+    _, longer, _, active = _cascade_step(lambda act: _run(it_attack, model, x, y, mid, s, steps=4 * s.steps, active=act),
+                                         model, x, y, clean, s, prev)
+    more = _summary(longer)
     base = result["attacks"][it_attack][lab]["mean"]
-    result["more_iterations"] = dict(attack=it_attack, eps=mid, steps=4 * s.steps, **more, seconds=time.perf_counter() - start)
+    result["more_iterations"] = dict(attack=it_attack, eps=mid, steps=4 * s.steps, **more, seconds=time.perf_counter() - start,
+                                     attacked=int(active.sum()))
     return _check("more iterations are not weaker", more["mean"] <= base + _tol(base, len(y)),
                   f"{it_attack} at eps {lab}: {s.steps} steps {base:.3f}, {4 * s.steps} steps {more['mean']:.3f}")
 
@@ -335,9 +411,12 @@ def _orderings(att: dict, labels: list[str], n: int) -> list[dict]:
     return checks
 
 
-def sanity_checks(result: dict, model, x, y, clean, s: Settings, large_eps: float, fractions: dict, quiet: bool) -> list[dict]:
-    """PASS/FLAG per check of the gradient-obfuscation checklist; SKIP when the attacks it compares were not run."""
-    return [_falls_with_eps(result, model, x, y, clean, s, large_eps), _more_iterations(result, model, x, y, clean, s),
+def sanity_checks(result: dict, model, x, y, clean, s: Settings, large_eps: float, fractions: dict,
+                  last: dict) -> list[dict]:
+    """PASS/FLAG per check of the gradient-obfuscation checklist; SKIP when the attacks it compares were not run.
+    `fractions` and `last`: _attack_all's per-example fractions and each attack's outcome at the largest epsilon."""
+    return [_falls_with_eps(result, model, x, y, clean, s, large_eps, last),
+            _more_iterations(result, model, x, y, clean, s, fractions),
             *_orderings(result["attacks"], [eps_label(e, s.norm) for e in s.eps], len(y))]
 
 
@@ -364,6 +443,10 @@ def markdown(result: dict) -> str:
     w = result["worst_case"]
     cells = [f"**{w[lb]['mean']:.3f} / {w[lb]['all_pass']:.3f}**" for lb in labels]
     lines.append("| **worst case** | " + " | ".join(cells) + " | |")
+    if s.get("eps_cascade"):
+        lines += ["", f"Examples attacked at eps {', '.join(labels)} (the eps cascade skips those already at 0): "
+                  + "; ".join(f"{name} {' / '.join(str(per[lb].get('attacked', '-')) for lb in labels)}"
+                              for name, per in result["attacks"].items() if name != "aa-rand") + "."]
     lines += _interval_table(result)
     lines += ["", "Attacks: " + "; ".join(f"`{k}` {v}" for k, v in result["descriptions"].items()) + "."]
     if "note" in result:
@@ -548,7 +631,8 @@ def run(s: Settings) -> RobustnessResult:
     surrogate = load_run(s.surrogate) if s.surrogate else None
     if surrogate is not None and "transfer" not in s.attacks and s.attacks == list(DEFAULT_ATTACKS):
         s = replace(s, attacks=list(ATTACKS))
-    s = replace(s, run_dir=str(loaded.path), surrogate=str(surrogate.path) if surrogate else None)  # recorded as loaded
+    s = replace(s, run_dir=str(loaded.path), surrogate=str(surrogate.path) if surrogate else None,  # recorded as loaded
+                eps=sorted(s.eps))
     out = Path(s.out) if s.out else loaded.path / f"robustness-{s.norm}"
     check_output_dir(out, record(s), "robustness.json", s.overwrite)
     result, grid = evaluate_robustness(loaded, s, s.data, s.data_dir, surrogate)

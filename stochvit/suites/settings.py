@@ -129,6 +129,7 @@ class RobustnessSettings:
     out: str | Path | None = None  # default: RUN_DIR/robustness-NORM
     overwrite: bool = False
     device: str | None = None  # cpu | cuda | cuda:N (None: cuda when available)
+    eps_cascade: bool = True  # build each epsilon on the smaller ones' outcome (never raises a robust accuracy)
 
 
 @dataclass
