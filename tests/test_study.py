@@ -97,6 +97,12 @@ def test_study_killed_mid_run_resumes_and_never_recomputes_finished_work(tmp_pat
     ("[methods.a]\nseed = 3\n", "seeds come from the spec"),
     ("[methods.a]\n[calibration]\ncomparisons = [['a', 'b']]\n", "unknown method"),
     ("[methods.a\n", "not valid TOML"),
+    ("[methods.a]\n[robustness]\nepsilon = [0.1]\n", r"\[robustness\] has unknown settings \['epsilon'\]"),
+    ("[methods.a]\n[robustness]\nsteps = 0\n", "steps=0 must be >= 1"),
+    ("[methods.a]\n[robustness]\neps = ['8/0']\n", "eps '8/0'"),
+    ("[methods.a]\n[privacy]\nmethods = ['b']\n", r"methods \['b'\] are not methods"),
+    ("[methods.a]\n[privacy]\ncomparisons = [['a + noise 2', 'a']]\nnoise_baseline = [1.0]\n", "unknown method"),
+    ("[methods.a]\n[privacy.attack]\ndecoder_step = 3\n", r"\[privacy.attack\]"),
 ])
 def test_bad_specs_are_refused_naming_the_problem(tmp_path, body, message):
     spec = tmp_path / "s.toml"
@@ -118,3 +124,129 @@ def test_shipped_specs_load():
     assert len(digits.seeds) == 10 and set(digits.methods) >= {"deterministic", "stochastic"}
     cifar = load_spec(root / "cifar10.toml")
     assert cifar.train["augment"] == "none" and cifar.train["train_limit"] >= 10_000 and len(cifar.seeds) >= 3
+
+
+SUITE_SPEC = """
+name = "suites"
+seeds = [0, 1]
+jobs = 2
+[train]
+data = "digits"
+train_limit = 600
+epochs = 3
+warmup_epochs = 0
+batch_size = 16
+augment = "none"
+eval_samples = 1
+[methods.deterministic]
+stochastic = false
+[methods.stochastic]
+[robustness]
+attacks = ["eot-pgd", "aa-rand"]
+eps = ["2/255", "8/255"]
+n_examples = 16
+steps = 2
+eot = 2
+passes = 2
+batch_size = 16
+sanity = false
+n_boot = 100
+[privacy]
+comparisons = [["stochastic", "deterministic"], ["deterministic + noise 0.5", "deterministic"]]
+split_blocks = "1"
+attacks = ["decoder"]
+noise_baseline = [0.5]
+n_victims = 6
+aux_limit = 48
+samples = 1
+[privacy.attack]
+decoder_steps = 3
+decoder_width = 8
+decoder_batch = 16
+"""
+
+
+@pytest.fixture(scope="module")
+def suite_study(tmp_path_factory):
+    """A trained 2 x 2 study (3 short epochs, ~0.2 test accuracy) with tiny [robustness] and [privacy] sections."""
+    root = tmp_path_factory.mktemp("suites")
+    spec = root / "suites.toml"
+    spec.write_text(SUITE_SPEC)
+    from stochvit.train import train
+
+    study = load_spec(spec)  # trained in this process (the driver's subprocesses are the test above's business)
+    for m, s in study.runs():
+        train(study.config(m, s), out=study.run_dir(m, s), quiet=True)
+    return spec
+
+
+def _counting(monkeypatch, module, name: str, fail_at: int | None = None) -> list:
+    """Count the calls of module.name; with fail_at, the call of that number fails midway (a killed study)."""
+    calls, real = [], getattr(module, name)
+
+    def wrapper(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == fail_at:
+            raise KeyboardInterrupt("killed mid-suite")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, wrapper)
+    return calls
+
+
+def test_study_suites_are_cached_paired_by_seed_and_resumed(suite_study, monkeypatch):
+    import numpy as np
+
+    from stochvit.eval.stats import Scores, compare
+    from stochvit.suites import privacy, robustness
+
+    runs = suite_study.parent / "suites" / "runs"
+    quiet = lambda *_: None  # noqa: E731
+    # killed while writing the second run's robustness report: nothing half-written is left to be mistaken for a result
+    with monkeypatch.context() as m:
+        _counting(m, robustness, "plot_grid", fail_at=2)
+        with pytest.raises(KeyboardInterrupt):
+            run(Settings(suite_study, n_boot=200), log=quiet)
+    assert len(list(runs.glob("*/study-robustness-*/robustness.json"))) == 1
+    first = _mtimes(runs, "*/study-robustness-*/robustness.json")
+    with monkeypatch.context() as m:  # restarted: only the three unfinished runs are attacked
+        attacked, inverted = _counting(m, robustness, "evaluate_robustness"), _counting(m, privacy, "evaluate_privacy")
+        result = run(Settings(suite_study, n_boot=200), log=quiet)
+    assert len(attacked) == 3 and len(inverted) == 4
+    assert all(_mtimes(runs, "*/study-robustness-*/robustness.json")[p] == t for p, t in first.items())
+    cached = _mtimes(runs, "*/study-*/*.json")
+    assert len(cached) == 16  # 4 runs x 2 suites x (report + settings.json)
+    with monkeypatch.context() as m:  # a finished study only rebuilds its report
+        attacked, inverted = _counting(m, robustness, "evaluate_robustness"), _counting(m, privacy, "evaluate_privacy")
+        again = run(Settings(suite_study, train=False, n_boot=200), log=quiet)
+    assert attacked == [] and inverted == [] and _mtimes(runs, "*/study-*/*.json") == cached
+    assert [r.as_dict() for r in again.suites["robustness"]["comparisons"]] == \
+        [r.as_dict() for r in result.suites["robustness"]["comparisons"]]
+
+    def per_image(method: str, seed: int, suite: str) -> dict:
+        return json.loads(next((runs / f"{method}-seed{seed}").glob(f"study-{suite}-*/{suite}.json")).read_text())
+
+    rows = {(r.method, r.metric): r for r in result.suites["robustness"]["comparisons"]}
+    assert set(rows) == {("stochastic", m) for m in ("clean accuracy", "robust accuracy 2/255", "robust accuracy 8/255")}
+    for (method, metric), row in rows.items():
+        eps = None if metric == "clean accuracy" else metric.split()[-1]
+        examples = [[per_image(m, s, "robustness")["per_example"] for s in (0, 1)] for m in (method, "deterministic")]
+        sides = [[p["clean"] if eps is None else p["worst_case"][eps] for p in side] for side in examples]
+        assert row.difference == pytest.approx(np.mean([np.mean(a) - np.mean(b) for a, b in zip(*sides)]), abs=1e-12)
+        direct = compare([Scores.per_image(v) for v in sides[0]], [Scores.per_image(v) for v in sides[1]], metric,
+                         higher_is_better=True, n_boot=200)
+        assert (row.low, row.high, row.seeds) == (direct.low, direct.high, (2, 2)) and "per-seed paired" in row.interval
+    rows = {(r.method, r.metric): r for r in result.suites["privacy"]["comparisons"]}
+    assert set(rows) == {(m, f"decoder {k} k=1") for m in ("stochastic", "deterministic + noise 0.5") for k in ("PSNR", "SSIM")}
+    row = rows["deterministic + noise 0.5", "decoder PSNR k=1"]
+    noisy, clean = ([next(e for e in per_image("deterministic", s, "privacy")["entries"] if e["sigma"] == sigma)
+                     ["attacks"]["decoder"]["per_image"]["psnr"] for s in (0, 1)] for sigma in (0.5, 0.0))
+    assert row.difference == pytest.approx(np.mean([np.mean(a) - np.mean(b) for a, b in zip(noisy, clean)]), abs=1e-9)
+    assert not row.higher_is_better and (row.verdict == "better") == (row.high < 0)  # lower PSNR: leaks less
+
+    out = report(result)
+    text = (out / "study.md").read_text()
+    assert "## Robustness" in text and "## Privacy" in text and "**Lower is better**" in text
+    assert (out / "robustness.png").stat().st_size > 1000 and (out / "privacy.png").stat().st_size > 1000
+    saved = json.loads((out / "study.json").read_text())["suites"]
+    assert saved["privacy"]["comparisons"][0]["interval"] == result.suites["privacy"]["comparisons"][0].interval

@@ -21,6 +21,7 @@ from ..runs import read_json, read_metrics
 from .settings import Result, record
 from .settings import StudySettings as Settings
 from .study_runs import StudySpec, cached_predictions, load_spec, run_status, shift_set, train_missing
+from .study_suites import comparisons, describe, measure, sanity_flags
 
 CONDITIONS = ("clean", "shift")
 # the over-confident regime (issue 15): test ECE at least this, and the final training loss "well below" the
@@ -39,6 +40,7 @@ class StudyResult(Result):
     values: dict = field(default_factory=dict)  # condition -> method -> metric -> per-seed values
     temperatures: dict = field(default_factory=dict)
     seconds: dict = field(default_factory=dict)
+    suites: dict = field(default_factory=dict)  # suite -> comparisons, per-image values (label/seed/metric), sanity flags
     settings: dict = field(default_factory=dict)  # the settings that made it, recorded in the report's settings.json
 
 
@@ -117,24 +119,40 @@ def _comparisons(spec: StudySpec, names: list[str]) -> list[tuple[str, str]]:
 
 
 def run(settings: Settings, log=print) -> StudyResult:
-    """Train (unless settings.train is False), predict, and compare; every finished step is reused."""
+    """Train (unless settings.train is False), predict, run the suites, and compare; every finished step is reused."""
     if settings.n_boot < 100:
         raise UserError(f"n_boot={settings.n_boot}: use at least 100 resamples")
     spec = load_spec(settings.spec)
-    if spec.calibration is None:
-        raise UserError(f"study spec {settings.spec} has no claim to measure (add a [calibration] table)")
+    if spec.calibration is None and not spec.suites:
+        raise UserError(f"study spec {settings.spec} has no claim to measure (add a [calibration], [robustness] or "
+                        "[privacy] table)")
     t0 = time.perf_counter()
     if settings.train:
         train_missing(spec, log=log)
     plan = _plan(spec)
     if not any(r["status"] == "finished" for r in plan if r["method"] == next(iter(spec.methods))):
         raise UserError(f"no finished run of the baseline {next(iter(spec.methods))!r} yet; run the study with training on")
+    result = StudyResult(out=spec.out, spec=spec, plan=plan, regime=_regime(spec),
+                         settings=record(settings) | dict(spec=str(Path(settings.spec).resolve())))
+    result.seconds = dict(train=time.perf_counter() - t0)
+    if spec.calibration is not None:
+        _calibration(result, settings.n_boot, log)
+    for name, claim in spec.suites.items():
+        t1 = time.perf_counter()
+        table = measure(spec, claim, log)
+        result.suites[name] = dict(comparisons=comparisons(claim, table, settings.n_boot), values=table,
+                                   sanity_flags=sanity_flags(spec, claim) if name == "robustness" else {})
+        result.seconds[name] = time.perf_counter() - t1
+    return result
+
+
+def _calibration(result: StudyResult, n_boot: int, log) -> None:
+    """The calibration claim: predictions (cached per run), +TS twins and ensembles, and their comparisons."""
+    spec = result.spec
     t1 = time.perf_counter()
     probs, labels = _predictors(spec, log)
-    methods, temps = _methods(spec, probs, labels)
+    methods, result.temperatures = _methods(spec, probs, labels)
     t2 = time.perf_counter()
-    result = StudyResult(out=spec.out, spec=spec, plan=plan, regime=_regime(spec), temperatures=temps,
-                         settings=record(settings) | dict(spec=str(Path(settings.spec).resolve())))
     for cond in CONDITIONS:
         result.values[cond] = {name: {metric: [Scores.from_probs(metric, r[cond], labels[cond]).value() for r in runs]
                                       for metric in spec.calibration.metrics} for name, runs in methods.items()}
@@ -145,10 +163,9 @@ def run(settings: Settings, log=print) -> StudyResult:
             for metric in spec.calibration.metrics:
                 rows.append(compare([Scores.from_probs(metric, r[cond], labels[cond]) for r in methods[method]],
                                     [Scores.from_probs(metric, r[cond], labels[cond]) for r in methods[baseline]],
-                                    metric, method, baseline, n_boot=settings.n_boot))
+                                    metric, method, baseline, n_boot=n_boot))
         result.comparisons[cond] = rows
-    result.seconds = dict(train=t1 - t0, predict=t2 - t1, compare=time.perf_counter() - t2)
-    return result
+    result.seconds.update(predict=t2 - t1, compare=time.perf_counter() - t2)
 
 
 def _regime(spec: StudySpec) -> dict:
@@ -172,21 +189,34 @@ def _regime(spec: StudySpec) -> dict:
 # -- report ---------------------------------------------------------------------------------------------
 
 def report(result: StudyResult, out: str | Path | None = None) -> Path:
-    """study.json, study.md and one forest plot per condition into `out` (default: the spec's out/report), written all
-    at once (`runs.atomic_output_dir`). A previous report of the study is replaced: it is rebuilt from the runs and
-    their cached predictions, so nothing is lost; a folder holding anything else is refused."""
+    """study.json, study.md and the forest plots (one per calibration condition, one per suite) into `out` (default:
+    the spec's out/report), written all at once (`runs.atomic_output_dir`). A previous report of the study is replaced:
+    it is rebuilt from the runs and their cached predictions and suite reports, so nothing is lost; a folder holding
+    anything else is refused."""
     from ..runs import atomic_output_dir, write_json
 
     out = Path(out) if out else result.out / "report"
     data = dict(name=result.spec.name, plan=result.plan, regime=result.regime, temperatures=result.temperatures,
                 values=result.values, seconds=result.seconds,
-                comparisons={c: [r.as_dict() for r in rows] for c, rows in result.comparisons.items()})
+                comparisons={c: [r.as_dict() for r in rows] for c, rows in result.comparisons.items()},
+                suites={name: dict(comparisons=[r.as_dict() for r in s["comparisons"]], sanity_flags=s["sanity_flags"],
+                                   seed_values=_seed_means(s["values"]))
+                        for name, s in result.suites.items()})
     with atomic_output_dir(out, result.settings, "study.json", overwrite=True) as tmp:
         write_json(tmp / "study.json", data)
         for cond, rows in result.comparisons.items():
             forest_plot(tmp / f"comparisons-{cond}.png", rows, f"{result.spec.name}: {cond} test, method - baseline, 95% CI")
+        for name, s in result.suites.items():
+            if s["comparisons"]:
+                forest_plot(tmp / f"{name}.png", s["comparisons"], f"{result.spec.name}: {name}, method - baseline, 95% CI")
         (tmp / "study.md").write_text(format_markdown(result))
     return out
+
+
+def _seed_means(values: dict) -> dict:
+    """label -> metric -> seed -> the run's mean over the test images (study.json; the per-image values stay cached)."""
+    return {label: {metric: {s: sum(v[metric]) / len(v[metric]) for s, v in seeds.items()}
+                    for metric in next(iter(seeds.values()))} for label, seeds in values.items()}
 
 
 def format_markdown(result: StudyResult) -> str:
@@ -204,11 +234,21 @@ def format_markdown(result: StudyResult) -> str:
              f"{reg['train_loss']:.3f} vs validation NLL {reg['val_nll']:.3f} "
              f"(criterion: below {OVERCONFIDENT_LOSS_RATIO} x NLL): "
              f"**{'over-confident' if reg['over_confident'] else 'NOT over-confident'}**.", ""]
-    claim = spec.calibration
-    lines += ["## Calibration", "",
-              f"Deployed predictor: the K={claim.samples}-sample average for random models, `(1 pass)` a single pass. "
-              f"`+TS`: temperature fitted on validation NLL per run. Shift: {claim.shift_images} test images, each under "
-              "one of 8 corruptions x 5 severities (balanced, seeded). Intervals: see `stochvit.eval.stats`.", ""]
+    if spec.calibration is not None:
+        lines += _calibration_markdown(result)
+    for name in result.suites:
+        lines += _suite_markdown(result, name)
+    lines += ["## Runs", "", "| method | seed | status | train s |", "|---|---|---|---|"]
+    lines += [f"| {r['method']} | {r['seed']} | {r['status']} | {r.get('train_seconds', math.nan):.0f} |" for r in result.plan]
+    return "\n".join(lines) + "\n"
+
+
+def _calibration_markdown(result: StudyResult) -> list[str]:
+    claim = result.spec.calibration
+    lines = ["## Calibration", "",
+             f"Deployed predictor: the K={claim.samples}-sample average for random models, `(1 pass)` a single pass. "
+             f"`+TS`: temperature fitted on validation NLL per run. Shift: {claim.shift_images} test images, each under "
+             "one of 8 corruptions x 5 severities (balanced, seeded). Intervals: see `stochvit.eval.stats`.", ""]
     for cond, rows in result.comparisons.items():
         lines += [f"### {cond} test", "", comparison_table(rows), f"![{cond}](comparisons-{cond}.png)", ""]
     lines += ["## Values (mean over seeds)", "", "| method | " + " | ".join(f"{c} {m}" for c in CONDITIONS for m in claim.metrics)
@@ -216,9 +256,21 @@ def format_markdown(result: StudyResult) -> str:
     for name in result.values["clean"]:
         cells = [f"{sum(v) / len(v):.4f}" for c in CONDITIONS for v in result.values[c][name].values()]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", "## Runs", "", "| method | seed | status | train s |", "|---|---|---|---|"]
-    lines += [f"| {r['method']} | {r['seed']} | {r['status']} | {r.get('train_seconds', math.nan):.0f} |" for r in result.plan]
-    return "\n".join(lines) + "\n"
+    return [*lines, ""]
+
+
+def _suite_markdown(result: StudyResult, name: str) -> list[str]:
+    claim, s = result.spec.suites[name], result.suites[name]
+    lines = [f"## {name.capitalize()}", "", describe(claim), ""]
+    if not s["comparisons"]:
+        return [*lines, "No comparison has finished runs on both sides yet.", ""]
+    lines += [comparison_table(s["comparisons"]), f"![{name}]({name}.png)", ""]
+    if flags := s["sanity_flags"]:
+        flagged = {run: n for run, n in flags.items() if n}
+        lines += [f"Sanity reports ({len(flags)} runs; each in RUN/study-robustness-{claim.key()}/robustness.md): "
+                  + (f"**FLAGs in {', '.join(f'{r} ({n})' for r, n in flagged.items())}: their robust accuracies may be "
+                     "over-estimates**." if flagged else "no check FLAGged."), ""]
+    return lines
 
 
 def forest_plot(path: Path, rows: list[Comparison], title: str) -> None:
@@ -228,11 +280,16 @@ def forest_plot(path: Path, rows: list[Comparison], title: str) -> None:
 
     plt = pyplot()
     metrics = list(dict.fromkeys(r.metric for r in rows))
-    height = 0.45 * len(rows) / len(metrics) + 1.6
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), height),
-                             sharey=True, squeeze=False)
+    cols = min(4, len(metrics))  # more panels wrap into rows (a suite has one per epsilon, or per block and attack)
+    panel = 0.45 * len(rows) / len(metrics) + 1.2
+    height = panel * math.ceil(len(metrics) / cols) + 0.6
+    label = 0.075 * max(len(f"{r.method} vs {r.baseline}") for r in rows)  # inches of the row labels (9-point text)
+    fig, axes = plt.subplots(math.ceil(len(metrics) / cols), cols, figsize=(3.2 * cols + label, height), sharey=True,
+                             squeeze=False)
+    for ax in axes.flat[len(metrics):]:
+        ax.set_visible(False)
     colours = {"better": "tab:green", "worse": "tab:red", "no difference detected": "tab:gray"}
-    for ax, metric in zip(axes[0], metrics):
+    for ax, metric in zip(axes.flat, metrics):
         sel = [r for r in rows if r.metric == metric]
         for i, r in enumerate(sel):
             ax.errorbar(r.difference, i, xerr=[[r.difference - r.low], [r.high - r.difference]], fmt="o",
@@ -240,8 +297,8 @@ def forest_plot(path: Path, rows: list[Comparison], title: str) -> None:
         ax.axvline(0, color="k", lw=0.8)
         ax.set_yticks(range(len(sel)), [f"{r.method} vs {r.baseline}" for r in sel])
         better = "higher" if sel[0].higher_is_better else "lower"
-        ax.set_title(f"{metric} ({better} is better)")
-        ax.invert_yaxis()
+        ax.set_title(f"{metric}\n({better} is better)", fontsize=10)
+        ax.yaxis.set_inverted(True)  # idempotent: invert_yaxis toggles the axis all shared panels have
         ax.locator_params(axis="x", nbins=5)  # default ticks ran into each other ("-0.075-0.050")
         ax.tick_params(axis="x", labelsize=8)
     handles = [plt.Line2D([], [], marker="o", ls="", color=c, label=v) for v, c in colours.items()]

@@ -7,7 +7,9 @@ of it), the seeds, the ensembles and the claims to measure. The driver
    reuses every finished one (a finished run whose settings differ from the spec is refused, never mixed in);
 2. caches each run's per-pass predictions (val, test, and a shifted test set) in the run directory, named by
    their settings, so that a second call only rebuilds the report;
-3. writes the report: per claim, each method against its baselines with differences, 95% intervals
+3. runs the `[robustness]` and `[privacy]` suites on the finished runs of their methods, each run's report cached in
+   its directory (`stochvit.suites.study_suites`);
+4. writes the report: per claim, each method against its baselines with differences, 95% intervals
    (`stochvit.eval.stats`) and verdicts, plus the plots.
 
 Everything is written atomically per run or per file, so the driver can be killed at any moment and started again.
@@ -31,6 +33,7 @@ import torch
 from ..errors import UserError
 from ..procs import child_dies_with_parent
 from ..train import TrainConfig
+from .study_suites import SUITES, SuiteClaim, parse_claim
 
 # settings that do not change what a run learns, so a finished run is reused even if they differ
 UNMATCHED = {"workers", "eval_samples", "val_every", "data_dir"}
@@ -62,6 +65,7 @@ class StudySpec:
     methods: dict[str, dict[str, Any]]
     ensembles: dict[str, Ensemble] = field(default_factory=dict)
     calibration: CalibrationClaim | None = None
+    suites: dict[str, SuiteClaim] = field(default_factory=dict)  # [robustness], [privacy]
     jobs: int = 1  # trainings side by side
     threads: int = 1  # OpenMP threads per training
     precision: str = "auto"  # of the evaluation
@@ -88,7 +92,7 @@ def load_spec(path: str | Path) -> StudySpec:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"study spec {path} is not valid TOML: {e}") from None
     where = f"study spec {path}"
-    known = {"name", "out", "seeds", "train", "methods", "ensembles", "calibration", "jobs", "threads", "precision"}
+    known = {"name", "out", "seeds", "train", "methods", "ensembles", "calibration", *SUITES, "jobs", "threads", "precision"}
     if unknown := set(raw) - known:
         raise UserError(f"{where}: unknown keys {sorted(unknown)}; expected {sorted(known)}")
     train = dict(raw.get("train", {}))
@@ -116,17 +120,10 @@ def load_spec(path: str | Path) -> StudySpec:
         if ens.members not in methods or not 2 <= ens.size <= len(seeds):
             raise UserError(f"{where}: ensemble {e!r} needs a known method and 2..{len(seeds)} members")
         ensembles[e] = ens
-    calibration = None
-    if "calibration" in raw:
-        body = dict(raw["calibration"])
-        body["comparisons"] = tuple(tuple(c) for c in body.get("comparisons", ()))
-        body["metrics"] = tuple(body.get("metrics", CalibrationClaim.metrics))
-        try:
-            calibration = CalibrationClaim(**body)
-        except TypeError as e:
-            raise UserError(f"{where}: [calibration]: {e}") from None
+    calibration = _calibration_claim(raw["calibration"], where) if "calibration" in raw else None
+    suites = {s: parse_claim(s, raw[s], list(methods), where) for s in SUITES if s in raw}
     spec = StudySpec(name=raw.get("name", path.stem), out=path.parent / raw.get("out", path.stem), seeds=seeds, train=train,
-                     methods=methods, ensembles=ensembles, calibration=calibration, jobs=int(raw.get("jobs", 1)),
+                     methods=methods, ensembles=ensembles, calibration=calibration, suites=suites, jobs=int(raw.get("jobs", 1)),
                      threads=int(raw.get("threads", 1)), precision=raw.get("precision", "auto"))
     for m, s in spec.runs():
         spec.config(m, s)  # every run's settings are valid before anything is trained
@@ -136,6 +133,16 @@ def load_spec(path: str | Path) -> StudySpec:
             if len(pair) != 2 or not set(pair) <= set(known_methods):
                 raise UserError(f"{where}: comparison {list(pair)} names an unknown method; known: {known_methods}")
     return spec
+
+
+def _calibration_claim(body: dict, where: str) -> CalibrationClaim:
+    body = dict(body)
+    body["comparisons"] = tuple(tuple(c) for c in body.get("comparisons", ()))
+    body["metrics"] = tuple(body.get("metrics", CalibrationClaim.metrics))
+    try:
+        return CalibrationClaim(**body)
+    except TypeError as e:
+        raise UserError(f"{where}: [calibration]: {e}") from None
 
 
 def _calibration_methods(spec: StudySpec) -> list[str]:
