@@ -16,6 +16,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("spec", help="TOML study spec (see benchmarks/studies/*.toml)")
     p.add_argument("--no-train", dest="train", action="store_false", help="report on finished runs only, train nothing")
     p.add_argument("--n-boot", type=int, default=default(S, "n_boot"), help="bootstrap resamples per comparison")
+    p.add_argument("--jobs", type=int, default=None, help="trainings side by side (default: the spec's jobs)")
     add_out(p, None, "report folder (None: the spec's out/report)")
     add_runtime(p, device=False)  # the trainings run with the spec's threads
     p.set_defaults(func=command)
@@ -24,6 +25,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def command(a: argparse.Namespace) -> None:
     from ..suites.study import Settings, report, run
 
-    out = report(run(Settings(a.spec, a.train, a.n_boot)), a.out)
+    out = report(run(Settings(a.spec, a.train, a.n_boot, a.jobs)), a.out)
     print((out / "study.md").read_text())
     print(f"report: {out / 'study.md'}")

@@ -123,6 +123,10 @@ def run(settings: Settings, log=print) -> StudyResult:
     if settings.n_boot < 100:
         raise UserError(f"n_boot={settings.n_boot}: use at least 100 resamples")
     spec = load_spec(settings.spec)
+    if settings.jobs is not None:
+        if settings.jobs < 1:
+            raise UserError(f"jobs={settings.jobs}: must be at least 1")
+        spec.jobs = settings.jobs
     if spec.calibration is None and not spec.suites:
         raise UserError(f"study spec {settings.spec} has no claim to measure (add a [calibration], [robustness] or "
                         "[privacy] table)")
@@ -172,7 +176,7 @@ def _regime(spec: StudySpec) -> dict:
     """The baseline's over-confidence: test ECE and the gap between final training loss and validation NLL."""
     base = next(iter(spec.methods))
     rows = []
-    for s in spec.seeds:
+    for s in spec.seeds_of(base):
         path = spec.run_dir(base, s)
         if not (path / "summary.json").exists():
             continue
@@ -224,7 +228,8 @@ def format_markdown(result: StudyResult) -> str:
     train_s = sum(r.get("train_seconds", 0.0) for r in result.plan)
     done = sum(r["status"] == "finished" for r in result.plan)
     lines = [f"# Study `{spec.name}`", "",
-             f"{len(spec.methods)} methods x {len(spec.seeds)} seeds ({', '.join(map(str, spec.seeds))}), "
+             f"{len(spec.methods)} methods x {len(spec.seeds)} seeds ({', '.join(map(str, spec.seeds))}"
+             f"{', fewer where a method names its own' if spec.method_seeds else ''}), "
              f"{len(result.plan)} runs, {train_s / 3600:.2f} machine-hours of training so far (sum of the runs' train_seconds).",
              "", *([f"**Progress report: {done} of {len(result.plan)} runs finished.** Methods and seeds still training "
                     "are left out of every table below; rerun the study to continue.", ""] if done < len(result.plan) else []),

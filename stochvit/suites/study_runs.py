@@ -69,6 +69,11 @@ class StudySpec:
     jobs: int = 1  # trainings side by side
     threads: int = 1  # OpenMP threads per training
     precision: str = "auto"  # of the evaluation
+    method_seeds: dict[str, tuple[int, ...]] = field(default_factory=dict)  # a method's own `seeds` (default: all)
+
+    def seeds_of(self, method: str) -> tuple[int, ...]:
+        """The seeds a method is trained with: its own `seeds = [...]`, else the spec's."""
+        return self.method_seeds.get(method, self.seeds)
 
     def config(self, method: str, seed: int) -> TrainConfig:
         cfg = TrainConfig(**{**self.train, **self.methods[method], "seed": seed})
@@ -79,7 +84,14 @@ class StudySpec:
         return self.out / "runs" / f"{method}-seed{seed}"
 
     def runs(self) -> list[tuple[str, int]]:
-        return [(m, s) for m in self.methods for s in self.seeds]
+        return [(m, s) for m in self.methods for s in self.seeds_of(m)]
+
+
+def _seeds(value: Any, where: str) -> tuple[int, ...]:
+    seeds = tuple(value) if isinstance(value, list) else ()
+    if not seeds or len(set(seeds)) != len(seeds) or not all(type(s) is int and s >= 0 for s in seeds):
+        raise UserError(f"{where}: seeds must be distinct non-negative integers, got {value!r}")
+    return seeds
 
 
 def load_spec(path: str | Path) -> StudySpec:
@@ -103,28 +115,29 @@ def load_spec(path: str | Path) -> StudySpec:
         folder = Path(train["data"].split(":", 1)[1])
         if not folder.is_absolute():
             train["data"] = "imagefolder:" + os.path.relpath(path.parent / folder)
-    methods = raw.get("methods", {})
+    methods = {m: dict(body) for m, body in raw.get("methods", {}).items()}
     if not methods:
         raise UserError(f"{where}: no [methods.NAME] tables")
+    seeds = _seeds(raw.get("seeds", [0]), where)
+    method_seeds = {m: _seeds(body.pop("seeds"), f"{where}: method {m!r}") for m, body in methods.items() if "seeds" in body}
     for m, overrides in methods.items():
         if bad := set(overrides) - names:
             raise UserError(f"{where}: method {m!r} has unknown settings {sorted(bad)}")
         if "seed" in overrides:
             raise UserError(f"{where}: method {m!r} sets seed; seeds come from the spec's `seeds`")
-    seeds = tuple(raw.get("seeds", [0]))
-    if not seeds or len(set(seeds)) != len(seeds) or not all(isinstance(s, int) and s >= 0 for s in seeds):
-        raise UserError(f"{where}: seeds must be distinct non-negative integers, got {list(seeds)}")
     ensembles = {}
     for e, body in raw.get("ensembles", {}).items():
         ens = Ensemble(**body)
-        if ens.members not in methods or not 2 <= ens.size <= len(seeds):
-            raise UserError(f"{where}: ensemble {e!r} needs a known method and 2..{len(seeds)} members")
+        n = len(method_seeds.get(ens.members, seeds))
+        if ens.members not in methods or not 2 <= ens.size <= n:
+            raise UserError(f"{where}: ensemble {e!r} needs a known method and 2..{n} members")
         ensembles[e] = ens
     calibration = _calibration_claim(raw["calibration"], where) if "calibration" in raw else None
     suites = {s: parse_claim(s, raw[s], list(methods), where) for s in SUITES if s in raw}
     spec = StudySpec(name=raw.get("name", path.stem), out=path.parent / raw.get("out", path.stem), seeds=seeds, train=train,
                      methods=methods, ensembles=ensembles, calibration=calibration, suites=suites, jobs=int(raw.get("jobs", 1)),
-                     threads=int(raw.get("threads", 1)), precision=raw.get("precision", "auto"))
+                     threads=int(raw.get("threads", 1)), precision=raw.get("precision", "auto"),
+                     method_seeds=method_seeds)
     for m, s in spec.runs():
         spec.config(m, s)  # every run's settings are valid before anything is trained
     if calibration is not None:

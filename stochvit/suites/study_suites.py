@@ -150,7 +150,7 @@ def measure(spec, claim: SuiteClaim, log=print) -> dict[str, dict[int, dict[str,
     table: dict[str, dict[int, dict[str, list[float]]]] = {}
     images: dict[str, Any] = {}
     for m in claim.methods:
-        for s in spec.seeds:
+        for s in spec.seeds_of(m):
             run_dir = spec.run_dir(m, s)
             if not (run_dir / "summary.json").exists():
                 continue  # a progress report covers the finished runs only
@@ -184,7 +184,7 @@ def sanity_flags(spec, claim: SuiteClaim) -> dict[str, int]:
 
     out = {}
     for m in claim.methods:
-        for s in spec.seeds:
+        for s in spec.seeds_of(m):
             path = spec.run_dir(m, s) / f"study-robustness-{claim.key()}" / "robustness.json"
             report = read_json(path, "robustness report") if path.exists() else {}
             if "sanity" in report:
