@@ -310,5 +310,5 @@ def forest_plot(path: Path, rows: list[Comparison], title: str) -> None:
     fig.legend(handles=handles, loc="lower center", ncol=3, frameon=False)
     fig.suptitle(title)
     fig.tight_layout(rect=(0, min(0.3, 0.3 / height), 1, 1))  # 0.3 inch for the legend, however few the rows
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=90, bbox_inches="tight")  # long method labels are never clipped
     plt.close(fig)
