@@ -95,6 +95,9 @@ def test_study_killed_mid_run_resumes_and_never_recomputes_finished_work(tmp_pat
     ("colour = 1\n[methods.a]\n", "unknown keys"),
     ("[methods.a]\nlearning_rate = 1\n", "unknown settings"),
     ("[methods.a]\nseed = 3\n", "seeds come from the spec"),
+    ("seeds = [0, 1]\n[methods.a]\nseeds = [1, 1]\n", "method 'a'.*seeds must be distinct"),
+    ("seeds = [0, 1]\n[methods.a]\nseeds = 1\n", "method 'a'.*seeds must be distinct"),
+    ("seeds = [0, 1, 2]\n[methods.a]\nseeds = [0]\n[ensembles.e]\nmembers = 'a'\n", "2..1 members"),
     ("[methods.a]\n[calibration]\ncomparisons = [['a', 'b']]\n", "unknown method"),
     ("[methods.a\n", "not valid TOML"),
     ("[methods.a]\n[robustness]\nepsilon = [0.1]\n", r"\[robustness\] has unknown settings \['epsilon'\]"),
@@ -124,6 +127,14 @@ def test_shipped_specs_load():
     assert len(digits.seeds) == 10 and set(digits.methods) >= {"deterministic", "stochastic"}
     cifar = load_spec(root / "cifar10.toml")
     assert cifar.train["augment"] == "none" and cifar.train["train_limit"] >= 10_000 and len(cifar.seeds) >= 3
+
+
+def test_a_method_may_train_fewer_seeds_than_the_spec(tmp_path):
+    spec = tmp_path / "s.toml"
+    spec.write_text("seeds = [0, 1, 2]\n[methods.a]\n[methods.b]\nseeds = [0]\nlr = 2e-3\n")
+    s = load_spec(spec)
+    assert s.runs() == [("a", 0), ("a", 1), ("a", 2), ("b", 0)]
+    assert s.seeds_of("b") == (0,) and s.config("b", 0).lr == 2e-3 and "seeds" not in s.methods["b"]
 
 
 SUITE_SPEC = """
