@@ -639,3 +639,16 @@ def test_a_resumed_transfer_writes_its_transfer_md(finished_run, tmp_path, capsy
     assert main(["train", "--resume", str(out)]) == 0
     text = (out / "transfer.md").read_text()
     assert "linear-probe" in text and str(finished_run) in text
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--adv-eps", "0.01"], "--adv-eps set adversarial training's budget; add --adv"),
+    (["--adv-steps", "3"], "--adv-steps set adversarial training's budget; add --adv"),
+    (["--adv", "fgsm-rs", "--adv-steps", "3"], "--adv-steps counts PGD steps"),
+])
+def test_adversarial_budget_without_its_method_is_refused(tmp_path, capsys, flags, message):
+    out = tmp_path / "run"
+    assert main(["train", "--data", "digits", "--epochs", "1", "--out", str(out), *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert not out.exists()  # refused before anything is written

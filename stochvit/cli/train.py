@@ -147,6 +147,11 @@ def command(a: argparse.Namespace) -> None:
         path = train(resume=a.resume, lr=a.lr, device=a.device)
     else:
         cfg = train_config_from_args(a)
+        adv_flags = set(flags_given_with(a, "train")) & {"--adv-eps", "--adv-steps"}
+        if adv_flags and not a.adv:
+            raise UserError(f"{', '.join(sorted(adv_flags))} set adversarial training's budget; add --adv pgd|fgsm-rs")
+        if "--adv-steps" in adv_flags and a.adv == "fgsm-rs":
+            raise UserError("--adv-steps counts PGD steps; fgsm-rs takes one step (use --adv pgd, or drop --adv-steps)")
         if a.adv:
             cfg.adv = dict(method=a.adv, eps=a.adv_eps, steps=a.adv_steps)
         a.out = str(a.out or new_run_dir())  # args.yaml records the directory
