@@ -77,11 +77,12 @@ def test_sanity_report_flags_gradient_masking(digits_runs):
 @pytest.mark.parametrize("method,stochastic", [("pgd", True), ("fgsm-rs", False)])
 def test_adversarial_training_runs_on_digits(tmp_path, method, stochastic):
     out = tmp_path / method
+    steps = ["--adv-steps", "2"] if method == "pgd" else []  # fgsm-rs takes one step and refuses --adv-steps
     args = ["train", "--epochs", "2", "--train-limit", "200", "--eval-samples", "2", "--adv", method, "--adv-eps", "0.0627",
-            "--adv-steps", "2", "--out", str(out)] + ([] if stochastic else ["--no-stochastic"])
+            *steps, "--out", str(out)] + ([] if stochastic else ["--no-stochastic"])
     assert main(args) == 0
     config = read_json(out / "config.json", "config")
-    assert config["train"]["adv"] == dict(method=method, eps=0.0627, steps=2)
+    assert config["train"]["adv"] == dict(method=method, eps=0.0627, steps=2 if method == "pgd" else 7)
     assert (config["stochastic"] is not None) == stochastic
     assert (out / "summary.json").exists() and len((out / "metrics.jsonl").read_text().splitlines()) == 2
 

@@ -168,7 +168,8 @@ def test_log_tensorboard_without_the_package_is_one_line(tmp_path, monkeypatch, 
 
 def test_args_yaml_reproduces_the_run(tmp_path):
     first, second = tmp_path / "first", tmp_path / "second"
-    assert main([*TRAIN_ARGS, "--lr", "2e-3", "--blocks", "0,1", "--adv-eps", "2/255", "--out", str(first)]) == 0
+    assert main([*TRAIN_ARGS, "--lr", "2e-3", "--blocks", "0,1", "--adv", "fgsm-rs", "--adv-eps", "2/255",
+                 "--out", str(first)]) == 0
     args = yaml.safe_load((first / "args.yaml").read_text())
     assert args["blocks"] == [0, 1] and args["lr"] == 2e-3 and args["out"] == str(first) and "config" not in args
     assert main(["train", "--config", str(first / "args.yaml"), "--out", str(second)]) == 0
