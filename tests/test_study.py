@@ -213,23 +213,24 @@ def test_study_suites_are_cached_paired_by_seed_and_resumed(suite_study, monkeyp
 
     runs = suite_study.parent / "suites" / "runs"
     quiet = lambda *_: None  # noqa: E731
+    # jobs = 1: the suites run in this process, where the counters see them (jobs = 2: the test below)
     # killed while writing the second run's robustness report: nothing half-written is left to be mistaken for a result
     with monkeypatch.context() as m:
         _counting(m, robustness, "plot_grid", fail_at=2)
         with pytest.raises(KeyboardInterrupt):
-            run(Settings(suite_study, n_boot=200), log=quiet)
+            run(Settings(suite_study, n_boot=200, jobs=1), log=quiet)
     assert len(list(runs.glob("*/study-robustness-*/robustness.json"))) == 1
     first = _mtimes(runs, "*/study-robustness-*/robustness.json")
     with monkeypatch.context() as m:  # restarted: only the three unfinished runs are attacked
         attacked, inverted = _counting(m, robustness, "evaluate_robustness"), _counting(m, privacy, "evaluate_privacy")
-        result = run(Settings(suite_study, n_boot=200), log=quiet)
+        result = run(Settings(suite_study, n_boot=200, jobs=1), log=quiet)
     assert len(attacked) == 3 and len(inverted) == 4
     assert all(_mtimes(runs, "*/study-robustness-*/robustness.json")[p] == t for p, t in first.items())
     cached = _mtimes(runs, "*/study-*/*.json")
     assert len(cached) == 16  # 4 runs x 2 suites x (report + settings.json)
     with monkeypatch.context() as m:  # a finished study only rebuilds its report
         attacked, inverted = _counting(m, robustness, "evaluate_robustness"), _counting(m, privacy, "evaluate_privacy")
-        again = run(Settings(suite_study, train=False, n_boot=200), log=quiet)
+        again = run(Settings(suite_study, train=False, n_boot=200, jobs=1), log=quiet)
     assert attacked == [] and inverted == [] and _mtimes(runs, "*/study-*/*.json") == cached
     assert [r.as_dict() for r in again.suites["robustness"]["comparisons"]] == \
         [r.as_dict() for r in result.suites["robustness"]["comparisons"]]
@@ -261,3 +262,27 @@ def test_study_suites_are_cached_paired_by_seed_and_resumed(suite_study, monkeyp
     assert (out / "robustness.png").stat().st_size > 1000 and (out / "privacy.png").stat().st_size > 1000
     saved = json.loads((out / "study.json").read_text())["suites"]
     assert saved["privacy"]["comparisons"][0]["interval"] == result.suites["privacy"]["comparisons"][0].interval
+
+
+def test_suites_measure_side_by_side_with_jobs(suite_study, tmp_path):
+    """jobs = 2: each run's missing report is measured in its own process, two at a time, with a log each; a second
+    call finds every report cached and starts nothing."""
+    import shutil
+
+    from stochvit.suites.study_runs import measure_missing
+    from stochvit.suites.study_suites import cache_folder, cached_report
+
+    spec_path = tmp_path / "suites.toml"
+    spec_path.write_text(SUITE_SPEC)
+    for run_dir in (suite_study.parent / "suites" / "runs").iterdir():  # the trained runs, without their reports
+        shutil.copytree(run_dir, tmp_path / "suites" / "runs" / run_dir.name, ignore=shutil.ignore_patterns("study-*"))
+    spec = load_spec(spec_path)
+    assert spec.jobs == 2 and spec.path == spec_path
+    claim = spec.suites["robustness"]
+    walls = measure_missing(spec, claim, log=lambda *_: None)
+    assert sorted(walls) == sorted(f"robustness-{m}-seed{s}" for m, s in spec.runs())
+    assert all((spec.out / "logs" / f"{name}.log").exists() for name in walls)
+    for m, s in spec.runs():
+        assert (cache_folder(claim, spec.run_dir(m, s)) / "robustness.json").exists()
+        assert cached_report(claim, spec.run_dir(m, s), log=None)["n_examples"] == 16
+    assert measure_missing(spec, claim, log=lambda *_: None) == {}

@@ -24,7 +24,12 @@ from ..tracking import EVAL_METRICS, LOGGERS
 
 
 class Formatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows every default."""
+    """Shows every default, except a plain switch's: `--no-train`'s stored default (True) would read as "on"."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def add_command(sub: argparse._SubParsersAction, name: str, help: str, description: str | None = None,

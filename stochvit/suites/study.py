@@ -20,7 +20,7 @@ from ..eval.stats import Comparison, Scores, compare, comparison_table
 from ..runs import read_json, read_metrics
 from .settings import Result, record
 from .settings import StudySettings as Settings
-from .study_runs import StudySpec, cached_predictions, load_spec, run_status, shift_set, train_missing
+from .study_runs import StudySpec, cached_predictions, load_spec, measure_missing, run_status, shift_set, train_missing
 from .study_suites import comparisons, describe, measure, sanity_flags
 
 CONDITIONS = ("clean", "shift")
@@ -143,6 +143,7 @@ def run(settings: Settings, log=print) -> StudyResult:
         _calibration(result, settings.n_boot, log)
     for name, claim in spec.suites.items():
         t1 = time.perf_counter()
+        measure_missing(spec, claim, log)  # with jobs > 1: the runs without a cached report, side by side
         table = measure(spec, claim, log)
         result.suites[name] = dict(comparisons=comparisons(claim, table, settings.n_boot), values=table,
                                    sanity_flags=sanity_flags(spec, claim) if name == "robustness" else {})

@@ -7,8 +7,8 @@ of it), the seeds, the ensembles and the claims to measure. The driver
    reuses every finished one (a finished run whose settings differ from the spec is refused, never mixed in);
 2. caches each run's per-pass predictions (val, test, and a shifted test set) in the run directory, named by
    their settings, so that a second call only rebuilds the report;
-3. runs the `[robustness]` and `[privacy]` suites on the finished runs of their methods, each run's report cached in
-   its directory (`stochvit.suites.study_suites`);
+3. runs the `[robustness]` and `[privacy]` suites on the finished runs of their methods, `jobs` runs side by side,
+   each run's report cached in its directory (`stochvit.suites.study_suites`);
 4. writes the report: per claim, each method against its baselines with differences, 95% intervals
    (`stochvit.eval.stats`) and verdicts, plus the plots.
 
@@ -66,8 +66,9 @@ class StudySpec:
     ensembles: dict[str, Ensemble] = field(default_factory=dict)
     calibration: CalibrationClaim | None = None
     suites: dict[str, SuiteClaim] = field(default_factory=dict)  # [robustness], [privacy]
-    jobs: int = 1  # trainings side by side
-    threads: int = 1  # OpenMP threads per training
+    jobs: int = 1  # trainings (and suite measurements) side by side
+    threads: int = 1  # OpenMP threads per training or measurement
+    path: Path | None = None  # the spec file (what the measuring processes read again)
     precision: str = "auto"  # of the evaluation
     method_seeds: dict[str, tuple[int, ...]] = field(default_factory=dict)  # a method's own `seeds` (default: all)
 
@@ -137,7 +138,7 @@ def load_spec(path: str | Path) -> StudySpec:
     spec = StudySpec(name=raw.get("name", path.stem), out=path.parent / raw.get("out", path.stem), seeds=seeds, train=train,
                      methods=methods, ensembles=ensembles, calibration=calibration, suites=suites, jobs=int(raw.get("jobs", 1)),
                      threads=int(raw.get("threads", 1)), precision=raw.get("precision", "auto"),
-                     method_seeds=method_seeds)
+                     method_seeds=method_seeds, path=path)
     for m, s in spec.runs():
         spec.config(m, s)  # every run's settings are valid before anything is trained
     if calibration is not None:
@@ -196,11 +197,35 @@ def _train_command(spec: StudySpec, method: str, seed: int, status: str) -> list
 
 def train_missing(spec: StudySpec, log=print) -> dict[str, float]:
     """Train what is missing, `spec.jobs` at a time with `spec.threads` threads each. Returns wall seconds per run."""
+    todo = [(f"{m}-seed{s}", _train_command(spec, m, s, status)) for m, s in spec.runs()
+            if (status := run_status(spec, m, s)) != "finished"]
+    verbs = {name: "resuming" if argv[-2] == "resume" else "training" for name, argv in todo}
+    return side_by_side(spec, todo, lambda name: verbs[name], "training run(s)", log)
+
+
+def measure_missing(spec: StudySpec, claim: SuiteClaim, log=print) -> dict[str, float]:
+    """Run `claim`'s suite on every finished run that lacks its cached report, `spec.jobs` at a time with
+    `spec.threads` threads each, each in its own process like the trainings. Returns wall seconds per run.
+    With one job it does nothing: `study_suites.measure` then measures them in this process, one after another."""
+    from .study_suites import cache_folder
+
+    if spec.jobs <= 1:
+        return {}
     todo = []
-    for m, s in spec.runs():
-        status = run_status(spec, m, s)
-        if status != "finished":
-            todo.append((m, s, status))
+    for m in claim.methods:
+        for s in spec.seeds_of(m):
+            run_dir = spec.run_dir(m, s)
+            if (run_dir / "summary.json").exists() and not (cache_folder(claim, run_dir) / f"{claim.suite}.json").exists():
+                argv = [sys.executable, "-m", "stochvit.suites.study_runs", "measure", str(spec.path), claim.suite,
+                        str(run_dir)]
+                todo.append((f"{claim.suite}-{m}-seed{s}", argv))
+    return side_by_side(spec, todo, lambda name: "measuring", f"{claim.suite} measurement(s)", log)
+
+
+def side_by_side(spec: StudySpec, todo: list[tuple[str, list[str]]], verb, what: str, log=print) -> dict[str, float]:
+    """Run the (name, argv) child processes `spec.jobs` at a time, OMP_NUM_THREADS=`spec.threads`, each logging to
+    spec.out/logs/NAME.log; a child dies with the driver. Returns wall seconds per name; raises if any failed."""
+    todo = list(todo)
     (spec.out / "logs").mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(spec.threads), MKL_NUM_THREADS=str(spec.threads))
     running: list[tuple[subprocess.Popen, str, float, Any]] = []
@@ -208,11 +233,10 @@ def train_missing(spec: StudySpec, log=print) -> dict[str, float]:
     failed = []
     while todo or running:
         while todo and len(running) < max(1, spec.jobs):
-            m, s, status = todo.pop(0)
-            name = f"{m}-seed{s}"
-            log(f"study {spec.name}: {'resuming' if status == 'partial' else 'training'} {name}")
+            name, argv = todo.pop(0)
+            log(f"study {spec.name}: {verb(name)} {name}")
             logf = open(spec.out / "logs" / f"{name}.log", "a")  # noqa: SIM115 (closed when the child ends)
-            proc = subprocess.Popen(_train_command(spec, m, s, status), stdout=logf, stderr=subprocess.STDOUT, env=env,
+            proc = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, env=env,
                                     preexec_fn=child_dies_with_parent)  # SIGKILL of the driver: none left
             running.append((proc, name, time.perf_counter(), logf))
         time.sleep(0.5)
@@ -229,17 +253,21 @@ def train_missing(spec: StudySpec, log=print) -> dict[str, float]:
             else:
                 log(f"study {spec.name}: {name} finished in {walls[name]:.0f} s")
     if failed:
-        raise UserError(f"{len(failed)} training run(s) failed: {', '.join(failed)}; fix and start the study again")
+        raise UserError(f"{len(failed)} {what} failed: {', '.join(failed)}; fix and start the study again")
     return walls
 
 
 def _worker(argv: list[str]) -> int:
-    """`python -m stochvit.suites.study_runs train CONFIG_JSON OUT | resume OUT`: one training, run by the driver."""
+    """`python -m stochvit.suites.study_runs train CONFIG_JSON OUT | resume OUT | measure SPEC SUITE RUN_DIR`: one
+    training, or one run's suite report, run by the driver."""
     from ..train import train
+    from .study_suites import cached_report
 
     try:
         if argv[0] == "train":
             train(TrainConfig(**json.loads(argv[1])), out=argv[2], quiet=True)
+        elif argv[0] == "measure":
+            cached_report(load_spec(argv[1]).suites[argv[2]], Path(argv[3]))
         else:
             train(resume=argv[1], quiet=True)
     except UserError as e:

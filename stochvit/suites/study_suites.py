@@ -119,11 +119,16 @@ def parse_claim(suite: str, body: dict, methods: list[str], where: str) -> Suite
 
 # -- measuring ------------------------------------------------------------------------------------------
 
+def cache_folder(claim: SuiteClaim, run_dir: Path) -> Path:
+    """RUN_DIR/study-SUITE-HASH/: where one run's report of this claim's suite is kept."""
+    return Path(run_dir) / f"study-{claim.suite}-{claim.key()}"
+
+
 def cached_report(claim: SuiteClaim, run_dir: Path, log=print) -> dict:
-    """The suite's report on one run (robustness.json / privacy.json), computed once into RUN_DIR/study-SUITE-HASH/."""
+    """The suite's report on one run (robustness.json / privacy.json), computed once into `cache_folder`."""
     from ..runs import read_json
 
-    folder = Path(run_dir) / f"study-{claim.suite}-{claim.key()}"
+    folder = cache_folder(claim, run_dir)
     if not (folder / f"{claim.suite}.json").exists():
         log(f"study: {claim.suite} of {Path(run_dir).name}")
         importlib.import_module(f"{__package__}.{claim.suite}").run(claim.for_run(run_dir, out=folder))
