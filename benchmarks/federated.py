@@ -3,15 +3,17 @@ same rounds and local epochs, each through `stochvit federated` (a real Flower s
 
     nice -n 10 python benchmarks/federated.py                       # 20 rounds x 3 local epochs, batch 32
     nice -n 10 python benchmarks/federated.py --rounds 5 --only iid # a quick look
+    python benchmarks/federated.py --only iid dirichlet:0.1 --seeds 0 1 2   # the committed 3-seed reading
     OMP_NUM_THREADS=2 python benchmarks/federated.py --data imagefolder:../shared/data/cifar10-jpeg \
         --train-limit 4000 --rounds 4 --local-epochs 1 --batch-size 128 --fraction-evaluate 0 --eval-samples 1
                                                                     # CIFAR-10, CPU-short (runs/cifar10-federated)
 
-Runs go to benchmarks/runs/{digits,cifar10}-federated/<partition>-<model> (finished ones are reused); the table
-(final and per-round accuracy / ECE, wall time) goes to results.{json,md} there, with the comparisons: stochastic minus
-deterministic per partition, and each Dirichlet partition minus IID per model, each with a paired 95% interval over
-the shared test images (one seed per run: test-image sampling only; stochvit.suites.compare_runs), also plotted in
-differences.png. The reading is written up by hand in benchmarks/results/federated.md.
+Runs go to benchmarks/runs/{digits,cifar10}-federated/<partition>-<model>-seed<S> (finished ones are reused; `--seeds`
+seeds the partition, the initial weights and the clients' sampling of each run); the table (final and per-round
+accuracy / ECE, wall time) goes to results.{json,md} there, with the comparisons: stochastic minus deterministic per
+partition, and each Dirichlet partition minus IID per model, each with a 95% interval (stochvit.suites.compare_runs:
+one seed, a paired bootstrap over the shared test images; several, a t-interval over the per-seed differences plus the
+image-bootstrap variance), also plotted in differences.png. The reading is written up by hand in benchmarks/results/federated.md.
 """
 
 from __future__ import annotations
@@ -31,15 +33,15 @@ PARTITIONS = ("iid", "dirichlet:0.5", "dirichlet:0.1")
 MODELS = {"deterministic": ["--no-stochastic"], "stochastic": ["--stochastic"]}
 
 
-def run(partition: str, model: str, a: argparse.Namespace) -> dict:
-    out = a.root / f"{partition.replace(':', '')}-{model}"
+def run(partition: str, model: str, seed: int, a: argparse.Namespace) -> dict:
+    out = a.root / f"{partition.replace(':', '')}-{model}-seed{seed}"
     wall = None
     if not (out / "summary.json").exists():
         if out.exists():
             raise SystemExit(f"{out} exists but did not finish; remove it to rerun")
         cmd = [sys.executable, "-m", "stochvit.cli", "federated", "--clients", str(a.clients), "--rounds", str(a.rounds),
                "--local-epochs", str(a.local_epochs), "--batch-size", str(a.batch_size), "--partition", partition,
-               "--seed", str(a.seed), "--data", a.data, "--out", str(out),
+               "--seed", str(seed), "--data", a.data, "--out", str(out),
                "--fraction-evaluate", str(a.fraction_evaluate), "--eval-samples", str(a.eval_samples),
                *(["--train-limit", str(a.train_limit)] if a.train_limit else []), *MODELS[model]]
         print("$", " ".join(cmd[1:]), flush=True)
@@ -52,7 +54,7 @@ def run(partition: str, model: str, a: argparse.Namespace) -> dict:
     s = json.loads((out / "summary.json").read_text())
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     skew = json.loads((out / "partition.json").read_text())["label_skew"]
-    return dict(partition=partition, model=model, run=str(out), label_skew=skew, wall_seconds=wall,
+    return dict(partition=partition, model=model, seed=seed, run=str(out), label_skew=skew, wall_seconds=wall,
                 test_accuracy=s["test"]["single_pass"]["accuracy"]["mean"], test_ece=s["test"]["single_pass"]["ece"]["mean"],
                 test_nll=s["test"]["single_pass"]["nll"]["mean"], test_accuracy_mc=s["test"]["mc_average"]["accuracy"],
                 test_ece_mc=s["test"]["mc_average"]["ece"], samples=s["test"]["samples"],
@@ -61,31 +63,38 @@ def run(partition: str, model: str, a: argparse.Namespace) -> dict:
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| partition | label skew | model | test acc | test ECE | test NLL | K-avg acc | K-avg ECE | wall s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| partition | label skew | model | seed | test acc | test ECE | test NLL | K-avg acc | K-avg ECE | wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         wall = f"{r['wall_seconds']:.0f}" if r["wall_seconds"] else "?"
-        lines.append(f"| {r['partition']} | {r['label_skew']:.2f} | {r['model']} | {r['test_accuracy']:.4f} | "
+        lines.append(f"| {r['partition']} | {r['label_skew']:.2f} | {r['model']} | {r['seed']} | {r['test_accuracy']:.4f} | "
                      f"{r['test_ece']:.4f} | {r['test_nll']:.4f} | {r['test_accuracy_mc']:.4f} | {r['test_ece_mc']:.4f} | "
                      f"{wall} |")
     lines += ["", "Per-round global val accuracy / ECE:", ""]
     n = max(len(r["rounds"]) for r in results)
-    lines.append("| partition | model | " + " | ".join(f"r{i + 1}" for i in range(n)) + " |")
-    lines.append("|---|---|" + "---|" * n)
+    lines.append("| partition | model | seed | " + " | ".join(f"r{i + 1}" for i in range(n)) + " |")
+    lines.append("|---|---|---|" + "---|" * n)
     for r in results:
         cells = [f"{x['val_accuracy']:.2f}/{x['val_ece']:.2f}" for x in r["rounds"]]
-        lines.append(f"| {r['partition']} | {r['model']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {r['partition']} | {r['model']} | {r['seed']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def comparisons(results: list[dict], predictions: Predictions) -> list[Comparison]:
-    """Stochastic - deterministic per partition, then each non-IID partition - IID per model (one run each)."""
-    run = {(r["partition"], r["model"]): r["run"] for r in results}
+    """Stochastic - deterministic per partition, then each non-IID partition - IID per model, over the seeds both
+    sides have (paired seed by seed: the same seed gives both models the same partition)."""
+    runs: dict[tuple[str, str], dict[int, str]] = {}
+    for r in results:
+        runs.setdefault((r["partition"], r["model"]), {})[r["seed"]] = r["run"]
     partitions = list(dict.fromkeys(r["partition"] for r in results))
     pairs = [((p, "stochastic"), (p, "deterministic")) for p in partitions]
     pairs += [((p, m), ("iid", m)) for m in MODELS for p in partitions if p != "iid"]
-    return [c for a, b in pairs if a in run and b in run
-            for c in compare_runs([run[a]], [run[b]], f"{a[0]} {a[1]}", f"{b[0]} {b[1]}", predictions)]
+    out = []
+    for a, b in pairs:
+        if seeds := sorted(set(runs.get(a, {})) & set(runs.get(b, {}))):
+            out += compare_runs([runs[a][s] for s in seeds], [runs[b][s] for s in seeds], f"{a[0]} {a[1]}",
+                                f"{b[0]} {b[1]}", predictions)
+    return out
 
 
 def report(results: list[dict], root: Path, predictions: Predictions) -> tuple[list[Comparison], str]:
@@ -93,7 +102,7 @@ def report(results: list[dict], root: Path, predictions: Predictions) -> tuple[l
     rows = comparisons(results, predictions)
     text = table(results)
     if rows:
-        plot_comparisons(root / "differences.png", rows, "federated: method - baseline, 95% CI over test images")
+        plot_comparisons(root / "differences.png", rows, "federated: method - baseline, 95% CI")
         text += "\n" + comparisons_markdown(rows, "Comparisons") + "\n![differences](differences.png)\n"
     return rows, text
 
@@ -104,7 +113,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--local-epochs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed, model and partition")
     p.add_argument("--only", choices=PARTITIONS, nargs="+", default=None, help="run (or report) only these partitions")
     p.add_argument("--train-limit", type=int, default=None, help="stratified subset of the training split, shared out")
     p.add_argument("--fraction-evaluate", type=float, default=1.0, help="clients evaluating locally (0 skips)")
@@ -113,7 +122,7 @@ def main() -> None:
     a = p.parse_args()
     a.root = RUNS / ("digits-federated" if a.data == "digits" else "cifar10-federated")
     a.root.mkdir(parents=True, exist_ok=True)
-    results = [run(part, model, a) for part in (a.only or PARTITIONS) for model in MODELS]
+    results = [run(part, model, seed, a) for seed in a.seeds for part in (a.only or PARTITIONS) for model in MODELS]
     rows, text = report(results, a.root, RunPredictions(a.eval_samples))
     (a.root / "results.json").write_text(json.dumps(dict(results=results, comparisons=[c.as_dict() for c in rows]),
                                                     indent=2) + "\n")

@@ -64,14 +64,23 @@ def _finish(path: Path, start, *args, **kwargs) -> float:
     return time.perf_counter() - t0
 
 
+def _source_kind(pretrain_dir: Path) -> str:
+    """"det" or "stoch" from a pretraining folder's name (pretrain-KIND or pretrain-KIND-seedS)."""
+    return pretrain_dir.name.removeprefix("pretrain-").split("-seed")[0]
+
+
+def _pretrain_dir(root: Path, kind: str, seed: int) -> Path:
+    return root / (f"pretrain-{kind}" + (f"-seed{seed}" if seed else ""))
+
+
 def _row(path: Path) -> dict:
     """One finished run as a table row; what it is comes from its own config.json."""
     config, s = read_json(path / "config.json", "config"), read_json(path / "summary.json", "summary")
     t, info = s["test"], config.get("transfer")
     if path.name.startswith("pretrain-"):
-        kind, source, stoch, mode = "pretrain", path.name.removeprefix("pretrain-"), "-", "-"
+        kind, source, stoch, mode = "pretrain", _source_kind(path), "-", "-"
     elif info:
-        kind, source = "transfer", Path(info["source"]["path"]).name.removeprefix("pretrain-")
+        kind, source = "transfer", _source_kind(Path(info["source"]["path"]))
         stoch, mode = info["stochastic"]["mode"], info["mode"]
     else:
         kind, source, stoch, mode = "scratch", "none", "-", "scratch"
@@ -93,14 +102,14 @@ def collect(root: Path) -> list[dict]:
 def run_all(a: argparse.Namespace, root: Path) -> None:
     pretrain, task = f"{a.parent}:classes=0-4", f"{a.parent}:classes=5-9"
     recipe = dict(model=a.model, lr=a.lr, batch_size=a.batch_size, eval_samples=a.eval_samples)
-    sources = {}
     kinds = {name: stochastic for name, stochastic in (("det", None), ("stoch", True)) if name in a.sources}
-    for name, stochastic in kinds.items():  # one pretraining (seed 0) per source kind
-        path = sources[name] = root / f"pretrain-{name}"
-        _finish(path, train, TrainConfig(data=pretrain, stochastic=stochastic, epochs=a.pretrain_epochs,
-                                         train_limit=a.pretrain_limit, **recipe), out=path, quiet=True)
     n_train = len(load_data(task).train)
-    for seed in a.seeds:
+    for seed in a.seeds:  # one pretraining per source kind and seed; the seed's transfers start from it
+        sources = {}
+        for name, stochastic in kinds.items():
+            path = sources[name] = _pretrain_dir(root, name, seed)
+            _finish(path, train, TrainConfig(data=pretrain, stochastic=stochastic, epochs=a.pretrain_epochs, seed=seed,
+                                             train_limit=a.pretrain_limit, **recipe), out=path, quiet=True)
         for fraction in a.fractions:
             limit = None if fraction >= 1 else round(fraction * n_train)
             folder = root / (f"labels{limit or n_train}" + (f"-seed{seed}" if seed else ""))
@@ -214,7 +223,8 @@ def main() -> None:
                         "invocations with one kind each can run side by side, one core each")
     p.add_argument("--report-only", action="store_true", help="only write the tables from the runs finished so far")
     p.add_argument("--plot-only", action="store_true", help="only redraw the plot from the saved results JSON (no runs needed)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="transfer / from-scratch seeds (pretraining: seed 0)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds of the whole chain: seed S pretrains each "
+                   "source kind with S (pretrain-KIND-seedS; seed 0: pretrain-KIND) and transfers from it with S")
     a = p.parse_args()
     torch.set_num_threads(1)  # the machine is shared: one thread avoids OpenMP thrashing
     t0 = time.perf_counter()
@@ -246,8 +256,8 @@ def main() -> None:
         f"(runs reused from earlier invocations cost 0); summed training time of all runs {total:.0f} s.\n\n"
         f"Test set: the {n_test} test images of classes 5-9 (the parent split's), so one image is {100 / n_test:.2f} points "
         "of accuracy. "
-        f"ECE: 15 bins. K = {a.eval_samples} passes for stochastic models. One pretraining per kind (seed 0); rows average the "
-        "transfer / from-scratch seeds listed.\n\n"
+        f"ECE: 15 bins. K = {a.eval_samples} passes for stochastic models. Seed S pretrains each source kind and transfers "
+        "from it with S; rows average the seeds listed.\n\n"
     )
     if a.report_only and md.exists():  # the header names the commands that trained the runs: keep it
         old = md.read_text().split(MARKER, 1)[0]

@@ -81,22 +81,31 @@ def test_transfer_report_compares_the_sources_over_paired_seeds(tmp_path):
     assert all(c.difference == 0 and c.verdict == "no difference detected" for c in found)
 
 
-def test_federated_report_compares_models_and_partitions(tmp_path):
+def test_federated_report_compares_models_and_partitions_over_paired_seeds(tmp_path):
     federated = _benchmark("federated")
-    table = {"iid-deterministic": _probs(0.9, 1), "iid-stochastic": _probs(0.9, 1), "dirichlet0.1-deterministic": _probs(0.4, 2),
-             "dirichlet0.1-stochastic": _probs(0.45, 3)}
-    results = [dict(partition=p, model=m, run=f"{p.replace(':', '')}-{m}", label_skew=0.5, wall_seconds=1.0,
-                    test_accuracy=0.5, test_ece=0.1, test_nll=1.0, test_accuracy_mc=0.5, test_ece_mc=0.1, samples=1,
-                    rounds=[dict(round=1, val_accuracy=0.5, val_ece=0.1, val_nll=1.0, seconds=1.0)])
-               for p in ("iid", "dirichlet:0.1") for m in ("deterministic", "stochastic")]
+    accuracy = {("iid", "deterministic"): 0.9, ("iid", "stochastic"): 0.9, ("dirichlet:0.1", "deterministic"): 0.4,
+                ("dirichlet:0.1", "stochastic"): 0.45}
+    seeds = {"deterministic": [0, 1, 2], "stochastic": [0, 1, 2, 3]}  # seed 3 has no deterministic pair
+    table, results = {}, []
+    for (p, m), correct in accuracy.items():
+        for s in seeds[m]:
+            run = f"{p.replace(':', '')}-{m}-seed{s}"
+            table[run] = _probs(correct, s if p == "iid" else 10 * s + len(m))  # iid: the same predictions for both models
+            results.append(dict(partition=p, model=m, seed=s, run=run, label_skew=0.5, wall_seconds=1.0, test_accuracy=0.5,
+                                test_ece=0.1, test_nll=1.0, test_accuracy_mc=0.5, test_ece_mc=0.1, samples=1,
+                                rounds=[dict(round=1, val_accuracy=0.5, val_ece=0.1, val_nll=1.0, seconds=1.0)]))
     rows, text = federated.report(results, tmp_path, _predictions(table))
     pairs = {(c.method, c.baseline) for c in rows}
     assert pairs == {("iid stochastic", "iid deterministic"), ("dirichlet:0.1 stochastic", "dirichlet:0.1 deterministic"),
                      ("dirichlet:0.1 deterministic", "iid deterministic"), ("dirichlet:0.1 stochastic", "iid stochastic")}
     by = {(c.method, c.metric): c for c in rows}
-    assert by[("iid stochastic", "accuracy")].difference == 0  # identical predictions
-    assert by[("dirichlet:0.1 deterministic", "accuracy")].verdict == "worse"  # 0.4 vs 0.9 correct
-    assert "## Comparisons: differences with 95% intervals" in text and (tmp_path / "differences.png").exists()
+    same = by[("iid stochastic", "accuracy")]
+    assert same.difference == 0 and same.seeds == (3, 3)  # identical predictions, paired on seeds 0-2 only
+    skew = by[("dirichlet:0.1 deterministic", "accuracy")]
+    assert skew.verdict == "worse" and "t-interval over 3 per-seed paired differences" in skew.interval  # 0.4 vs 0.9
+    assert by[("dirichlet:0.1 stochastic", "accuracy")].seeds == (4, 4)  # both stochastic sides have seed 3
+    assert "| seed |" in text and "## Comparisons: differences with 95% intervals" in text
+    assert (tmp_path / "differences.png").exists()
     json.dumps([c.as_dict() for c in rows])  # what results.json stores
 
 
