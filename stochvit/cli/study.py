@@ -14,8 +14,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "Train a study's missing runs, measure its claims, and write one report with intervals "
                     "(the seeds are the spec's).")
     p.add_argument("spec", help="TOML study spec (see benchmarks/studies/*.toml)")
-    p.add_argument("--no-train", dest="train", action="store_false", help="report on finished runs only, train nothing (the suites still measure finished runs that "
-                   "lack a cached report)")
+    p.add_argument("--no-train", dest="train", action="store_false",
+                   help="report on finished runs only, train nothing (the suites still measure finished runs that lack a "
+                        "cached report)")
     p.add_argument("--n-boot", type=int, default=default(S, "n_boot"), help="bootstrap resamples per comparison")
     p.add_argument("--jobs", type=int, default=None, help="trainings and suite measurements side by side (None: the spec's jobs)")
     add_out(p, None, "report folder (None: the spec's out/report)")

@@ -187,4 +187,4 @@ class StudySettings:
     spec: str | Path
     train: bool = True  # train what is missing first; False reports on the runs finished so far (a progress report)
     n_boot: int = 2000
-    jobs: int | None = None  # trainings and suite measurements side by side (None: the spec's `jobs`), e.g. 1 to leave a core to other work
+    jobs: int | None = None  # trainings and suite measurements side by side (None: the spec's `jobs`); 1 leaves a core free
