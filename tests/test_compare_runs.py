@@ -117,3 +117,8 @@ def test_run_predictions_of_a_deterministic_run_match_its_summary(tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     assert probs.shape == (len(labels), 10)
     assert (probs.argmax(1) == labels).double().mean().item() == pytest.approx(summary["test"]["mc_average"]["accuracy"])
+    # cached beside the run: a new reader gets the very same tensors without the weights
+    assert RunPredictions(samples=2).cache_file(run).exists() and not RunPredictions(samples=3).cache_file(run).exists()
+    (run / "model.safetensors").unlink()
+    again, labels_again = RunPredictions(samples=2)(run)
+    assert torch.equal(again, probs) and torch.equal(labels_again, labels)

@@ -2,7 +2,9 @@
 federated benchmarks): `stochvit.eval.stats` intervals and verdicts, a Markdown table and a forest plot.
 
 A run's evidence is its K-pass-average probabilities on its own test split (a deterministic run repeats one pass),
-computed once per report with a fixed seed. Both sides of a comparison must be scored on the same test images.
+computed once with a fixed seed and kept in the run directory (`test-probs-K{K}-seed{S}.safetensors`, float32, ~100 KB
+for 2,500 images), so a report is rebuilt from committed run directories without their weights. Both sides of a
+comparison must be scored on the same test images.
 One run per side: a paired bootstrap over test images; several seeds: the t-interval over per-seed differences
 plus the image-bootstrap variance (see `stochvit.eval.stats`).
 """
@@ -22,22 +24,35 @@ Predictions = Callable[[str | Path], tuple[torch.Tensor, torch.Tensor]]  # run d
 
 
 class RunPredictions:
-    """run directory -> (K-average probabilities (N, C), labels (N,)) on the run's test split, computed once."""
+    """run directory -> (K-average probabilities (N, C), labels (N,)) on the run's test split, computed once and
+    cached in the run directory (read back without loading the model)."""
 
     def __init__(self, samples: int = 10, seed: int = 0, precision: str = "auto") -> None:
         self.samples, self.seed, self.precision = samples, seed, precision
         self._cache: dict[Path, tuple[torch.Tensor, torch.Tensor]] = {}
 
+    def cache_file(self, path: str | Path) -> Path:
+        return Path(path) / f"test-probs-K{self.samples}-seed{self.seed}.safetensors"
+
     def __call__(self, path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
+        from safetensors.torch import load_file, save
+
         from ..predict import dataset_probs
-        from ..runs import data_for, load_run
+        from ..runs import atomic_write_bytes, data_for, load_run
 
         path = Path(path).resolve()
         if path not in self._cache:
+            file = self.cache_file(path)
+            if file.exists():
+                saved = load_file(str(file))
+                self._cache[path] = saved["probs"], saved["labels"]
+                return self._cache[path]
             run = load_run(path)
             torch.manual_seed(self.seed)  # the same passes whenever the report is rebuilt
             probs, labels = dataset_probs(run.model, data_for(run.config).test, self.samples, precision=self.precision)
-            self._cache[path] = probs.mean(0), labels
+            mean = probs.float().mean(0).contiguous()
+            atomic_write_bytes(file, save({"probs": mean, "labels": labels.contiguous()}))
+            self._cache[path] = mean, labels
         return self._cache[path]
 
 
