@@ -105,12 +105,13 @@ def run_all(a: argparse.Namespace, root: Path) -> None:
     kinds = {name: stochastic for name, stochastic in (("det", None), ("stoch", True)) if name in a.sources}
     n_train = len(load_data(task).train)
     for seed in a.seeds:  # one pretraining per source kind and seed; the seed's transfers start from it
-        sources = {}
         for name, stochastic in kinds.items():
-            path = sources[name] = _pretrain_dir(root, name, seed)
+            path = _pretrain_dir(root, name, seed)
             _finish(path, train, TrainConfig(data=pretrain, stochastic=stochastic, epochs=a.pretrain_epochs, seed=seed,
                                              train_limit=a.pretrain_limit, **recipe), out=path, quiet=True)
-        for fraction in a.fractions:
+    for fraction in a.fractions:  # every seed of the first label count before the next (a cut run keeps whole columns)
+        for seed in a.seeds:
+            sources = {name: _pretrain_dir(root, name, seed) for name in kinds}
             limit = None if fraction >= 1 else round(fraction * n_train)
             folder = root / (f"labels{limit or n_train}" + (f"-seed{seed}" if seed else ""))
             epochs = a.epochs if fraction >= 1 else round(a.epochs / fraction / 2)  # similar step counts (see docstring)
