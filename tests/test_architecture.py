@@ -429,11 +429,26 @@ def test_a_committed_run_evaluates_to_its_recorded_test_metrics(cifar_dir, tmp_p
 # -- a checkpoint written by the code before the restructuring still resumes, bit-exactly ---------------------------
 
 OLD_CHECKPOINT = Path(__file__).resolve().parent / "data" / "old_checkpoint"
+OLD_CHECKPOINT_CPU = "AuthenticAMD"  # the fixture's reference run was recorded on an AMD EPYC
+
+
+def _cpu_vendor() -> str:
+    try:
+        return next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("vendor_id"))
+    except (OSError, StopIteration):
+        return "unknown"
 
 
 def test_old_checkpoint_resumes_bit_exactly(tmp_path, monkeypatch):
     """tests/data/old_checkpoint/run: killed mid-epoch 1 by the code of commit 82d1682 (make.py says how); resumed
-    now, it must end with the weights, schedule and test metrics of the same run that the old code let finish."""
+    now, it must end with the weights, schedule and test metrics of the same run that the old code let finish.
+
+    Bit for bit on the CPU kind that recorded the reference. Another vendor's fp32 kernels round differently, and
+    AdamW's normalised steps carry that rounding into the weights (on an Intel Xeon: up to 7e-4 of a tensor's own
+    change over the resumed epochs), so there each tensor must land within 1% of its change and the metrics within
+    1e-4: a wrong resume (another batch order, a reset optimiser or schedule) moves them by a large part of it.
+    Same-machine bit-exactness of resume is test_train.py's kill-and-resume test."""
     import importlib.util
 
     import torch
@@ -452,19 +467,33 @@ def test_old_checkpoint_resumes_bit_exactly(tmp_path, monkeypatch):
     assert ckpt["epoch"] == 0 and load_checkpoint(run)["epoch"] == 0
     assert train(resume=run, quiet=True) == run
 
+    exact = _cpu_vendor() == OLD_CHECKPOINT_CPU
+    same = (lambda a, b: a == b) if exact else (lambda a, b: a == pytest.approx(b, rel=1e-4, abs=1e-6))
     want, got = load_file(str(OLD_CHECKPOINT / "reference.safetensors")), load_file(str(run / "model.safetensors"))
     assert want.keys() == got.keys()
     for name, tensor in want.items():
-        assert torch.equal(tensor, got[name]), f"{name}: max difference {(tensor - got[name]).abs().max().item()}"
+        diff = (tensor - got[name]).abs().max().item()
+        change = (tensor - ckpt["model"][f"net.{name}"]).abs().max().item()  # what the resumed epochs did to it
+        assert (diff == 0) if exact else (diff <= 0.01 * change), f"{name}: max difference {diff} (its change {change})"
     assert not torch.equal(got["blocks.0.mlp.fc1.weight"], ckpt["model"]["net.blocks.0.mlp.fc1.weight"])  # it trained
 
     rows = [[json.loads(r) for r in f.read_text().splitlines()]
             for f in (OLD_CHECKPOINT / "reference_metrics.jsonl", run / "metrics.jsonl")]
     assert [r["epoch"] for r in rows[1]] == [0, 1, 2]
-    for key in ("lr", "train_accuracy", "val_nll", "val_accuracy", "val_ece"):
-        assert [r[key] for r in rows[0]] == [r[key] for r in rows[1]], key
+    assert [r["lr"] for r in rows[0]] == [r["lr"] for r in rows[1]]  # the schedule is exact everywhere
+    for key in ("train_accuracy", "val_nll", "val_accuracy", "val_ece"):
+        assert same([r[key] for r in rows[1]], [r[key] for r in rows[0]]), key
     # the epoch's mean loss is now summed on the device in float32 (no host sync per step), the old code summed
     # Python floats: the same losses, rounded differently
     assert [r["train_loss"] for r in rows[1]] == pytest.approx([r["train_loss"] for r in rows[0]], rel=1e-6)
     reference = json.loads((OLD_CHECKPOINT / "reference_summary.json").read_text())
-    assert json.loads((run / "summary.json").read_text())["test"] == reference["test"]
+    assert same(_flat(json.loads((run / "summary.json").read_text())["test"]), _flat(reference["test"]))
+
+
+def _flat(tree, prefix: str = "") -> dict:
+    """A nested dict of numbers as {path: number}, for comparisons with a tolerance."""
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}/{key}").items()}
+    if isinstance(tree, list):
+        return {k: v for i, sub in enumerate(tree) for k, v in _flat(sub, f"{prefix}/{i}").items()}
+    return {prefix: tree}

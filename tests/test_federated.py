@@ -366,7 +366,7 @@ def test_interrupting_the_cli_leaves_no_process_and_no_temp_folder(tmp_path, mar
     import time
 
     out = tmp_path / "fed"
-    proc = _cli(out, short_tmp, "--rounds", "50")
+    proc = _cli(out, short_tmp, "--rounds", "1000")  # never finishes first, however late the signal (50 did under load)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:  # until Ray's daemons run
         if any(b"raylet" in _cmdline(p) for p in leftovers(marker)):
