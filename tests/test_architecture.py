@@ -48,6 +48,9 @@ def test_every_subcommand_shares_one_vocabulary_and_shows_its_defaults():
                 continue
             assert action.help, f"{name} {option} has no help text"
             shown = Formatter("x")._get_help_string(action)
+            if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):  # a switch: off unless given
+                assert "%(default)" not in shown, f"{name} {option}: a switch's stored default would read as 'on'"
+                continue
             assert "%(default)" in shown, f"{name} {option}: default not shown"
         help_text = p.format_help()
         assert "(default:" in help_text
