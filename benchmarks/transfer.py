@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from stochvit.card import device_description
 from stochvit.data import load_data
 from stochvit.eval.stats import Comparison
 from stochvit.eval.transfer import transfer
@@ -253,7 +254,7 @@ def main() -> None:
     header = (
         f"# Transfer benchmark: {a.name} classes 0-4 -> 5-9\n\n"
         f"Command: `nice -n 10 python benchmarks/transfer.py {' '.join(sys.argv[1:])}`\n\n"
-        f"Machine: 2-core AMD EPYC, no GPU (shared with other jobs). Wall time of this invocation {wall:.0f} s "
+        f"Machine: {device_description(torch.device('cpu'))}, shared with other jobs. Wall time of this invocation {wall:.0f} s "
         f"(runs reused from earlier invocations cost 0); summed training time of all runs {total:.0f} s.\n\n"
         f"Test set: the {n_test} test images of classes 5-9 (the parent split's), so one image is {100 / n_test:.2f} points "
         "of accuracy. "

@@ -11,6 +11,7 @@ plus the image-bootstrap variance (see `stochvit.eval.stats`).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -30,6 +31,7 @@ class RunPredictions:
     def __init__(self, samples: int = 10, seed: int = 0, precision: str = "auto") -> None:
         self.samples, self.seed, self.precision = samples, seed, precision
         self._cache: dict[Path, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._test_sets: dict[str, object] = {}  # data settings -> test split: runs of one dataset decode it once
 
     def cache_file(self, path: str | Path) -> Path:
         return Path(path) / f"test-probs-K{self.samples}-seed{self.seed}.safetensors"
@@ -48,8 +50,11 @@ class RunPredictions:
                 self._cache[path] = saved["probs"], saved["labels"]
                 return self._cache[path]
             run = load_run(path)
+            key = json.dumps(run.config["data"], sort_keys=True, default=str)
+            if key not in self._test_sets:
+                self._test_sets[key] = data_for(run.config).test
             torch.manual_seed(self.seed)  # the same passes whenever the report is rebuilt
-            probs, labels = dataset_probs(run.model, data_for(run.config).test, self.samples, precision=self.precision)
+            probs, labels = dataset_probs(run.model, self._test_sets[key], self.samples, precision=self.precision)
             mean = probs.float().mean(0).contiguous()
             atomic_write_bytes(file, save({"probs": mean, "labels": labels.contiguous()}))
             self._cache[path] = mean, labels
