@@ -197,34 +197,29 @@ def _train_command(spec: StudySpec, method: str, seed: int, status: str) -> list
 
 def train_missing(spec: StudySpec, log=print) -> dict[str, float]:
     """Train what is missing, `spec.jobs` at a time with `spec.threads` threads each. Returns wall seconds per run."""
-    todo = [(f"{m}-seed{s}", _train_command(spec, m, s, status)) for m, s in spec.runs()
-            if (status := run_status(spec, m, s)) != "finished"]
-    verbs = {name: "resuming" if argv[-2] == "resume" else "training" for name, argv in todo}
-    return side_by_side(spec, todo, lambda name: verbs[name], "training run(s)", log)
+    todo = [(f"{m}-seed{s}", "resuming" if status == "partial" else "training", _train_command(spec, m, s, status))
+            for m, s in spec.runs() if (status := run_status(spec, m, s)) != "finished"]
+    return side_by_side(spec, todo, "training run(s)", log)
 
 
 def measure_missing(spec: StudySpec, claim: SuiteClaim, log=print) -> dict[str, float]:
     """Run `claim`'s suite on every finished run that lacks its cached report, `spec.jobs` at a time with
     `spec.threads` threads each, each in its own process like the trainings. Returns wall seconds per run.
     With one job it does nothing: `study_suites.measure` then measures them in this process, one after another."""
-    from .study_suites import cache_folder
+    from .study_suites import cache_folder, finished_runs
 
     if spec.jobs <= 1:
         return {}
-    todo = []
-    for m in claim.methods:
-        for s in spec.seeds_of(m):
-            run_dir = spec.run_dir(m, s)
-            if (run_dir / "summary.json").exists() and not (cache_folder(claim, run_dir) / f"{claim.suite}.json").exists():
-                argv = [sys.executable, "-m", "stochvit.suites.study_runs", "measure", str(spec.path), claim.suite,
-                        str(run_dir)]
-                todo.append((f"{claim.suite}-{m}-seed{s}", argv))
-    return side_by_side(spec, todo, lambda name: "measuring", f"{claim.suite} measurement(s)", log)
+    todo = [(f"{claim.suite}-{m}-seed{s}", "measuring",
+             [sys.executable, "-m", "stochvit.suites.study_runs", "measure", str(spec.path), claim.suite, str(run_dir)])
+            for m, s, run_dir in finished_runs(spec, claim)
+            if not (cache_folder(claim, run_dir) / f"{claim.suite}.json").exists()]
+    return side_by_side(spec, todo, f"{claim.suite} measurement(s)", log)
 
 
-def side_by_side(spec: StudySpec, todo: list[tuple[str, list[str]]], verb, what: str, log=print) -> dict[str, float]:
-    """Run the (name, argv) child processes `spec.jobs` at a time, OMP_NUM_THREADS=`spec.threads`, each logging to
-    spec.out/logs/NAME.log; a child dies with the driver. Returns wall seconds per name; raises if any failed."""
+def side_by_side(spec: StudySpec, todo: list[tuple[str, str, list[str]]], what: str, log=print) -> dict[str, float]:
+    """Run the (name, verb, argv) child processes `spec.jobs` at a time, OMP_NUM_THREADS=`spec.threads`, each logging
+    to spec.out/logs/NAME.log; a child dies with the driver. Returns wall seconds per name; raises if any failed."""
     todo = list(todo)
     (spec.out / "logs").mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(spec.threads), MKL_NUM_THREADS=str(spec.threads))
@@ -233,8 +228,8 @@ def side_by_side(spec: StudySpec, todo: list[tuple[str, list[str]]], verb, what:
     failed = []
     while todo or running:
         while todo and len(running) < max(1, spec.jobs):
-            name, argv = todo.pop(0)
-            log(f"study {spec.name}: {verb(name)} {name}")
+            name, verb, argv = todo.pop(0)
+            log(f"study {spec.name}: {verb} {name}")
             logf = open(spec.out / "logs" / f"{name}.log", "a")  # noqa: SIM115 (closed when the child ends)
             proc = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, env=env,
                                     preexec_fn=child_dies_with_parent)  # SIGKILL of the driver: none left

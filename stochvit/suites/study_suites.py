@@ -150,22 +150,24 @@ def per_image(suite: str, report: dict, method: str) -> dict[str, dict[str, list
     return out
 
 
+def finished_runs(spec, claim: SuiteClaim) -> list[tuple[str, int, Path]]:
+    """(method, seed, run dir) of the claim's finished runs (a progress report covers those only)."""
+    return [(m, s, spec.run_dir(m, s)) for m in claim.methods for s in spec.seeds_of(m)
+            if (spec.run_dir(m, s) / "summary.json").exists()]
+
+
 def measure(spec, claim: SuiteClaim, log=print) -> dict[str, dict[int, dict[str, list[float]]]]:
     """label -> seed -> metric -> per-image values, over the finished runs of the claim's methods."""
     table: dict[str, dict[int, dict[str, list[float]]]] = {}
     images: dict[str, Any] = {}
-    for m in claim.methods:
-        for s in spec.seeds_of(m):
-            run_dir = spec.run_dir(m, s)
-            if not (run_dir / "summary.json").exists():
-                continue  # a progress report covers the finished runs only
-            report = cached_report(claim, run_dir, log)
-            shared = report["per_example"]["index"] if claim.suite == "robustness" else report["settings"]["n_victims"]
-            if images.setdefault("first", (run_dir, shared))[1] != shared:
-                raise UserError(f"{run_dir} and {images['first'][0]} were measured on other test images; pairing "
-                                "needs the same ones (same data and suite seed)")
-            for label, values in per_image(claim.suite, report, m).items():
-                table.setdefault(label, {})[s] = values
+    for m, s, run_dir in finished_runs(spec, claim):
+        report = cached_report(claim, run_dir, log)
+        shared = report["per_example"]["index"] if claim.suite == "robustness" else report["settings"]["n_victims"]
+        if images.setdefault("first", (run_dir, shared))[1] != shared:
+            raise UserError(f"{run_dir} and {images['first'][0]} were measured on other test images; pairing "
+                            "needs the same ones (same data and suite seed)")
+        for label, values in per_image(claim.suite, report, m).items():
+            table.setdefault(label, {})[s] = values
     return table
 
 
