@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -37,12 +38,14 @@ def run(partition: str, model: str, seed: int, a: argparse.Namespace) -> dict:
     out = a.root / f"{partition.replace(':', '')}-{model}-seed{seed}"
     wall = None
     if not (out / "summary.json").exists():
-        if out.exists():
-            raise SystemExit(f"{out} exists but did not finish; remove it to rerun")
+        if out.exists():  # an interrupted federated run keeps only logs/ and cannot resume: start it again
+            print(f"{out} did not finish; running it again", flush=True)
+            shutil.rmtree(out)
         cmd = [sys.executable, "-m", "stochvit.cli", "federated", "--clients", str(a.clients), "--rounds", str(a.rounds),
                "--local-epochs", str(a.local_epochs), "--batch-size", str(a.batch_size), "--partition", partition,
                "--seed", str(seed), "--data", a.data, "--out", str(out),
                "--fraction-evaluate", str(a.fraction_evaluate), "--eval-samples", str(a.eval_samples),
+               "--cpus-per-client", str(a.cpus_per_client),
                *(["--train-limit", str(a.train_limit)] if a.train_limit else []), *MODELS[model]]
         print("$", " ".join(cmd[1:]), flush=True)
         t0 = time.perf_counter()
@@ -118,6 +121,9 @@ def main() -> None:
     p.add_argument("--train-limit", type=int, default=None, help="stratified subset of the training split, shared out")
     p.add_argument("--fraction-evaluate", type=float, default=1.0, help="clients evaluating locally (0 skips)")
     p.add_argument("--eval-samples", type=int, default=10, help="K passes for the final evaluation")
+    p.add_argument("--cpus-per-client", type=int, default=1,
+                   help="Ray CPUs per client: 2 on a 2-core machine runs one client at a time, so that two "
+                        "simulations can run side by side")
     p.add_argument("--data", default="digits", help="e.g. imagefolder:/work/shared/data/cifar10-jpeg")
     a = p.parse_args()
     a.root = RUNS / ("digits-federated" if a.data == "digits" else "cifar10-federated")

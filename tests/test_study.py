@@ -106,6 +106,15 @@ def test_study_killed_mid_run_resumes_and_never_recomputes_finished_work(tmp_pat
     ("[methods.a]\n[privacy]\nmethods = ['b']\n", r"methods \['b'\] are not methods"),
     ("[methods.a]\n[privacy]\ncomparisons = [['a + noise 2', 'a']]\nnoise_baseline = [1.0]\n", "unknown method"),
     ("[methods.a]\n[privacy.attack]\ndecoder_step = 3\n", r"\[privacy.attack\]"),
+    ("[methods.a]\n[compare.t]\nfolder = 'r'\ncomparisons = []\n", r"\[compare.t\] needs `runs`"),
+    ("[methods.a]\n[compare.t]\nfolder = 'r'\ncomparisons = []\nruns = {x = 'x-{sed}'}\n", r"uses \['sed'\]"),
+    ("[methods.a]\n[compare.t]\nfolder = 'r'\ncomparisons = [['x', 'y']]\nruns = {x = 'x'}\n", "unknown run label"),
+    ("[methods.a]\n[compare.t]\nfolder = 'r'\ncomparisons = []\nruns = {x = 'x'}\nmetrics = ['f1']\n", "metrics"),
+    ("[methods.a]\n[[verdicts]]\nclaim = 'c'\n", "needs exactly the keys"),
+    ("[methods.a]\n[[verdicts]]\nclaim = 'c'\nregime = 'r'\nfrom = 'robustness'\nmethod = 'a'\nbaseline = 'a'\n"
+     "metric = 'm'\n", "not a section of this spec"),
+    ("[methods.a]\n[methods.b]\n[calibration]\n[[verdicts]]\nclaim = 'c'\nregime = 'r'\nfrom = 'calibration/clean'\n"
+     "method = 'a'\nbaseline = 'b'\nmetric = 'ece'\n", "compares no 'a' with 'b'"),
 ])
 def test_bad_specs_are_refused_naming_the_problem(tmp_path, body, message):
     spec = tmp_path / "s.toml"
@@ -286,3 +295,80 @@ def test_suites_measure_side_by_side_with_jobs(suite_study, tmp_path):
         assert (cache_folder(claim, spec.run_dir(m, s)) / "robustness.json").exists()
         assert cached_report(claim, spec.run_dir(m, s), log=None)["n_examples"] == 16
     assert measure_missing(spec, claim, log=lambda *_: None) == {}
+
+
+def test_runs_trained_elsewhere_are_compared_and_verdicts_tabled(suite_study, tmp_path):
+    """[compare.NAME] pairs run folders by seed (here the trained study's own runs, one seed missing on one side) and
+    [[verdicts]] picks rows into verdicts.md, the same numbers as the comparison; a missing comparison says so."""
+    from stochvit.suites.compare_runs import RunPredictions, compare_runs
+
+    runs = suite_study.parent / "suites" / "runs"
+    spec_path = suite_study.parent / "elsewhere.toml"  # out = the trained study's folder, so its runs are reused
+    spec_path.write_text(f"""
+name = "elsewhere"
+out = "suites"
+seeds = [0, 1]
+[train]
+data = "digits"
+train_limit = 600
+epochs = 3
+warmup_epochs = 0
+batch_size = 16
+augment = "none"
+eval_samples = 1
+[methods.deterministic]
+stochastic = false
+[methods.stochastic]
+[compare.trained]
+about = "The study's own runs, as if trained by a script."
+folder = "{runs}"
+seeds = [0, 1, 2]
+samples = 2
+comparisons = [["stoch", "det"], ["stoch", "nowhere"]]
+[compare.trained.runs]
+stoch = "stochastic-seed{{seed}}"
+det = "deterministic-seed{{seed}}"
+nowhere = "missing{{seed_suffix}}"
+[[verdicts]]
+claim = "the layer keeps accuracy"
+regime = "digits, 3 epochs"
+from = "compare/trained"
+method = "stoch"
+baseline = "det"
+metric = "accuracy"
+[[verdicts]]
+claim = "against nothing"
+regime = "-"
+from = "compare/trained"
+method = "stoch"
+baseline = "nowhere"
+metric = "accuracy"
+""")
+    result = run(Settings(spec_path, train=False, n_boot=200), log=lambda *_: None)
+    rows = result.external["trained"]
+    assert [(r.method, r.baseline, r.metric, r.seeds) for r in rows] == \
+        [("stoch", "det", m, (2, 2)) for m in ("accuracy", "nll", "ece")]  # seed 2 has no runs: left out
+    direct = compare_runs([runs / f"stochastic-seed{s}" for s in (0, 1)], [runs / f"deterministic-seed{s}" for s in (0, 1)],
+                          "stoch", "det", RunPredictions(2), n_boot=200)
+    assert [r.as_dict() for r in rows] == [r.as_dict() for r in direct]
+    assert all((runs / f"{m}-seed{s}" / "test-probs-K2-seed0.safetensors").exists()
+               for m in ("stochastic", "deterministic") for s in (0, 1))
+    out = report(result, tmp_path / "report")
+    table = (out / "verdicts.md").read_text().splitlines()
+    acc = rows[0]
+    assert table[2] == (f"| the layer keeps accuracy | digits, 3 epochs | 2 vs 2 | {acc.difference:+.3f} [{acc.low:+.3f}, "
+                        f"{acc.high:+.3f}] accuracy | {acc.verdict_text()} |")
+    assert table[3] == "| against nothing | - | - | - | not measured yet |"
+    text = (out / "study.md").read_text()
+    assert "## Verdicts" in text and "## Trained (runs trained outside the study)" in text
+    assert (out / "compare-trained.png").stat().st_size > 1000
+
+
+def test_readme_verdict_table_is_the_cifar10_study_report():
+    """README's headline table is report/verdicts.md of the CIFAR-10 study, verbatim (rebuilt by the spec)."""
+    root = Path(__file__).resolve().parents[1]
+    table = (root / "benchmarks" / "studies" / "cifar10" / "report" / "verdicts.md").read_text()
+    readme = (root / "README.md").read_text()
+    begin, end = "<!-- verdicts: benchmarks/studies/cifar10/report/verdicts.md -->\n", "<!-- /verdicts -->"
+    assert begin in readme and end in readme
+    assert readme.split(begin, 1)[1].split(end, 1)[0].strip() == table.strip()

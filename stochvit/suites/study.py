@@ -20,8 +20,19 @@ from ..eval.stats import Comparison, Scores, compare, comparison_table
 from ..runs import read_json, read_metrics
 from .settings import Result, record
 from .settings import StudySettings as Settings
-from .study_runs import StudySpec, cached_predictions, load_spec, measure_missing, run_status, shift_set, train_missing
+from .study_external import measure_external
+from .study_runs import (
+    StudySpec,
+    cached_predictions,
+    calibration_pairs,
+    load_spec,
+    measure_missing,
+    run_status,
+    shift_set,
+    train_missing,
+)
 from .study_suites import comparisons, describe, measure, sanity_flags
+from .study_verdicts import verdict_table
 
 CONDITIONS = ("clean", "shift")
 # the over-confident regime (issue 15): test ECE at least this, and the final training loss "well below" the
@@ -41,6 +52,7 @@ class StudyResult(Result):
     temperatures: dict = field(default_factory=dict)
     seconds: dict = field(default_factory=dict)
     suites: dict = field(default_factory=dict)  # suite -> comparisons, per-image values (label/seed/metric), sanity flags
+    external: dict[str, list[Comparison]] = field(default_factory=dict)  # [compare.NAME] -> rows
     settings: dict = field(default_factory=dict)  # the settings that made it, recorded in the report's settings.json
 
 
@@ -108,16 +120,6 @@ def _methods(spec: StudySpec, probs: dict, labels: dict) -> tuple[dict, dict]:
     return methods, temps
 
 
-def _comparisons(spec: StudySpec, names: list[str]) -> list[tuple[str, str]]:
-    claim = spec.calibration
-    if claim.comparisons:
-        pairs = list(claim.comparisons)
-        pairs += [(f"{m} (1 pass)", b) for m, b in claim.comparisons if f"{m} (1 pass)" in names]
-        return pairs
-    base = next(iter(spec.methods))
-    return [(m, base) for m in names if m != base]
-
-
 def run(settings: Settings, log=print) -> StudyResult:
     """Train (unless settings.train is False), predict, run the suites, and compare; every finished step is reused."""
     if settings.n_boot < 100:
@@ -127,9 +129,9 @@ def run(settings: Settings, log=print) -> StudyResult:
         if settings.jobs < 1:
             raise UserError(f"jobs={settings.jobs}: must be at least 1")
         spec.jobs = settings.jobs
-    if spec.calibration is None and not spec.suites:
-        raise UserError(f"study spec {settings.spec} has no claim to measure (add a [calibration], [robustness] or "
-                        "[privacy] table)")
+    if spec.calibration is None and not spec.suites and not spec.external:
+        raise UserError(f"study spec {settings.spec} has no claim to measure (add a [calibration], [robustness], "
+                        "[privacy] or [compare.NAME] table)")
     t0 = time.perf_counter()
     if settings.train:
         train_missing(spec, log=log)
@@ -148,7 +150,18 @@ def run(settings: Settings, log=print) -> StudyResult:
         result.suites[name] = dict(comparisons=comparisons(claim, table, settings.n_boot), values=table,
                                    sanity_flags=sanity_flags(spec, claim) if name == "robustness" else {})
         result.seconds[name] = time.perf_counter() - t1
+    for name, ext in spec.external.items():
+        t1 = time.perf_counter()
+        result.external[name] = measure_external(ext, settings.n_boot, log)
+        result.seconds[f"compare/{name}"] = time.perf_counter() - t1
     return result
+
+
+def verdict_rows(result: StudyResult) -> dict[str, list[Comparison]]:
+    """Every comparison of the report under the name a verdict takes it `from`."""
+    return ({f"calibration/{c}": rows for c, rows in result.comparisons.items()}
+            | {name: s["comparisons"] for name, s in result.suites.items()}
+            | {f"compare/{name}": rows for name, rows in result.external.items()})
 
 
 def _calibration(result: StudyResult, n_boot: int, log) -> None:
@@ -162,7 +175,7 @@ def _calibration(result: StudyResult, n_boot: int, log) -> None:
         result.values[cond] = {name: {metric: [Scores.from_probs(metric, r[cond], labels[cond]).value() for r in runs]
                                       for metric in spec.calibration.metrics} for name, runs in methods.items()}
         rows = []
-        for method, baseline in _comparisons(spec, list(methods)):
+        for method, baseline in calibration_pairs(spec, list(methods)):
             if method not in methods or baseline not in methods:
                 continue  # not finished yet (progress report)
             for metric in spec.calibration.metrics:
@@ -206,7 +219,8 @@ def report(result: StudyResult, out: str | Path | None = None) -> Path:
                 comparisons={c: [r.as_dict() for r in rows] for c, rows in result.comparisons.items()},
                 suites={name: dict(comparisons=[r.as_dict() for r in s["comparisons"]], sanity_flags=s["sanity_flags"],
                                    seed_values=_seed_means(s["values"]))
-                        for name, s in result.suites.items()})
+                        for name, s in result.suites.items()},
+                external={name: [r.as_dict() for r in rows] for name, rows in result.external.items()})
     with atomic_output_dir(out, result.settings, "study.json", overwrite=True) as tmp:
         write_json(tmp / "study.json", data)
         for cond, rows in result.comparisons.items():
@@ -214,6 +228,11 @@ def report(result: StudyResult, out: str | Path | None = None) -> Path:
         for name, s in result.suites.items():
             if s["comparisons"]:
                 forest_plot(tmp / f"{name}.png", s["comparisons"], f"{result.spec.name}: {name}, method - baseline, 95% CI")
+        for name, rows in result.external.items():
+            if rows:
+                forest_plot(tmp / f"compare-{name}.png", rows, f"{result.spec.name}: {name}, method - baseline, 95% CI")
+        if result.spec.verdicts:
+            (tmp / "verdicts.md").write_text(verdict_table(result.spec.verdicts, verdict_rows(result)))
         (tmp / "study.md").write_text(format_markdown(result))
     return out
 
@@ -234,6 +253,7 @@ def format_markdown(result: StudyResult) -> str:
              f"{len(result.plan)} runs, {train_s / 3600:.2f} machine-hours of training so far (sum of the runs' train_seconds).",
              "", *([f"**Progress report: {done} of {len(result.plan)} runs finished.** Methods and seeds still training "
                     "are left out of every table below; rerun the study to continue.", ""] if done < len(result.plan) else []),
+             *(["## Verdicts", "", verdict_table(spec.verdicts, verdict_rows(result))] if spec.verdicts else []),
              "## Regime", "",
              f"Baseline `{reg['baseline']}` (mean of {len(reg['seeds'])} seeds): test ECE {reg['test_ece']:.4f} "
              f"(criterion >= {OVERCONFIDENT_ECE}), final training loss "
@@ -244,6 +264,14 @@ def format_markdown(result: StudyResult) -> str:
         lines += _calibration_markdown(result)
     for name in result.suites:
         lines += _suite_markdown(result, name)
+    for name, rows in result.external.items():
+        ext = spec.external[name]
+        lines += [f"## {name.capitalize()} (runs trained outside the study)", "",
+                  f"{ext.about} Runs under `{ext.folder}`, K={ext.samples}-pass averages; each comparison pairs the "
+                  "seeds both sides have finished (t-interval over per-seed differences plus the image-bootstrap "
+                  "variance; one seed: paired bootstrap over the images).", "",
+                  *([comparison_table(rows, digits=3), f"![{name}](compare-{name}.png)"] if rows
+                    else ["No comparison has finished runs on both sides yet."]), ""]
     lines += ["## Runs", "", "| method | seed | status | train s |", "|---|---|---|---|"]
     lines += [f"| {r['method']} | {r['seed']} | {r['status']} | {r.get('train_seconds', math.nan):.0f} |" for r in result.plan]
     return "\n".join(lines) + "\n"

@@ -33,7 +33,9 @@ import torch
 from ..errors import UserError
 from ..procs import child_dies_with_parent
 from ..train import TrainConfig
+from .study_external import ExternalClaim, parse_external
 from .study_suites import SUITES, SuiteClaim, parse_claim
+from .study_verdicts import Verdict, parse_verdicts
 
 # settings that do not change what a run learns, so a finished run is reused even if they differ
 UNMATCHED = {"workers", "eval_samples", "val_every", "data_dir"}
@@ -66,6 +68,8 @@ class StudySpec:
     ensembles: dict[str, Ensemble] = field(default_factory=dict)
     calibration: CalibrationClaim | None = None
     suites: dict[str, SuiteClaim] = field(default_factory=dict)  # [robustness], [privacy]
+    external: dict[str, ExternalClaim] = field(default_factory=dict)  # [compare.NAME]: runs trained elsewhere
+    verdicts: list[Verdict] = field(default_factory=list)  # [[verdicts]]: the headline table
     jobs: int = 1  # trainings (and suite measurements) side by side
     threads: int = 1  # OpenMP threads per training or measurement
     path: Path | None = None  # the spec file (what the measuring processes read again)
@@ -105,7 +109,8 @@ def load_spec(path: str | Path) -> StudySpec:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"study spec {path} is not valid TOML: {e}") from None
     where = f"study spec {path}"
-    known = {"name", "out", "seeds", "train", "methods", "ensembles", "calibration", *SUITES, "jobs", "threads", "precision"}
+    known = {"name", "out", "seeds", "train", "methods", "ensembles", "calibration", *SUITES, "compare", "verdicts", "jobs",
+             "threads", "precision"}
     if unknown := set(raw) - known:
         raise UserError(f"{where}: unknown keys {sorted(unknown)}; expected {sorted(known)}")
     train = dict(raw.get("train", {}))
@@ -135,10 +140,13 @@ def load_spec(path: str | Path) -> StudySpec:
         ensembles[e] = ens
     calibration = _calibration_claim(raw["calibration"], where) if "calibration" in raw else None
     suites = {s: parse_claim(s, raw[s], list(methods), where) for s in SUITES if s in raw}
+    if not isinstance(raw.get("compare", {}), dict):
+        raise UserError(f"{where}: `compare` must hold [compare.NAME] tables")
+    external = {n: parse_external(n, dict(body), path.parent, where) for n, body in raw.get("compare", {}).items()}
     spec = StudySpec(name=raw.get("name", path.stem), out=path.parent / raw.get("out", path.stem), seeds=seeds, train=train,
                      methods=methods, ensembles=ensembles, calibration=calibration, suites=suites, jobs=int(raw.get("jobs", 1)),
                      threads=int(raw.get("threads", 1)), precision=raw.get("precision", "auto"),
-                     method_seeds=method_seeds, path=path)
+                     method_seeds=method_seeds, path=path, external=external)
     for m, s in spec.runs():
         spec.config(m, s)  # every run's settings are valid before anything is trained
     if calibration is not None:
@@ -146,7 +154,29 @@ def load_spec(path: str | Path) -> StudySpec:
         for pair in calibration.comparisons:
             if len(pair) != 2 or not set(pair) <= set(known_methods):
                 raise UserError(f"{where}: comparison {list(pair)} names an unknown method; known: {known_methods}")
+    spec.verdicts = parse_verdicts(raw.get("verdicts", []), _sections(spec), where)
     return spec
+
+
+def calibration_pairs(spec: StudySpec, names: list[str]) -> list[tuple[str, str]]:
+    """The calibration comparisons: the spec's, each also for the single pass of a random method (when `names`,
+    the report's predictors, has one); by default every method against the first."""
+    claim = spec.calibration
+    if claim.comparisons:
+        return [*claim.comparisons, *((f"{m} (1 pass)", b) for m, b in claim.comparisons if f"{m} (1 pass)" in names)]
+    base = next(iter(spec.methods))
+    return [(m, base) for m in names if m != base]
+
+
+def _sections(spec: StudySpec) -> dict[str, set[tuple[str, str]]]:
+    """What a verdict may come `from`: each section of the report and the (method, baseline) pairs it compares."""
+    out: dict[str, set[tuple[str, str]]] = {}
+    if spec.calibration is not None:
+        names = _calibration_methods(spec)
+        pairs = set(calibration_pairs(spec, [*names, *(f"{m} (1 pass)" for m in names)]))
+        out |= {f"calibration/{c}": pairs for c in ("clean", "shift")}
+    out |= {name: set(claim.comparisons) for name, claim in spec.suites.items()}
+    return out | {f"compare/{name}": set(claim.comparisons) for name, claim in spec.external.items()}
 
 
 def _calibration_claim(body: dict, where: str) -> CalibrationClaim:
