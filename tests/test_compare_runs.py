@@ -122,3 +122,24 @@ def test_run_predictions_of_a_deterministic_run_match_its_summary(tmp_path):
     (run / "model.safetensors").unlink()
     again, labels_again = RunPredictions(samples=2)(run)
     assert torch.equal(again, probs) and torch.equal(labels_again, labels)
+
+
+def test_runs_with_other_label_counts_share_one_decoded_test_split(tmp_path, monkeypatch):
+    """The test split depends on the data and split settings, not on how many training images a run kept: two runs
+    with other train limits decode it once; another precision gets its own cache file."""
+    import stochvit.runs
+    from stochvit.train import TrainConfig, train
+
+    runs = [train(TrainConfig(epochs=1, train_limit=n, eval_samples=1, stochastic=None), out=tmp_path / f"n{n}", quiet=True)
+            for n in (150, 300)]
+    keys = [RunPredictions.test_split_key(json.loads((r / "config.json").read_text())["data"]) for r in runs]
+    assert keys[0] == keys[1]
+    calls = []
+    real = stochvit.runs.data_for
+    monkeypatch.setattr(stochvit.runs, "data_for", lambda *a, **k: calls.append(a) or real(*a, **k))
+    predictions = RunPredictions(samples=1)
+    labels = [predictions(r)[1] for r in runs]
+    assert len(calls) == 1 and torch.equal(labels[0], labels[1])
+    assert RunPredictions(samples=1, precision="fp32").cache_file(runs[0]).name == "test-probs-K1-seed0-fp32.safetensors"
+    other = json.loads((runs[0] / "config.json").read_text())["data"] | {"split": {"seed": 1}}
+    assert RunPredictions.test_split_key(other) != keys[0]

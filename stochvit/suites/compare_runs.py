@@ -34,7 +34,17 @@ class RunPredictions:
         self._test_sets: dict[str, object] = {}  # data settings -> test split: runs of one dataset decode it once
 
     def cache_file(self, path: str | Path) -> Path:
-        return Path(path) / f"test-probs-K{self.samples}-seed{self.seed}.safetensors"
+        """RUN/test-probs-K{K}-seed{S}.safetensors (the default precision, "auto"), else ...-{precision}.safetensors."""
+        tail = "" if self.precision == "auto" else f"-{self.precision}"
+        return Path(path) / f"test-probs-K{self.samples}-seed{self.seed}{tail}.safetensors"
+
+    @staticmethod
+    def test_split_key(data: dict) -> str:
+        """What fixes a run's test images: its data config less what only the training subset changes (train_limit,
+        the training sizes and channel statistics), so that runs with other label counts share one decoded test set."""
+        split = {k: v for k, v in data.get("split", {}).items() if k != "train_limit"}
+        rest = {k: v for k, v in data.items() if k not in ("sizes", "mean", "std", "split")}
+        return json.dumps(rest | {"split": split, "test": data.get("sizes", {}).get("test")}, sort_keys=True, default=str)
 
     def __call__(self, path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
         from safetensors.torch import load_file, save
@@ -50,7 +60,7 @@ class RunPredictions:
                 self._cache[path] = saved["probs"], saved["labels"]
                 return self._cache[path]
             run = load_run(path)
-            key = json.dumps(run.config["data"], sort_keys=True, default=str)
+            key = self.test_split_key(run.config["data"])
             if key not in self._test_sets:
                 self._test_sets[key] = data_for(run.config).test
             torch.manual_seed(self.seed)  # the same passes whenever the report is rebuilt
