@@ -359,10 +359,11 @@ def test_a_round_below_min_clients_fails_the_run_in_one_line_without_activated_e
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "sigkill"])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=["ctrl-c", "sigterm", "sigkill"])
 def test_interrupting_the_cli_leaves_no_process_and_no_temp_folder(tmp_path, marker, short_tmp, sig):
-    """Ctrl-C (SIGINT to the CLI's process group, as a terminal sends it) or SIGKILL of the CLI while Ray runs the
-    clients: every Flower and Ray process ends (Ray's agents ignore SIGTERM), the temp folders go."""
+    """Ctrl-C (SIGINT to the CLI's process group, as a terminal sends it), SIGTERM (`kill PID`: the CLI alone) or
+    SIGKILL of the CLI while Ray runs the clients: every Flower and Ray process ends (Ray's agents ignore SIGTERM), the
+    temp folders go, and a Ctrl-C or SIGTERM leaves only the logs in the run directory."""
     import time
 
     out = tmp_path / "fed"
@@ -377,9 +378,10 @@ def test_interrupting_the_cli_leaves_no_process_and_no_temp_folder(tmp_path, mar
     time.sleep(5)  # the simulation's actors are starting
     (os.killpg if sig == signal.SIGINT else os.kill)(proc.pid, sig)  # our own child (and its group), by id
     _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == (130 if sig == signal.SIGINT else -signal.SIGKILL), stderr[-2000:]
-    if sig == signal.SIGINT:
-        assert stderr.strip().splitlines()[-1] == "stochvit federated: interrupted", stderr[-2000:]
+    assert proc.returncode == {signal.SIGINT: 130, signal.SIGTERM: 143}.get(sig, -signal.SIGKILL), stderr[-2000:]
+    if sig != signal.SIGKILL:
+        said = "interrupted" if sig == signal.SIGINT else "terminated"
+        assert stderr.strip().splitlines()[-1] == f"stochvit federated: {said}", stderr[-2000:]
         assert sorted(p.name for p in out.iterdir()) == [".lock", "logs"]
     assert _gone(marker, short_tmp) == ([], [])
 

@@ -2,7 +2,9 @@
 
 The only place that knows argparse. Each module here turns one subcommand's flags into its suite's typed
 `Settings` (stochvit.suites) and calls `run`; the suites themselves load on demand, so `--help` does not import
-torch. User mistakes raise `UserError` (a `ValueError`), printed here as one line with exit status 2.
+torch. User mistakes raise `UserError` (a `ValueError`), printed here as one line with exit status 2. Ctrl-C
+(exit 130) and SIGTERM (`kill`, a scheduler or a session ending; exit 143) unwind the same way, so every command's
+cleanup runs: a fresh run killed before its first checkpoint leaves nothing, a federated run only its logs.
 
     common.py   the shared vocabulary: --data, layer flags, --samples, --seed, --precision, -b/--batch-size, --out,
                 and -c/--config FILE.yaml (every command) with the args.yaml that run directories keep
@@ -15,7 +17,9 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import signal
 import sys
+import threading
 
 from .. import __version__
 from ..defaults import default_threads, recipe_for
@@ -59,7 +63,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the main thread is, like Ctrl-C's KeyboardInterrupt (whose handlers it reaches too)."""
+
+
+def _raise_terminated(signum: int, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if on_main_thread else None
+    try:
+        return _main(argv)
+    finally:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     try:
         args = parse_args(parser, argv)  # with -c/--config FILE.yaml: the file's settings, then the flags
@@ -81,9 +103,10 @@ def main(argv: list[str] | None = None) -> int:
         sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.command]
         print(f"stochvit {args.command}: error: {in_flags(str(e), sub)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"stochvit {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        terminated = isinstance(e, Terminated)
+        print(f"stochvit {args.command}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        return 143 if terminated else 130
     return 0
 
 
