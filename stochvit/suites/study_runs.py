@@ -9,8 +9,11 @@ of it), the seeds, the ensembles and the claims to measure. The driver
    their settings, so that a second call only rebuilds the report;
 3. runs the `[robustness]` and `[privacy]` suites on the finished runs of their methods, `jobs` runs side by side,
    each run's report cached in its directory (`stochvit.suites.study_suites`);
-4. writes the report: per claim, each method against its baselines with differences, 95% intervals
-   (`stochvit.eval.stats`) and verdicts, plus the plots.
+4. compares runs trained elsewhere (`[compare.NAME]`: a benchmark script's transfer or federated runs) from their
+   cached predictions (`stochvit.suites.study_external`);
+5. writes the report: per claim, each method against its baselines with differences, 95% intervals
+   (`stochvit.eval.stats`) and verdicts, plus the plots, and the `[[verdicts]]` rows as one headline table
+   (`stochvit.suites.study_verdicts`).
 
 Everything is written atomically per run or per file, so the driver can be killed at any moment and started again.
 Relative paths in a spec (data, out) are relative to the spec file's folder.
