@@ -115,9 +115,12 @@ DEFAULT_STOCHASTIC: dict[str, Any] = DEFAULT_LAYER.to_dict()  # its JSON form (t
 
 # per-dataset training recipes: what a TrainConfig field left None takes. digits is tiny (1,257 training images)
 # and likes a short, hot schedule on its 8x8 model behind a 3x3 conv stem (the plain patch-2 model, whose tokens carry
-# 4 pixels, sits near chance for 10 epochs: benchmarks/RESULTS.md); every other dataset gets the CIFAR-size recipe.
+# 4 pixels, sits near chance for 10 epochs: benchmarks/RESULTS.md), in batches of 32 (twice the steps of batch 64 at
+# about the same CPU time; 3e-3 at 64 scaled by the square-root rule): the deterministic model's 0.983-0.989 test
+# accuracy at batch 64 became 0.989 on seeds 0-2, the stochastic one's 0.989-0.994 became 0.983-0.989 (one test image
+# is 0.56 points); every other dataset gets the CIFAR-size recipe.
 RECIPES: dict[str, dict[str, Any]] = {
-    "digits": dict(model="vit_digits_convstem_8", epochs=60, batch_size=64, lr=3e-3),
+    "digits": dict(model="vit_digits_convstem_8", epochs=60, batch_size=32, lr=3e-3 / 2**0.5),
     "default": dict(model="vit_tiny_patch4_32", epochs=10, batch_size=128, lr=1e-3),  # cifar10, cifar100, svhn, imagefolder
 }
 
@@ -140,9 +143,9 @@ def default_threads(model: str | None) -> int | None:
 
 
 def recipe_text(data: str = "digits") -> str:
-    """A recipe in words, for `--help`: "vit_digits_convstem_8, 60 epochs, batch 64, lr 0.003"."""
+    """A recipe in words, for `--help`: "vit_digits_convstem_8, 60 epochs, batch 32, lr 0.00212"."""
     r = recipe_for(data)
-    return f"{r['model']}, {r['epochs']} epochs, batch {r['batch_size']}, lr {r['lr']:g}"
+    return f"{r['model']}, {r['epochs']} epochs, batch {r['batch_size']}, lr {r['lr']:.3g}"
 
 
 def recipe_help(key: str) -> str:

@@ -317,7 +317,7 @@ def test_run_files_share_one_permission_mode(tiny_run: Path):
 
 
 def test_warmup_longer_than_the_run_warns_in_one_line(tmp_path: Path, capsys):
-    # the recipe's batch, so the lr is not rescaled (stochvit.scale.scaled_lr)
+    # twice the recipe's batch of 32: its lr 3e-3/sqrt(2) scales back to 3e-3 (stochvit.scale.scaled_lr)
     args = ["train", "--epochs", "1", "--train-limit", "100", "--batch-size", "64", "--eval-samples", "1"]
     assert main([*args, "--out", str(tmp_path / "long")]) == 0  # the default --warmup-epochs 2
     warned = [line for line in capsys.readouterr().err.splitlines() if "warmup" in line]

@@ -96,10 +96,10 @@ def test_cli_scales_the_recipe_lr_with_the_global_batch(monkeypatch):
     from stochvit.cli.train import train_config_from_args
 
     parse = build_parser().parse_args
-    assert train_config_from_args(parse(["train"])).lr == 3e-3
+    assert train_config_from_args(parse(["train"])).lr == 3e-3 / 2**0.5  # the digits recipe: batch 32
     assert train_config_from_args(parse(["train", "--batch-size", "256"])).lr == pytest.approx(6e-3)
     assert train_config_from_args(parse(["train", "--batch-size", "256", "--lr-base-scale", "linear"])).lr == \
-        pytest.approx(12e-3)
+        pytest.approx(3e-3 / 2**0.5 * 8)
     assert train_config_from_args(parse(["train", "--batch-size", "256", "--lr", "1e-3"])).lr == 1e-3
     monkeypatch.setenv("WORLD_SIZE", "4")
     assert train_config_from_args(parse(["train", "--data", "cifar10", "--batch-size", "128"])).lr == pytest.approx(2e-3)

@@ -304,21 +304,8 @@ def test_runs_trained_elsewhere_are_compared_and_verdicts_tabled(suite_study, tm
 
     runs = suite_study.parent / "suites" / "runs"
     spec_path = suite_study.parent / "elsewhere.toml"  # out = the trained study's folder, so its runs are reused
-    spec_path.write_text(f"""
-name = "elsewhere"
-out = "suites"
-seeds = [0, 1]
-[train]
-data = "digits"
-train_limit = 600
-epochs = 3
-warmup_epochs = 0
-batch_size = 16
-augment = "none"
-eval_samples = 1
-[methods.deterministic]
-stochastic = false
-[methods.stochastic]
+    trained = SUITE_SPEC.split("[robustness]")[0].replace('name = "suites"', 'name = "elsewhere"\nout = "suites"')
+    spec_path.write_text(trained + f"""
 [compare.trained]
 about = "The study's own runs, as if trained by a script."
 folder = "{runs}"

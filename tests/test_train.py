@@ -179,7 +179,7 @@ def test_recipes_resolve_by_data_and_explicit_values_win():
         return tuple(getattr(cfg, k) for k in RECIPE_FIELDS)
 
     assert recipe(TrainConfig(data="cifar10").resolved()) == ("vit_tiny_patch4_32", 10, 128, 1e-3)
-    assert recipe(TrainConfig().resolved()) == ("vit_digits_convstem_8", 60, 64, 3e-3)
+    assert recipe(TrainConfig().resolved()) == ("vit_digits_convstem_8", 60, 32, 3e-3 / 2**0.5)
     assert recipe(TrainConfig(data="digits:classes=5-9").resolved()) == recipe(TrainConfig().resolved())  # the parent's
     assert recipe(TrainConfig(data="imagefolder:/x:classes=0-1").resolved()) == tuple(RECIPES["default"][k]
                                                                                      for k in RECIPE_FIELDS)
