@@ -452,9 +452,10 @@ def test_nan_loss_later_in_a_run_is_resumed_with_a_lower_lr_bit_exactly(one_epoc
     assert main(["train", "--resume", str(run)]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "at epoch 2" in err and f"stochvit train --resume {run} --lr 3e+28" in err, err
-    assert main(["train", "--resume", str(run), "--lr", "0.003"]) == 0
+    lr = json.loads((reference / "config.json").read_text())["train"]["lr"]  # the recipe's, which the reference ran at
+    assert main(["train", "--resume", str(run), "--lr", repr(lr)]) == 0
     config = json.loads((run / "config.json").read_text())
-    assert config["train"]["lr"] == 0.003 and config["lr_changes"] == [dict(epoch=1, old=3e29, new=0.003)]
+    assert config["train"]["lr"] == lr and config["lr_changes"] == [dict(epoch=1, old=3e29, new=lr)]
     want, got = (load_file(str(d / "model.safetensors")) for d in (reference, run))
     assert [k for k in want if not torch.equal(want[k], got[k])] == []
     capsys.readouterr()
