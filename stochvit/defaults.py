@@ -115,8 +115,8 @@ DEFAULT_STOCHASTIC: dict[str, Any] = DEFAULT_LAYER.to_dict()  # its JSON form (t
 
 # per-dataset training recipes: what a TrainConfig field left None takes. digits is tiny (1,257 training images)
 # and likes a short, hot schedule on its 8x8 model behind a 3x3 conv stem (the plain patch-2 model, whose tokens carry
-# 4 pixels, sits near chance for 10 epochs: benchmarks/RESULTS.md), in batches of 32 (twice the steps of batch 64 at
-# about the same CPU time; 3e-3 at 64 scaled by the square-root rule): the deterministic model's 0.983-0.989 test
+# 4 pixels, sits near chance for 10 epochs: benchmarks/RESULTS.md), in batches of 32 (twice the steps of batch 64,
+# 1.2x its training time; 3e-3 at 64 scaled by the square-root rule): the deterministic model's 0.983-0.989 test
 # accuracy at batch 64 became 0.989 on seeds 0-2, the stochastic one's 0.989-0.994 became 0.983-0.989 (one test image
 # is 0.56 points); every other dataset gets the CIFAR-size recipe.
 RECIPES: dict[str, dict[str, Any]] = {

@@ -115,6 +115,10 @@ def test_study_killed_mid_run_resumes_and_never_recomputes_finished_work(tmp_pat
      "metric = 'm'\n", "not a section of this spec"),
     ("[methods.a]\n[methods.b]\n[calibration]\n[[verdicts]]\nclaim = 'c'\nregime = 'r'\nfrom = 'calibration/clean'\n"
      "method = 'a'\nbaseline = 'b'\nmetric = 'ece'\n", "compares no 'a' with 'b'"),
+    ("[methods.a]\n[methods.b]\n[calibration]\n[[verdicts]]\nclaim = 'c'\nregime = 'r'\nfrom = 'calibration/clean'\n"
+     "method = 'b'\nbaseline = 'a'\nmetric = 'ECE'\n", "has no metric 'ECE'"),
+    ("[methods.a]\n[compare.t]\nfolder = 'r'\ncomparisons = []\nruns = {x = 'x'}\nseeds = [1, 1]\n",
+     r"\[compare.t\]: seeds must be distinct"),
 ])
 def test_bad_specs_are_refused_naming_the_problem(tmp_path, body, message):
     spec = tmp_path / "s.toml"

@@ -225,12 +225,11 @@ def report(result: StudyResult, out: str | Path | None = None) -> Path:
         write_json(tmp / "study.json", data)
         for cond, rows in result.comparisons.items():
             forest_plot(tmp / f"comparisons-{cond}.png", rows, f"{result.spec.name}: {cond} test, method - baseline, 95% CI")
-        for name, s in result.suites.items():
-            if s["comparisons"]:
-                forest_plot(tmp / f"{name}.png", s["comparisons"], f"{result.spec.name}: {name}, method - baseline, 95% CI")
-        for name, rows in result.external.items():
+        plots = {name: (name, s["comparisons"]) for name, s in result.suites.items()}
+        plots |= {f"compare-{name}": (name, rows) for name, rows in result.external.items()}
+        for file, (name, rows) in plots.items():
             if rows:
-                forest_plot(tmp / f"compare-{name}.png", rows, f"{result.spec.name}: {name}, method - baseline, 95% CI")
+                forest_plot(tmp / f"{file}.png", rows, f"{result.spec.name}: {name}, method - baseline, 95% CI")
         if result.spec.verdicts:
             (tmp / "verdicts.md").write_text(verdict_table(result.spec.verdicts, verdict_rows(result)))
         (tmp / "study.md").write_text(format_markdown(result))

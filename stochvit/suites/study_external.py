@@ -54,9 +54,9 @@ class ExternalClaim:
         return [s for s in self.seeds if all((self.run_dir(lab, s) / "summary.json").exists() for lab in (method, baseline))]
 
 
-def parse_external(name: str, body: dict[str, Any], spec_dir: Path, where: str) -> ExternalClaim:
-    """A spec's [compare.NAME] table, validated (every error names the table and the key)."""
-    where = f"{where}: [compare.{name}]"
+def parse_external(name: str, body: dict[str, Any], spec_dir: Path, seeds: tuple[int, ...], where: str) -> ExternalClaim:
+    """A spec's [compare.NAME] table, validated (every error names the table and the key); `seeds`: its `seeds`,
+    already checked by the spec's own rule (`study_runs.load_spec`)."""
     if bad := sorted(set(body) - set(KEYS)):
         raise UserError(f"{where} has unknown keys {bad}; expected {list(KEYS)}")
     for key in ("folder", "runs", "comparisons"):
@@ -69,10 +69,6 @@ def parse_external(name: str, body: dict[str, Any], spec_dir: Path, where: str) 
         fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
         if bad := sorted(fields - {"seed", "seed_suffix"}):
             raise UserError(f"{where}: run {label!r} template {template!r} uses {bad}; only {{seed}} and {{seed_suffix}}")
-    seeds = body.get("seeds", [0])
-    if not isinstance(seeds, list) or not seeds or not all(type(s) is int and s >= 0 for s in seeds) \
-            or len(set(seeds)) != len(seeds):
-        raise UserError(f"{where}: seeds must be distinct non-negative integers, got {seeds!r}")
     samples = body.get("samples", 10)
     if type(samples) is not int or samples < 1:
         raise UserError(f"{where}: samples={samples!r} must be a positive integer")
@@ -84,8 +80,7 @@ def parse_external(name: str, body: dict[str, Any], spec_dir: Path, where: str) 
         if len(pair) != 2 or not set(pair) <= set(runs):
             raise UserError(f"{where}: comparison {list(pair)} names an unknown run label; known: {list(runs)}")
     folder = Path(os.path.normpath(spec_dir / body["folder"]))  # an absolute folder stays itself
-    return ExternalClaim(name, str(body.get("about", "")), folder,
-                         tuple(seeds), samples, metrics, pairs, dict(runs))
+    return ExternalClaim(name, str(body.get("about", "")), folder, seeds, samples, metrics, pairs, dict(runs))
 
 
 def measure_external(claim: ExternalClaim, n_boot: int, log=print) -> list[Comparison]:

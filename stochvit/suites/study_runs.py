@@ -145,7 +145,10 @@ def load_spec(path: str | Path) -> StudySpec:
     suites = {s: parse_claim(s, raw[s], list(methods), where) for s in SUITES if s in raw}
     if not isinstance(raw.get("compare", {}), dict):
         raise UserError(f"{where}: `compare` must hold [compare.NAME] tables")
-    external = {n: parse_external(n, dict(body), path.parent, where) for n, body in raw.get("compare", {}).items()}
+    external = {}
+    for n, body in raw.get("compare", {}).items():
+        at = f"{where}: [compare.{n}]"
+        external[n] = parse_external(n, dict(body), path.parent, _seeds(body.get("seeds", [0]), at), at)
     spec = StudySpec(name=raw.get("name", path.stem), out=path.parent / raw.get("out", path.stem), seeds=seeds, train=train,
                      methods=methods, ensembles=ensembles, calibration=calibration, suites=suites, jobs=int(raw.get("jobs", 1)),
                      threads=int(raw.get("threads", 1)), precision=raw.get("precision", "auto"),
@@ -171,15 +174,16 @@ def calibration_pairs(spec: StudySpec, names: list[str]) -> list[tuple[str, str]
     return [(m, base) for m in names if m != base]
 
 
-def _sections(spec: StudySpec) -> dict[str, set[tuple[str, str]]]:
-    """What a verdict may come `from`: each section of the report and the (method, baseline) pairs it compares."""
-    out: dict[str, set[tuple[str, str]]] = {}
+def _sections(spec: StudySpec) -> dict[str, tuple[set[tuple[str, str]], tuple[str, ...] | None]]:
+    """What a verdict may come `from`: each section of the report, the (method, baseline) pairs it compares and its
+    metrics (None for the suites, whose metric names follow from their settings: robust accuracy 8/255, ...)."""
+    out: dict[str, tuple[set[tuple[str, str]], tuple[str, ...] | None]] = {}
     if spec.calibration is not None:
         names = _calibration_methods(spec)
         pairs = set(calibration_pairs(spec, [*names, *(f"{m} (1 pass)" for m in names)]))
-        out |= {f"calibration/{c}": pairs for c in ("clean", "shift")}
-    out |= {name: set(claim.comparisons) for name, claim in spec.suites.items()}
-    return out | {f"compare/{name}": set(claim.comparisons) for name, claim in spec.external.items()}
+        out |= {f"calibration/{c}": (pairs, spec.calibration.metrics) for c in ("clean", "shift")}
+    out |= {name: (set(claim.comparisons), None) for name, claim in spec.suites.items()}
+    return out | {f"compare/{name}": (set(c.comparisons), c.metrics) for name, c in spec.external.items()}
 
 
 def _calibration_claim(body: dict, where: str) -> CalibrationClaim:

@@ -35,8 +35,10 @@ class Verdict:
     metric: str
 
 
-def parse_verdicts(rows: Any, sections: dict[str, set[tuple[str, str]]], where: str) -> list[Verdict]:
-    """The spec's [[verdicts]] array; `sections` maps each `from` the spec offers to its (method, baseline) pairs."""
+def parse_verdicts(rows: Any, sections: dict[str, tuple[set[tuple[str, str]], tuple[str, ...] | None]],
+                   where: str) -> list[Verdict]:
+    """The spec's [[verdicts]] array; `sections` maps each `from` the spec offers to its (method, baseline) pairs and
+    its metrics (None: not known before the suite runs)."""
     if not isinstance(rows, list):
         raise UserError(f"{where}: `verdicts` must be an array of tables ([[verdicts]])")
     out = []
@@ -47,8 +49,11 @@ def parse_verdicts(rows: Any, sections: dict[str, set[tuple[str, str]]], where: 
             raise UserError(f"{at} needs exactly the keys {list(KEYS)}, got {got}")
         if row["from"] not in sections:
             raise UserError(f"{at}: from = {row['from']!r} is not a section of this spec; known: {sorted(sections)}")
-        if (row["method"], row["baseline"]) not in sections[row["from"]]:
+        pairs, metrics = sections[row["from"]]
+        if (row["method"], row["baseline"]) not in pairs:
             raise UserError(f"{at}: {row['from']} compares no {row['method']!r} with {row['baseline']!r}")
+        if metrics is not None and row["metric"] not in metrics:
+            raise UserError(f"{at}: {row['from']} has no metric {row['metric']!r}; known: {list(metrics)}")
         out.append(Verdict(row["claim"], row["regime"], row["from"], row["method"], row["baseline"], row["metric"]))
     return out
 
