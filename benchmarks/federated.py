@@ -34,9 +34,24 @@ PARTITIONS = ("iid", "dirichlet:0.5", "dirichlet:0.1")
 MODELS = {"deterministic": ["--no-stochastic"], "stochastic": ["--stochastic"]}
 
 
+def check_recipe(out: Path, a: argparse.Namespace) -> None:
+    """A finished run is reused only when it ran this recipe (runs of another go under another --name)."""
+    config = json.loads((out / "config.json").read_text())
+    fed, train = config["federated"], config["train"]
+    ran = dict(clients=fed["clients"], rounds=fed["rounds"], server_lr=fed.get("server-lr", 1.0),
+               server_momentum=fed.get("server-momentum", 0.0), local_epochs=train["epochs"],
+               batch_size=train["batch_size"], train_limit=train["train_limit"])
+    asked = {k: getattr(a, k) for k in ran}
+    if ran != asked:
+        diff = ", ".join(f"{k} {ran[k]} (asked {asked[k]})" for k in ran if ran[k] != asked[k])
+        sys.exit(f"{out} ran another recipe: {diff}; choose another --name for this one")
+
+
 def run(partition: str, model: str, seed: int, a: argparse.Namespace) -> dict:
     out = a.root / f"{partition.replace(':', '')}-{model}-seed{seed}"
     wall = None
+    if (out / "summary.json").exists():
+        check_recipe(out, a)
     if not (out / "summary.json").exists():
         if out.exists():  # an interrupted federated run keeps only logs/ and cannot resume: start it again
             print(f"{out} did not finish; running it again", flush=True)
@@ -44,6 +59,7 @@ def run(partition: str, model: str, seed: int, a: argparse.Namespace) -> dict:
         cmd = [sys.executable, "-m", "stochvit.cli", "federated", "--clients", str(a.clients), "--rounds", str(a.rounds),
                "--local-epochs", str(a.local_epochs), "--batch-size", str(a.batch_size), "--partition", partition,
                "--seed", str(seed), "--data", a.data, "--out", str(out),
+               "--server-lr", str(a.server_lr), "--server-momentum", str(a.server_momentum),
                "--fraction-evaluate", str(a.fraction_evaluate), "--eval-samples", str(a.eval_samples),
                "--cpus-per-client", str(a.cpus_per_client),
                *(["--train-limit", str(a.train_limit)] if a.train_limit else []), *MODELS[model]]
@@ -124,9 +140,13 @@ def main() -> None:
     p.add_argument("--cpus-per-client", type=int, default=1,
                    help="Ray CPUs per client: 2 on a 2-core machine runs one client at a time, so that two "
                         "simulations can run side by side")
+    p.add_argument("--server-lr", type=float, default=1.0, help="FedAvgM server learning rate (1.0: FedAvg's)")
+    p.add_argument("--server-momentum", type=float, default=0.0, help="FedAvgM server momentum (0: FedAvg)")
     p.add_argument("--data", default="digits", help="e.g. imagefolder:/work/shared/data/cifar10-jpeg")
+    p.add_argument("--name", default=None, help="runs folder under benchmarks/runs (default: digits-federated or "
+                   "cifar10-federated); a new recipe needs a new folder, since finished runs are reused")
     a = p.parse_args()
-    a.root = RUNS / ("digits-federated" if a.data == "digits" else "cifar10-federated")
+    a.root = RUNS / (a.name or ("digits-federated" if a.data == "digits" else "cifar10-federated"))
     a.root.mkdir(parents=True, exist_ok=True)
     results = [run(part, model, seed, a) for seed in a.seeds for part in (a.only or PARTITIONS) for model in MODELS]
     rows, text = report(results, a.root, RunPredictions(a.eval_samples))

@@ -135,7 +135,8 @@ def test_run_config_round_trip_and_errors():
     assert back == cfg and fed["clients"] == 4 and fed["partition"] == "dirichlet:0.1"
     det, _ = from_run_config({**rc, "stochastic": False})
     assert det.stochastic is None
-    for bad in ({"partition": "dirichlet:0"}, {"min-clients": 5, "clients": 3}, {"kind": "sparse"}, {"no-such-key": 1}):
+    for bad in ({"partition": "dirichlet:0"}, {"min-clients": 5, "clients": 3}, {"kind": "sparse"}, {"no-such-key": 1},
+                {"server-momentum": 1.0}, {"server-lr": 0.0}):
         with pytest.raises(UserError):
             from_run_config({**rc, **bad})
 
@@ -183,7 +184,7 @@ def test_only_learned_weights_travel(stochastic):
 
 def test_cli_rejects_bad_settings_before_starting_anything(tmp_path, capsys):
     for args in (["--partition", "dirichlet:0"], ["--partition", "shard:0"], ["--clients", "2", "--min-clients", "3"],
-                 ["--fraction-train", "0"]):
+                 ["--fraction-train", "0"], ["--server-momentum", "-0.1"]):
         out = tmp_path / "never"
         assert cli_main(["federated", "--out", str(out), *args]) == 2
         assert not out.exists()
@@ -225,10 +226,15 @@ def test_simulation_end_to_end(tmp_path, marker):
 
 
 @pytest.mark.slow
-def test_one_round_fedavg_is_weighted_average_of_client_updates(tmp_path, marker):
-    """Server: 1 round, 2 clients in Ray actors. Here: the same two local updates in-process, averaged by num-examples."""
+def test_one_round_fedavgm_steps_along_the_weighted_average_of_client_updates(tmp_path, marker):
+    """Server: 1 round, 2 clients in Ray actors. Here: the same two local updates in-process, averaged by num-examples.
+
+    With server lr 1.5 and momentum 0.9, round 1 moves the global model 1.5 times the averaged update (the momentum
+    buffer starts as that update); server lr 1.0 and momentum 0 would give the plain FedAvg average."""
     out = tmp_path / "fed1"
-    assert _federated(out, "--clients", "2", "--rounds", "1", "--fraction-evaluate", "0", "--seed", "3") == 0
+    server_lr = 1.5
+    assert _federated(out, "--clients", "2", "--rounds", "1", "--fraction-evaluate", "0", "--seed", "3",
+                      "--server-lr", str(server_lr), "--server-momentum", "0.9") == 0
     assert leftovers(marker) == []
     run = load_run(out)
     config = run.config
@@ -244,12 +250,14 @@ def test_one_round_fedavg_is_weighted_average_of_client_updates(tmp_path, marker
     final = run.model.net.state_dict()
     first = updates[0][0].to_torch_state_dict()
     for key, value in final.items():
-        expected = sum(w * u.to_torch_state_dict()[key] for w, (u, _) in zip(weights, updates))
+        average = sum(w * u.to_torch_state_dict()[key] for w, (u, _) in zip(weights, updates))
+        initial = start.to_torch_state_dict()[key]
+        expected = initial + server_lr * (average - initial)
         if value.is_floating_point():
             torch.testing.assert_close(value, expected, atol=2e-5, rtol=1e-4)
-        else:  # the stem's BatchNorm step counter: FedAvg's average comes back as the buffer's integer type
+        else:  # the stem's BatchNorm step counter: the server's step comes back as the buffer's integer type
             assert (value - expected).abs().max() < 1, key
-    assert any(not torch.equal(final[k], first[k]) for k in final)  # the average is not one client's model
+    assert any(not torch.equal(final[k], first[k]) for k in final)  # the step is not one client's model
 
 
 @pytest.mark.slow

@@ -56,6 +56,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--partition", default=default(S, "partition"), help="iid | dirichlet:ALPHA (label skew; smaller ALPHA, "
                    "more skew; at least 10 samples per client, as flwr-datasets; dirichlet:ALPHA:balanced adds its "
                    "self-balancing) | shard:N (N label shards per client, McMahan et al.)")
+    g.add_argument("--server-lr", type=float, default=default(S, "server_lr"),
+                   help="server learning rate on the clients' averaged update (FedAvgM; 1.0 with momentum 0 is FedAvg)")
+    g.add_argument("--server-momentum", type=float, default=default(S, "server_momentum"),
+                   help="server momentum on the averaged update (FedAvgM, Hsu et al. 2019; 0 is FedAvg), in [0, 1)")
     g.add_argument("--fraction-train", type=float, default=default(S, "fraction_train"),
                    help="fraction of clients sampled per round")
     g.add_argument("--fraction-evaluate", type=float, default=default(S, "fraction_evaluate"),
@@ -86,8 +90,10 @@ def require_extra() -> None:
 
 
 def settings_from_args(a: argparse.Namespace) -> S:
-    return S(a.out, train_config_from_args(a), a.clients, a.rounds, a.local_epochs, a.partition, a.fraction_train,
-             a.fraction_evaluate, a.min_clients, a.cpus_per_client, a.timeout, fail_from_round=a.fail_from_round)
+    return S(a.out, train_config_from_args(a), clients=a.clients, rounds=a.rounds, local_epochs=a.local_epochs,
+             partition=a.partition, server_lr=a.server_lr, server_momentum=a.server_momentum,
+             fraction_train=a.fraction_train, fraction_evaluate=a.fraction_evaluate, min_clients=a.min_clients,
+             cpus_per_client=a.cpus_per_client, timeout=a.timeout, fail_from_round=a.fail_from_round)
 
 
 def command(a: argparse.Namespace) -> None:

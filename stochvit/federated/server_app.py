@@ -10,8 +10,10 @@ The ServerApp owns the output directory (`out-dir` in the run config):
     model.safetensors, summary.json, curves.png   via stochvit.runs.finalize_run (summary.json last)
 so `stochvit evaluate`, `calibration`, `robustness` and `privacy` load the result like any trained run.
 
-`FedAvg` comes from `flwr.serverapp.strategy`; `TrackedFedAvg` records who took part in each round, and fails the
-run at the first round with fewer replies than min-clients (fewer than expected but enough is tolerated and recorded).
+`FedAvgM` comes from `flwr.serverapp.strategy`: plain FedAvg at its defaults (server lr 1, momentum 0); server momentum
+accumulates the averaged client updates across rounds (Hsu et al. 2019). `TrackedFedAvgM` records who took part in
+each round, and fails the run at the first round with fewer replies than min-clients (fewer than expected but enough
+is tolerated and recorded).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvgM
 
 from ..data import load_data
 from ..errors import UserError
@@ -39,8 +41,9 @@ from .settings import from_run_config
 app = ServerApp()
 
 
-class TrackedFedAvg(FedAvg):
-    """FedAvg that records, per round, how many nodes were sampled, replied and failed, and the client metrics."""
+class TrackedFedAvgM(FedAvgM):
+    """FedAvgM (FedAvg at server lr 1, momentum 0) recording per round the nodes sampled, replied and failed, and
+    the client metrics."""
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -61,7 +64,7 @@ class TrackedFedAvg(FedAvg):
         rec.update(replied=len(ok), failed=rec["sampled"] - len(ok),
                    missing_nodes=[n for n in rec["sampled_nodes"] if n not in replied],
                    errors=[m.error.reason for m in replies if m.has_error()])
-        if len(ok) < self.min_train_nodes:  # FedAvg would go on with the old model and a NaN loss, and report success
+        if len(ok) < self.min_train_nodes:  # FedAvg(M) would go on with the old model and a NaN loss, and report success
             last = rec["errors"][-1].strip().splitlines()[-1] if rec["errors"] and rec["errors"][-1].strip() else "none"
             raise UserError(f"round {server_round} failed: {len(ok)} of {rec['sampled']} sampled clients replied, fewer "
                             f"than --min-clients {self.min_train_nodes} (last client error: {last[:200]})")
@@ -132,9 +135,10 @@ def main(grid: Grid, context: Context) -> None:
     model = task.initial_model(config).to(default_device())
     curves = Curves(out)
     tensorboard = open_logger(out, cfg.log)
-    strategy = TrackedFedAvg(fraction_train=fed["fraction-train"], fraction_evaluate=fed["fraction-evaluate"],
-                             min_train_nodes=fed["min-clients"], min_evaluate_nodes=fed["min-clients"],
-                             min_available_nodes=fed["min-clients"])
+    strategy = TrackedFedAvgM(server_learning_rate=fed["server-lr"], server_momentum=fed["server-momentum"],
+                              fraction_train=fed["fraction-train"], fraction_evaluate=fed["fraction-evaluate"],
+                              min_train_nodes=fed["min-clients"], min_evaluate_nodes=fed["min-clients"],
+                              min_available_nodes=fed["min-clients"])
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0:

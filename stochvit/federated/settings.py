@@ -31,6 +31,8 @@ FEDERATED_DEFAULTS: dict[str, Any] = {
     "clients": 2,  # expected SuperNodes: round 1 waits up to wait-for-clients seconds for them
     "partition": "iid",  # iid | dirichlet:ALPHA[:balanced] | shard:N
     "rounds": 3,
+    "server-lr": 1.0,  # FedAvgM's server learning rate: new = old - server-lr * momentum buffer (1.0 and 0.0: FedAvg)
+    "server-momentum": 0.0,  # FedAvgM's server momentum on the averaged update (Hsu et al. 2019)
     "fraction-train": 1.0,
     "fraction-evaluate": 1.0,
     "min-clients": 2,  # fewest nodes a round needs (FedAvg min_train_nodes / min_available_nodes)
@@ -86,7 +88,8 @@ def from_run_config(rc: dict[str, Any]) -> tuple[TrainConfig, dict[str, Any]]:
     fed = {k: rc[k] for k in FEDERATED_DEFAULTS}
     checks = [("clients", fed["clients"] >= 1), ("rounds", fed["rounds"] >= 1), ("min-clients", fed["min-clients"] >= 1),
               ("fraction-train", 0 < fed["fraction-train"] <= 1), ("fraction-evaluate", 0 <= fed["fraction-evaluate"] <= 1),
-              ("min-clients", fed["min-clients"] <= fed["clients"])]
+              ("min-clients", fed["min-clients"] <= fed["clients"]), ("server-lr", fed["server-lr"] > 0),
+              ("server-momentum", 0 <= fed["server-momentum"] < 1)]
     for name, ok in checks:
         if not ok:
             raise UserError(f"invalid {name}={fed[name]} (clients={fed['clients']})")

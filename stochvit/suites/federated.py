@@ -42,7 +42,8 @@ def federated_run_config(s: Settings) -> dict:
     if cfg.data_dir:
         cfg.data_dir = str(Path(cfg.data_dir).expanduser().resolve())
     fed = {"out-dir": str(Path(s.out).expanduser().resolve()), "clients": s.clients, "partition": s.partition,
-           "rounds": s.rounds, "fraction-train": s.fraction_train, "fraction-evaluate": s.fraction_evaluate,
+           "rounds": s.rounds, "server-lr": s.server_lr, "server-momentum": s.server_momentum,
+           "fraction-train": s.fraction_train, "fraction-evaluate": s.fraction_evaluate,
            "min-clients": s.min_clients if s.min_clients is not None else min(2, s.clients),
            "wait-for-clients": 0, "fail-from-round": s.fail_from_round}
     rc = to_run_config(cfg, fed)

@@ -160,6 +160,8 @@ class FederatedSettings:
     rounds: int = 10
     local_epochs: int = 1
     partition: str = "iid"  # iid | dirichlet:ALPHA[:balanced] | shard:N
+    server_lr: float = 1.0  # FedAvgM on the server: 1.0 and momentum 0.0 are plain FedAvg
+    server_momentum: float = 0.0
     fraction_train: float = 1.0
     fraction_evaluate: float = 1.0
     min_clients: int | None = None  # default: min(2, clients)
