@@ -2,7 +2,8 @@
 
 - peak: the bf16 (fp32 without native bf16) matmul peak, 2048 x 2048 matmuls, best of 5, at the run's thread count.
 - trainer: the real training path (`stochvit.train.prepare` + `train_one_epoch`, data loading, augmentation and
-  clipping included) of `vit_tiny_patch4_32` with the default stochastic layer at default precision, on `--trainer-data`
+  clipping included) of `vit_tiny_patch4_32` with the default stochastic layer at default precision, eager and (not in
+  --quick) with `--compile`, epochs interleaved, on `--trainer-data`
   or on a synthetic folder of CIFAR-size PNGs (decoded into memory like the JPEGs, so the speed is the same); its
   images/s over the limit peak / GFLOP-per-image, with both the issue's 1.04 GFLOP and the count of
   `torch.utils.flop_counter` (matmuls forward + backward).
@@ -10,7 +11,8 @@
   `blocks` (each model runs `steps` consecutive steps per round, models in a fixed order: the cells of this script's
   default mode) and `alternating` (one step each, the order flipped every round: ABBA), each with timm's attention on
   its explicit path (what stochvit's bf16 autocast runs on a CPU) and with the fused SDPA kernel kept; on the explicit
-  path also the layer with its scale compiled into the activation (`stochvit.set_fused`, `train --fused`). A ratio is
+  path also the layer with its scale compiled into the activation (`stochvit.set_fused`, `train --fused`), and both
+  models compiled whole with torch.compile (blocks method; not in --quick: compilation takes minutes). A ratio is
   reported as the median of the per-round ratios with its 95% distribution-free interval (scipy's quantile_test) and
   as the ratio of medians.
 - threads: training images/s with 1 and 2 torch threads (rounds interleaved) for the digits model (its recipe, fp32)
@@ -51,10 +53,12 @@ SECTIONS = ("peak", "trainer", "layer", "threads", "orthogonal", "profile")
 ISSUE_GFLOP = 1.04  # issue 16's cost of a vit_tiny_patch4_32 training step per image
 BF16 = "bf16" if cpu_has_native_bf16() else "fp32"
 FULL = dict(matmul=2048, matmul_repeats=5, batch=128, digits_batch=64, trainer_images=2560, trainer_limit=None, trainer_epochs=2,
-            layer_rounds=12, layer_steps=2, thread_rounds=3, thread_steps=5, ortho_rounds=5, ortho_steps=3, profile_steps=2,
+            layer_rounds=12, layer_steps=2, layer_compile=True, trainer_compile=True, thread_rounds=3, thread_steps=5,
+            ortho_rounds=5, ortho_steps=3, profile_steps=2,
             thread_counts=(1, 2), loads=("idle", "loaded"))
 QUICK = dict(matmul=256, matmul_repeats=2, batch=8, digits_batch=8, trainer_images=100, trainer_limit=24, trainer_epochs=1,
-             layer_rounds=2, layer_steps=1, thread_rounds=1, thread_steps=2, ortho_rounds=1, ortho_steps=1, profile_steps=1,
+             layer_rounds=2, layer_steps=1, layer_compile=False, trainer_compile=False, thread_rounds=1, thread_steps=2,
+             ortho_rounds=1, ortho_steps=1, profile_steps=1,
              thread_counts=(1,), loads=("idle",))  # one thread, no load process: never oversubscribes a shared machine
 
 
@@ -110,11 +114,12 @@ def synthetic_folder(root: Path, n: int, size: int = 32) -> str:
     return f"imagefolder:{root}"
 
 
-def training(data: str, batch: int, limit: int | None, tmp: Path):
+def training(data: str, batch: int, limit: int | None, tmp: Path, compile: bool = False):
     """The trainer's own `Training` (stochvit.train.prepare): default model, layer and precision for `data`."""
     from stochvit.train import TrainConfig, prepare
 
-    cfg = TrainConfig(data=data, epochs=100, batch_size=batch, lr=1e-3, warmup_epochs=0, train_limit=limit, eval_samples=1)
+    cfg = TrainConfig(data=data, epochs=100, batch_size=batch, lr=1e-3, warmup_epochs=0, train_limit=limit, eval_samples=1,
+                      compile=compile)
     cfg.validate()
     return prepare(cfg, tmp / f"run-{len(list(tmp.iterdir()))}")
 
@@ -199,6 +204,8 @@ def model_cells(name: str, variants: dict[str, dict], task: str, precision: str,
         model = stochvit.create_model(name, stochastic=v["stochastic"])
         if v.get("fused"):
             stochvit.set_fused(model)
+        if v.get("compile"):  # compiled on the first (warm-up) step, where interleaved() does not time it
+            model = torch.compile(model)
         cells[label] = _step_fn(model, task, precision, x, y, sdpa=v.get("sdpa", False))
     return cells
 
@@ -216,7 +223,14 @@ def trainer_section(c: dict, tmp: Path, data: str | None, peak: dict) -> dict:
     limit = c["trainer_limit"] if data is None else int(c["trainer_images"] * 0.8)
     t = training(spec, c["batch"], limit, tmp)
     epoch_rate(t)  # warm-up epoch
-    rates = [epoch_rate(t) for _ in range(c["trainer_epochs"])]
+    tc = training(spec, c["batch"], limit, tmp, compile=True) if c["trainer_compile"] else None
+    if tc is not None:
+        epoch_rate(tc)  # warm-up epoch: the compilation
+    rates, compiled_rates = [], []
+    for _ in range(c["trainer_epochs"]):  # eager and compiled epochs interleaved
+        rates.append(epoch_rate(t))
+        if tc is not None:
+            compiled_rates.append(epoch_rate(tc))
     ips = statistics.median(rates)
     counted = counted_gflop(t.cfg.model)
     out = dict(data=spec if data else f"synthetic CIFAR-size PNG folder ({c['trainer_images']} images, 80% train)",
@@ -226,6 +240,9 @@ def trainer_section(c: dict, tmp: Path, data: str | None, peak: dict) -> dict:
     out["limit_images_per_s"] = peak["gflop_per_s"] / ISSUE_GFLOP
     out["ratio_to_limit"] = ips / out["limit_images_per_s"]
     out["ratio_to_limit_counted"] = ips / (peak["gflop_per_s"] / counted)
+    if compiled_rates:  # `stochvit train --compile`
+        out["compiled_images_per_s"] = statistics.median(compiled_rates)
+        out["compiled_ratio_to_limit"] = out["compiled_images_per_s"] / out["limit_images_per_s"]
     return out
 
 
@@ -233,12 +250,21 @@ def layer_section(c: dict, _tmp: Path) -> dict:
     variants = {"plain": dict(stochastic=False), "stochastic": dict(stochastic=True),
                 "stochastic-fused": dict(stochastic=True, fused=True),
                 "plain-sdpa": dict(stochastic=False, sdpa=True), "stochastic-sdpa": dict(stochastic=True, sdpa=True)}
+    compiled = ("plain-compiled", "stochastic-compiled")
+    if c["layer_compile"]:  # both models compiled whole: the scale joins the bias + GELU kernel the plain model has too
+        variants |= {k: dict(stochastic=k.startswith("stochastic"), compile=True) for k in compiled}
     explicit = ("plain", "stochastic", "stochastic-fused")
     out = dict(model="vit_tiny_patch4_32", precision=BF16, batch=c["batch"], rounds=c["layer_rounds"])
     cells = model_cells("vit_tiny_patch4_32", variants, "train", BF16, c["batch"])
     blocks = interleaved(cells, c["layer_rounds"], c["layer_steps"])
     out["blocks"] = dict(steps=c["layer_steps"], explicit=ratio_rows({k: blocks[k] for k in explicit}, "plain", c["batch"]),
                          sdpa=ratio_rows({k: blocks[k] for k in ("plain-sdpa", "stochastic-sdpa")}, "plain-sdpa", c["batch"]))
+    if c["layer_compile"]:
+        out["blocks"]["explicit, compiled"] = ratio_rows({k: blocks[k] for k in compiled}, "plain-compiled", c["batch"])
+        out["compile_speedup"] = dict(plain=ratio_rows({k: blocks[k] for k in ("plain", "plain-compiled")}, "plain",
+                                                       c["batch"])["plain-compiled"]["ratio"],
+                                      stochastic=ratio_rows({k: blocks[k] for k in ("stochastic", "stochastic-compiled")},
+                                                            "stochastic", c["batch"])["stochastic-compiled"]["ratio"])
     alt = interleaved({k: cells[k] for k in explicit}, c["layer_rounds"], 1, alternate=True)
     out["alternating"] = dict(steps=1, explicit=ratio_rows(alt, "plain", c["batch"]))
     return out
@@ -328,7 +354,9 @@ def markdown(r: dict) -> str:
         lines += [f"**trainer** ({t['model']}, default layer: {t['stochastic']}, {t['precision']}, batch {t['batch']}, "
                   f"{t['data']}): {t['images_per_s']:.1f} img/s; limit peak/{t['gflop_per_image_issue']} GFLOP = "
                   f"{t['limit_images_per_s']:.0f} img/s; **ratio {t['ratio_to_limit']:.3f}** (counted "
-                  f"{t['gflop_per_image_counted']:.3f} GFLOP/image: {t['ratio_to_limit_counted']:.3f})", ""]
+                  f"{t['gflop_per_image_counted']:.3f} GFLOP/image: {t['ratio_to_limit_counted']:.3f})"
+                  + (f"; with `--compile` {t['compiled_images_per_s']:.1f} img/s, **ratio {t['compiled_ratio_to_limit']:.3f}**"
+                     if "compiled_images_per_s" in t else ""), ""]
     if "layer" in r:
         L = r["layer"]
         lines += [f"**default layer vs plain**, {L['precision']} training, batch {L['batch']}, {L['rounds']} rounds "
@@ -341,10 +369,14 @@ def markdown(r: dict) -> str:
                     continue
                 (_, base), *others = rows.items()
                 for label, sto in others:
-                    layer = "fused (set_fused)" if label.endswith("-fused") else "eager"
+                    layer = ("fused (set_fused)" if label.endswith("-fused") else
+                             "both models torch.compile'd" if label.endswith("-compiled") else "eager")
                     lines.append(f"| {method} ({L[method]['steps']} steps) | {att} | {layer} | {base['images_per_s']:.1f} | "
                                  f"{sto['images_per_s']:.1f} | {fmt(sto['ratio'])} | {sto['ratio_of_medians']:.3f} |")
         lines.append("")
+        if "compile_speedup" in L:
+            lines += ["torch.compile's speed-up of the training step (compiled over eager, explicit attention): plain "
+                      f"{fmt(L['compile_speedup']['plain'])}, stochastic {fmt(L['compile_speedup']['stochastic'])}", ""]
     if "threads" in r:
         lines += ["**threads** (training img/s through train_one_epoch, medians of interleaved rounds)", "",
                   "| model | precision | load | OMP_WAIT_POLICY | 1 thread | 2 threads | 2 / 1 |",
