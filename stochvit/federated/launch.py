@@ -103,7 +103,8 @@ class Federation:
             d.mkdir(parents=True, exist_ok=True)
         (self.home / "config.toml").write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "{self.address}"\ninsecure = true\n')
-        self.watchdog = start_watchdog(f"FLWR_HOME={self.home}", str(self.ray_tmp), [str(self.ray_tmp), str(self.workdir)])
+        self.watchdog = start_watchdog(f"FLWR_HOME={self.home}", str(self.ray_tmp), [str(self.ray_tmp), str(self.workdir)],
+                                       in_cwd=str(self.workdir))
         argv = [_binary("flower-superlink"), "--insecure", "--simulation", "--host", "127.0.0.1", "--port", str(self.port),
                 "--disable-runtime-dependency-installation"]
         with open(self.logs / "superlink.log", "ab") as log:
@@ -123,8 +124,9 @@ class Federation:
         raise UserError(f"flower-superlink did not open port {self.port} within 120 s; see {self.logs / 'superlink.log'}")
 
     def close(self, grace: float = 15) -> None:
-        """Stop the SuperLink's process group, then every process that inherited our FLWR_HOME or names our Ray temp
-        dir (the simulation process and Ray's daemons and actors start sessions of their own), by PID: SIGTERM,
+        """Stop the SuperLink's process group, then every process that inherited our FLWR_HOME, names our Ray temp
+        dir or runs in our work dir (the simulation process and Ray's daemons and actors start sessions of their own;
+        Ray's agents overwrite their argv and environ), by PID: SIGTERM,
         SIGKILL after `grace` s; remove the temp dirs. Then the watchdog, which has nothing left to do."""
         if self.proc is not None:
             signal_group(self.proc.pid, signal.SIGTERM)
@@ -133,7 +135,7 @@ class Federation:
             except subprocess.TimeoutExpired:
                 signal_group(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
-        cleanup(f"FLWR_HOME={self.home}", str(self.ray_tmp), [str(self.ray_tmp)], grace)
+        cleanup(f"FLWR_HOME={self.home}", str(self.ray_tmp), [str(self.ray_tmp)], grace, in_cwd=str(self.workdir))
         if self.watchdog is not None:
             stop_watchdog(self.watchdog)
 
