@@ -46,7 +46,7 @@ def processes_with(entry: str, in_cmdline: str | None = None, in_cwd: str | None
                 continue
             if needle in b"\0" + (d / "environ").read_bytes() + b"\0" or (
                     in_cmdline and in_cmdline.encode() in (d / "cmdline").read_bytes()) or (
-                    root and (os.readlink(d / "cwd") + os.sep).startswith(root + os.sep)):
+                    root and (os.readlink(d / "cwd").removesuffix(" (deleted)") + os.sep).startswith(root + os.sep)):
                 found.append(int(d.name))
         except (OSError, ValueError):
             pass

@@ -7,6 +7,7 @@ marker at all, in a folder, and check that the folder alone finds it and that th
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import time
@@ -41,20 +42,22 @@ def _ended(proc: subprocess.Popen, seconds: float = 20) -> bool:
 def test_the_working_directory_alone_finds_a_process_and_cleanup_ends_it(tmp_path):
     work = tmp_path / "work"
     (work / "below").mkdir(parents=True)
-    inside, below = _sleeper(work), _sleeper(work / "below")
+    (work / "gone").mkdir()
+    inside, below, gone = _sleeper(work), _sleeper(work / "below"), _sleeper(work / "gone")
     elsewhere = _sleeper(tmp_path)
     try:
         time.sleep(0.2)
+        shutil.rmtree(work / "gone")  # /proc then says "<path> (deleted)"
         assert inside.pid not in processes_with(NO_MARKER)  # no marker: only the folder can find it
         found = processes_with(NO_MARKER, in_cwd=str(work))
-        assert inside.pid in found and below.pid in found and elsewhere.pid not in found
+        assert {inside.pid, below.pid, gone.pid} <= set(found) and elsewhere.pid not in found
         assert processes_with(NO_MARKER, in_cwd=str(tmp_path / "wor")) == []  # a prefix of the name is not the folder
         cleanup(NO_MARKER, None, [str(work)], grace=5, in_cwd=str(work))
-        assert _ended(inside) and _ended(below)
+        assert _ended(inside) and _ended(below) and _ended(gone)
         assert not work.exists()
         assert elsewhere.poll() is None  # not ours: left running
     finally:
-        for p in (inside, below, elsewhere):
+        for p in (inside, below, gone, elsewhere):
             if p.poll() is None:
                 p.kill()
                 p.wait()
