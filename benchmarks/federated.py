@@ -38,10 +38,12 @@ def check_recipe(out: Path, a: argparse.Namespace) -> None:
     """A finished run is reused only when it ran this recipe (runs of another go under another --name)."""
     config = json.loads((out / "config.json").read_text())
     fed, train = config["federated"], config["train"]
-    ran = dict(clients=fed["clients"], rounds=fed["rounds"], server_lr=fed.get("server-lr", 1.0),
-               server_momentum=fed.get("server-momentum", 0.0), local_epochs=train["epochs"],
-               batch_size=train["batch_size"], train_limit=train["train_limit"])
+    ran = dict(clients=fed["clients"], rounds=fed["rounds"], fraction_train=fed["fraction-train"],
+               server_lr=fed.get("server-lr", 1.0), server_momentum=fed.get("server-momentum", 0.0), local_epochs=train["epochs"],
+               batch_size=train["batch_size"], train_limit=train["train_limit"], lr=train["lr"])
     asked = {k: getattr(a, k) for k in ran}
+    if a.lr is None:  # the recipe's default: whatever the run resolved
+        asked["lr"] = ran["lr"]
     if ran != asked:
         diff = ", ".join(f"{k} {ran[k]} (asked {asked[k]})" for k in ran if ran[k] != asked[k])
         sys.exit(f"{out} ran another recipe: {diff}; choose another --name for this one")
@@ -60,7 +62,9 @@ def run(partition: str, model: str, seed: int, a: argparse.Namespace) -> dict:
                "--local-epochs", str(a.local_epochs), "--batch-size", str(a.batch_size), "--partition", partition,
                "--seed", str(seed), "--data", a.data, "--out", str(out),
                "--server-lr", str(a.server_lr), "--server-momentum", str(a.server_momentum),
-               "--fraction-evaluate", str(a.fraction_evaluate), "--eval-samples", str(a.eval_samples),
+               *(["--lr", str(a.lr)] if a.lr else []),
+               "--fraction-train", str(a.fraction_train), "--fraction-evaluate", str(a.fraction_evaluate),
+               "--eval-samples", str(a.eval_samples),
                "--cpus-per-client", str(a.cpus_per_client),
                *(["--train-limit", str(a.train_limit)] if a.train_limit else []), *MODELS[model]]
         print("$", " ".join(cmd[1:]), flush=True)
@@ -135,11 +139,14 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed, model and partition")
     p.add_argument("--only", choices=PARTITIONS, nargs="+", default=None, help="run (or report) only these partitions")
     p.add_argument("--train-limit", type=int, default=None, help="stratified subset of the training split, shared out")
+    p.add_argument("--fraction-train", type=float, default=1.0, help="clients sampled per round")
     p.add_argument("--fraction-evaluate", type=float, default=1.0, help="clients evaluating locally (0 skips)")
     p.add_argument("--eval-samples", type=int, default=10, help="K passes for the final evaluation")
     p.add_argument("--cpus-per-client", type=int, default=1,
                    help="Ray CPUs per client: 2 on a 2-core machine runs one client at a time, so that two "
                         "simulations can run side by side")
+    p.add_argument("--lr", type=float, default=None, help="the clients' AdamW learning rate (default: the recipe's, by "
+                   "the square-root rule from the batch size)")
     p.add_argument("--server-lr", type=float, default=1.0, help="FedAvgM server learning rate (1.0: FedAvg's)")
     p.add_argument("--server-momentum", type=float, default=0.0, help="FedAvgM server momentum (0: FedAvg)")
     p.add_argument("--data", default="digits", help="e.g. imagefolder:/work/shared/data/cifar10-jpeg")
