@@ -8,7 +8,8 @@ same rounds and local epochs, each through `stochvit federated` (a real Flower s
         --train-limit 4000 --rounds 4 --local-epochs 1 --batch-size 128 --fraction-evaluate 0 --eval-samples 1
                                                                     # CIFAR-10, CPU-short (runs/cifar10-federated)
 
-Runs go to benchmarks/runs/{digits,cifar10}-federated/<partition>-<model>-seed<S> (finished ones are reused; `--seeds`
+Runs go to benchmarks/runs/{digits,cifar10}-federated/<partition>-<model>-seed<S>, or under `--name` (finished ones
+are reused, interrupted ones resumed from their last finished round, both only when they ran this recipe; `--seeds`
 seeds the partition, the initial weights and the clients' sampling of each run); the table (final and per-round
 accuracy / ECE, wall time) goes to results.{json,md} there, with the comparisons: stochastic minus deterministic per
 partition, and each Dirichlet partition minus IID per model, each with a 95% interval (stochvit.suites.compare_runs:
@@ -54,9 +55,15 @@ def run(partition: str, model: str, seed: int, a: argparse.Namespace) -> dict:
     wall = None
     if (out / "summary.json").exists():
         check_recipe(out, a)
-    if not (out / "summary.json").exists():
-        if out.exists():  # an interrupted federated run keeps only logs/ and cannot resume: start it again
-            print(f"{out} did not finish; running it again", flush=True)
+    if not (out / "summary.json").exists() and (out / "federated-checkpoint.safetensors").exists():
+        check_recipe(out, a)  # an interrupted run: continue it from its last finished round
+        cmd = [sys.executable, "-m", "stochvit.cli", "federated", "--resume", str(out),
+               "--cpus-per-client", str(a.cpus_per_client)]
+        print("$", " ".join(cmd[1:]), flush=True)
+        subprocess.run(cmd, check=True)  # its wall time is split across sessions: not recorded
+    elif not (out / "summary.json").exists():
+        if out.exists():  # interrupted before its first round finished: only logs/, start it again
+            print(f"{out} finished no round; running it again", flush=True)
             shutil.rmtree(out)
         cmd = [sys.executable, "-m", "stochvit.cli", "federated", "--clients", str(a.clients), "--rounds", str(a.rounds),
                "--local-epochs", str(a.local_epochs), "--batch-size", str(a.batch_size), "--partition", partition,

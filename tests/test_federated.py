@@ -32,6 +32,7 @@ from stochvit.federated.partition import dirichlet, histogram, iid, label_skew, 
 from stochvit.federated.settings import from_run_config, to_run_config  # noqa: E402
 from stochvit.runs import (
     load_run,  # noqa: E402
+    read_metrics,  # noqa: E402
     run_config,  # noqa
 )
 from stochvit.train import TrainConfig  # noqa: E402
@@ -261,6 +262,28 @@ def test_one_round_fedavgm_steps_along_the_weighted_average_of_client_updates(tm
 
 
 @pytest.mark.slow
+def test_an_interrupted_run_resumes_from_its_last_round_like_an_uninterrupted_one(tmp_path, marker):
+    """Round 2 fails (the fault-injection hook): the directory keeps round 1's row and checkpoint; --resume runs
+    round 2 and finishes. The clients' seeds and learning rate depend on the round only, so the resumed run ends with
+    the weights and rows of the same two rounds run without interruption."""
+    args = ("--clients", "2", "--rounds", "2", "--fraction-evaluate", "0", "--seed", "5")
+    broken, whole = tmp_path / "broken", tmp_path / "whole"
+    assert _federated(broken, *args, "--fail-from-round", "2") == 2
+    assert (broken / "federated-checkpoint.safetensors").exists() and not (broken / "summary.json").exists()
+    assert [r["round"] for r in read_metrics(broken)] == [1]
+    assert cli_main(["federated", "--resume", str(broken), "--rounds", "3"]) == 2  # its own settings only
+    assert _federated(broken, *args) == 2  # not a new run into it either
+    assert cli_main(["federated", "--resume", str(broken), "--cpus-per-client", "1"]) == 0
+    assert not (broken / "federated-checkpoint.safetensors").exists()  # finished: no checkpoint left behind
+    assert _federated(whole, *args) == 0
+    assert leftovers(marker) == []
+    resumed, reference = load_run(broken).model.net.state_dict(), load_run(whole).model.net.state_dict()
+    assert all(torch.equal(resumed[k], reference[k]) for k in reference)
+    keys = ("round", "train_loss", "val_accuracy", "val_nll", "val_ece")
+    assert [{k: r[k] for k in keys} for r in read_metrics(broken)] == [{k: r[k] for k in keys} for r in read_metrics(whole)]
+
+
+@pytest.mark.slow
 def test_loopback_deployment_survives_a_killed_supernode(tmp_path, marker):
     """3 SuperNodes, minimum 2; SuperNode 2 gets SIGKILL while training in round 1 (its ClientApp is running).
 
@@ -352,7 +375,7 @@ def short_tmp():
 @pytest.mark.slow
 def test_a_round_below_min_clients_fails_the_run_in_one_line_without_activated_env(tmp_path, marker, short_tmp):
     """Run by full path with flwr's scripts off PATH; every client fails from round 2: exit 2, the round named,
-    the client's error quoted, only logs/ left in --out, no process or temp folder left."""
+    the client's error quoted, round 1 kept in --out for --resume, no process or temp folder left."""
     out = tmp_path / "fed"
     proc = _cli(out, short_tmp, "--rounds", "3", "--fail-from-round", "2")  # the ClientApp's testing hook
     stdout, stderr = proc.communicate(timeout=600)
@@ -360,8 +383,10 @@ def test_a_round_below_min_clients_fails_the_run_in_one_line_without_activated_e
     assert proc.returncode == 2 and "Traceback" not in stderr, stderr[-3000:]
     assert lines[-1].startswith("stochvit federated: error: federated run"), lines[-3:]
     assert "round 2 failed: 0 of 2 sampled clients replied, fewer than --min-clients 2" in lines[-1], lines[-1]
-    assert "fail-from-round=2: this client fails" in lines[-1] and "keeps only logs/" in lines[-1], lines[-1]
-    assert sorted(p.name for p in out.iterdir()) == [".lock", "logs"]
+    assert "fail-from-round=2: this client fails" in lines[-1], lines[-1]
+    assert f"keeps its last finished round: stochvit federated --resume {out}" in lines[-1], lines[-1]
+    assert [r["round"] for r in read_metrics(out)] == [1] and (out / "federated-checkpoint.safetensors").exists()
+    assert not (out / "summary.json").exists() and not (out / "model.safetensors").exists()
     assert "round   1/3" in stdout  # round 1 ran with both clients
     assert _gone(marker, short_tmp) == ([], [])
 
@@ -371,7 +396,8 @@ def test_a_round_below_min_clients_fails_the_run_in_one_line_without_activated_e
 def test_interrupting_the_cli_leaves_no_process_and_no_temp_folder(tmp_path, marker, short_tmp, sig):
     """Ctrl-C (SIGINT to the CLI's process group, as a terminal sends it), SIGTERM (`kill PID`: the CLI alone) or
     SIGKILL of the CLI while Ray runs the clients: every Flower and Ray process ends (Ray's agents ignore SIGTERM), the
-    temp folders go, and a Ctrl-C or SIGTERM leaves only the logs in the run directory."""
+    temp folders go, and a Ctrl-C or SIGTERM leaves only the logs in the run directory, or, after a finished round,
+    a run that --resume continues."""
     import time
 
     out = tmp_path / "fed"
@@ -390,7 +416,9 @@ def test_interrupting_the_cli_leaves_no_process_and_no_temp_folder(tmp_path, mar
     if sig != signal.SIGKILL:
         said = "interrupted" if sig == signal.SIGINT else "terminated"
         assert stderr.strip().splitlines()[-1] == f"stochvit federated: {said}", stderr[-2000:]
-        assert sorted(p.name for p in out.iterdir()) == [".lock", "logs"]
+        names = {p.name for p in out.iterdir()}
+        assert names == {".lock", "logs"} or ({"config.json", "federated-checkpoint.safetensors"} <= names
+                                              and "summary.json" not in names), sorted(names)
     assert _gone(marker, short_tmp) == ([], [])
 
 

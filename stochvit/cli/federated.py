@@ -71,7 +71,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "many seconds")
     add_optimisation_args(p, federated=True)
     add_tracking_args(p, best=False)
-    add_out(p, None, "run directory to create (must be new or empty)", required=True)
+    add_out(p, None, "run directory to create (must be new or empty); required unless --resume")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help="continue an interrupted run from its last finished round, with its own settings (other flags "
+                        "are refused, except --cpus-per-client, --timeout and --threads)")
     # testing hook (the reliability tests' fault injection), hidden from --help
     p.add_argument("--fail-from-round", type=int, default=0, help=argparse.SUPPRESS)
     add_runtime(p, device=False)  # the clients and the server pick their own device
@@ -97,6 +100,20 @@ def settings_from_args(a: argparse.Namespace) -> S:
 
 
 def command(a: argparse.Namespace) -> None:
+    from .train import flags_given_with
+
+    if a.resume:
+        ignored = flags_given_with(a, "federated", keep=("resume", "cpus_per_client", "timeout", "threads"))
+        if ignored:
+            raise UserError(f"--resume continues a run with its own settings and directory; remove {', '.join(ignored)} "
+                            "(only --cpus-per-client, --timeout and --threads may change)")
+        require_extra()
+        from ..suites.federated import resume
+
+        resume(a.resume, a.cpus_per_client, a.timeout)
+        return
+    if not a.out:
+        raise UserError("--out is required (the run directory to create), or --resume RUN_DIR")
     require_extra()
     from ..suites.federated import run
     from ..tracking import check_logger

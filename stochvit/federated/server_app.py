@@ -7,6 +7,8 @@ The ServerApp owns the output directory (`out-dir` in the run config):
     metrics.jsonl            one line per round: global val accuracy / NLL / ECE, client train metrics,
                              clients sampled, replied and failed (rounds with fewer clients are visible here)
     rounds.png               those curves and the participation per round
+    federated-checkpoint.safetensors  the global weights (and FedAvgM's momentum) after the last finished round,
+                             while the run is unfinished: `resume = true` continues from it; removed at the end
     model.safetensors, summary.json, curves.png   via stochvit.runs.finalize_run (summary.json last)
 so `stochvit evaluate`, `calibration`, `robustness` and `privacy` load the result like any trained run.
 
@@ -23,6 +25,8 @@ import time
 from logging import INFO
 from pathlib import Path
 
+import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
@@ -31,7 +35,7 @@ from flwr.serverapp.strategy import FedAvgM
 from ..data import load_data
 from ..errors import UserError
 from ..precision import default_device
-from ..runs import Curves, finalize_run, pyplot, run_config, write_json
+from ..runs import Curves, atomic_write_bytes, finalize_run, pyplot, read_json, run_config, write_json
 from ..tracking import open_logger
 from ..train import warn_long_warmup
 from . import task
@@ -43,13 +47,19 @@ app = ServerApp()
 
 class TrackedFedAvgM(FedAvgM):
     """FedAvgM (FedAvg at server lr 1, momentum 0) recording per round the nodes sampled, replied and failed, and
-    the client metrics."""
+    the client metrics.
 
-    def __init__(self, **kwargs) -> None:
+    `round_offset`: the rounds a resumed run finished before (Flower's loop counts from 1 again); every round this
+    strategy reports, and the `server-round` the clients receive (their seeds and learning rate), include it.
+    """
+
+    def __init__(self, round_offset: int = 0, **kwargs) -> None:
         super().__init__(**kwargs)
+        self.round_offset = round_offset
         self.rounds: dict[int, dict] = {}
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> list[Message]:
+        server_round += self.round_offset
         start = time.perf_counter()
         messages = list(super().configure_train(server_round, arrays, config, grid))
         nodes = [m.metadata.dst_node_id for m in messages]
@@ -57,6 +67,7 @@ class TrackedFedAvgM(FedAvgM):
         return messages
 
     def aggregate_train(self, server_round: int, replies) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.round_offset
         replies = list(replies)
         ok = [m for m in replies if not m.has_error()]
         rec = self.rounds[server_round]
@@ -72,10 +83,43 @@ class TrackedFedAvgM(FedAvgM):
         rec["train"] = dict(metrics) if metrics is not None else {}
         return arrays, metrics
 
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+        return super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)
+
     def aggregate_evaluate(self, server_round: int, replies) -> MetricRecord | None:
+        server_round += self.round_offset
         metrics = super().aggregate_evaluate(server_round, replies)
         self.rounds[server_round]["clients_eval"] = dict(metrics) if metrics is not None else {}
         return metrics
+
+
+CHECKPOINT = "federated-checkpoint.safetensors"
+
+
+def save_checkpoint(out: Path, server_round: int, arrays: ArrayRecord, strategy: TrackedFedAvgM) -> None:
+    """The global weights after `server_round` (and FedAvgM's momentum buffer, when it has one), one atomic file."""
+    from safetensors.torch import save
+
+    tensors = {f"weights/{k}": v.contiguous() for k, v in arrays.to_torch_state_dict().items()}
+    if strategy.momentum_vector is not None:
+        tensors |= {f"momentum/{k}": torch.from_numpy(np.ascontiguousarray(m))
+                    for k, m in zip(arrays.keys(), strategy.momentum_vector, strict=True)}
+    atomic_write_bytes(out / CHECKPOINT, save(tensors, metadata={"round": str(server_round)}))
+
+
+def load_checkpoint(out: Path) -> tuple[int, dict[str, torch.Tensor], list[np.ndarray] | None]:
+    """(last finished round, global weights, FedAvgM's momentum buffer or None) of an interrupted run."""
+    from safetensors import safe_open
+
+    path = out / CHECKPOINT
+    if not path.exists():
+        raise UserError(f"{out} has no {CHECKPOINT}: it finished no round, so there is nothing to resume; start it anew")
+    with safe_open(str(path), framework="pt") as f:  # tensors only: no code runs on load
+        server_round = int(f.metadata()["round"])
+        weights = {k.removeprefix("weights/"): f.get_tensor(k) for k in f.keys() if k.startswith("weights/")}
+        momentum = [f.get_tensor(f"momentum/{k}").numpy() for k in weights] if f"momentum/{next(iter(weights))}" in f.keys() \
+            else None
+    return server_round, weights, momentum
 
 
 def _wait_for_nodes(grid: Grid, expected: int, minimum: int, seconds: float) -> int:
@@ -120,29 +164,41 @@ def plot_rounds(path: Path, rows: list[dict]) -> None:
 def main(grid: Grid, context: Context) -> None:
     """Run FedAvg for `rounds` rounds, evaluating the global model on the server's validation split after each."""
     cfg, fed = from_run_config(dict(context.run_config))
+    resume = bool(context.run_config.get("resume", False))
     out = Path(fed["out-dir"]).expanduser().resolve()
-    if (out / "config.json").exists():
+    if (out / "config.json").exists() and not resume:
         raise UserError(f"{out} already holds a run; choose a new out-dir")
     out.mkdir(parents=True, exist_ok=True)
     data = load_data(cfg.data, cfg.data_dir, False, cfg.split_seed, train_limit=cfg.train_limit, img_size=cfg.img_size)
     warn_long_warmup(cfg)
     config = run_config(cfg, data)
     config["federated"] = {k: v for k, v in fed.items() if k != "out-dir"}
-    write_json(out / "config.json", config)
-    labels = data.train.labels.numpy()
-    save_summary(out, labels, partition(labels, fed["clients"], fed["partition"], cfg.seed), data.class_names,
-                 fed["partition"], cfg.seed)
     model = task.initial_model(config).to(default_device())
+    done, momentum = 0, None
+    if resume:
+        if read_json(out / "config.json", "run config") != json.loads(json.dumps(config)):
+            raise UserError(f"{out}/config.json differs from the run config submitted to resume it; resume with the "
+                            "run's own logs/run-config.toml (stochvit federated --resume RUN_DIR)")
+        done, weights, momentum = load_checkpoint(out)
+        model.net.load_state_dict(weights)
+        log(INFO, "stochvit: resuming %s after round %d of %d", out, done, fed["rounds"])
+    else:
+        write_json(out / "config.json", config)
+        labels = data.train.labels.numpy()
+        save_summary(out, labels, partition(labels, fed["clients"], fed["partition"], cfg.seed), data.class_names,
+                     fed["partition"], cfg.seed)
     curves = Curves(out)
     tensorboard = open_logger(out, cfg.log)
-    strategy = TrackedFedAvgM(server_learning_rate=fed["server-lr"], server_momentum=fed["server-momentum"],
+    strategy = TrackedFedAvgM(round_offset=done, server_learning_rate=fed["server-lr"], server_momentum=fed["server-momentum"],
                               fraction_train=fed["fraction-train"], fraction_evaluate=fed["fraction-evaluate"],
                               min_train_nodes=fed["min-clients"], min_evaluate_nodes=fed["min-clients"],
                               min_available_nodes=fed["min-clients"])
+    strategy.momentum_vector = momentum
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0:
             return None
+        server_round += done
         model.net.load_state_dict(arrays.to_torch_state_dict())
         val = task.evaluate(model, data.val, cfg.precision, cfg.seed + server_round)
         rec = strategy.rounds[server_round]
@@ -155,6 +211,7 @@ def main(grid: Grid, context: Context) -> None:
                    clients_expected=fed["clients"], clients_sampled=rec["sampled"], clients_replied=rec["replied"],
                    clients_failed=rec["failed"], missing_nodes=rec["missing_nodes"], errors=rec["errors"])
         curves.append(row)
+        save_checkpoint(out, server_round, arrays, strategy)  # after the row: a resumed run redoes no finished round
         if tensorboard is not None:
             tensorboard.log(row)
         plot_rounds(out / "rounds.png", curves.rows())
@@ -165,10 +222,11 @@ def main(grid: Grid, context: Context) -> None:
     nodes = _wait_for_nodes(grid, fed["clients"], fed["min-clients"], fed["wait-for-clients"])
     log(INFO, "stochvit: %d SuperNodes connected (expected %d, minimum %d)", nodes, fed["clients"], fed["min-clients"])
     train_config = ConfigRecord({task.CONFIG_KEY: json.dumps(config)})
-    result = strategy.start(grid=grid, initial_arrays=ArrayRecord(model.net.state_dict()), num_rounds=fed["rounds"],
-                            timeout=fed["round-timeout"], train_config=train_config, evaluate_config=train_config,
-                            evaluate_fn=evaluate)
-    model.net.load_state_dict(result.arrays.to_torch_state_dict())
+    if done < fed["rounds"]:
+        result = strategy.start(grid=grid, initial_arrays=ArrayRecord(model.net.state_dict()),
+                                num_rounds=fed["rounds"] - done, timeout=fed["round-timeout"], train_config=train_config,
+                                evaluate_config=train_config, evaluate_fn=evaluate)
+        model.net.load_state_dict(result.arrays.to_torch_state_dict())
     if tensorboard is not None:
         tensorboard.close()
     rows = curves.rows()
@@ -177,4 +235,5 @@ def main(grid: Grid, context: Context) -> None:
                  federated=dict(rounds=fed["rounds"], clients=fed["clients"], partition=fed["partition"],
                                 rounds_with_fewer_clients=fewer,
                                 clients_per_round={r["round"]: r["clients_replied"] for r in rows}))
+    (out / CHECKPOINT).unlink(missing_ok=True)  # finished: model.safetensors holds the final weights
     log(INFO, "stochvit: run directory %s (rounds with fewer than %d clients: %s)", out, fed["clients"], fewer or "none")

@@ -39,15 +39,16 @@ FEDERATED_DEFAULTS: dict[str, Any] = {
     "wait-for-clients": 120,
     "round-timeout": 3600,
 }
-# testing hooks: run-config keys the ClientApp's mods read (client_app.fail_from_round); never in a run's config.json
-TESTING_DEFAULTS: dict[str, Any] = {
-    "fail-from-round": 0,  # every client's training fails from this round on (0: never)
+# run-config keys that steer one submission but are not the run's settings: never in a run's config.json
+CONTROL_DEFAULTS: dict[str, Any] = {
+    "resume": False,  # continue the interrupted run in out-dir from its last finished round (its checkpoint)
+    "fail-from-round": 0,  # testing hook: every client's training fails from this round on (0: never)
 }
 
 
 def to_run_config(cfg: TrainConfig, federated: dict[str, Any]) -> dict[str, Any]:
     """Flat run config for `flwr run --run-config` from a TrainConfig and federated settings."""
-    unknown = set(federated) - set(FEDERATED_DEFAULTS) - set(TESTING_DEFAULTS)
+    unknown = set(federated) - set(FEDERATED_DEFAULTS) - set(CONTROL_DEFAULTS)
     if unknown:
         raise ValueError(f"unknown federated settings {sorted(unknown)}")
     values = asdict(cfg.resolved())
@@ -60,7 +61,7 @@ def to_run_config(cfg: TrainConfig, federated: dict[str, Any]) -> dict[str, Any]
     for key in STOCHASTIC_KEYS:
         v = (st or DEFAULT_LAYER.to_dict())[key]
         rc[key] = ",".join(map(str, v)) if key == "blocks" and v is not None else ("" if v is None else v)
-    return {**rc, **FEDERATED_DEFAULTS, **TESTING_DEFAULTS, **federated}
+    return {**rc, **FEDERATED_DEFAULTS, **CONTROL_DEFAULTS, **federated}
 
 
 def from_run_config(rc: dict[str, Any]) -> tuple[TrainConfig, dict[str, Any]]:
@@ -93,6 +94,8 @@ def from_run_config(rc: dict[str, Any]) -> tuple[TrainConfig, dict[str, Any]]:
     for name, ok in checks:
         if not ok:
             raise UserError(f"invalid {name}={fed[name]} (clients={fed['clients']})")
+    if not isinstance(rc["resume"], bool):
+        raise UserError(f"invalid resume={rc['resume']!r}: true or false")
     fail = rc["fail-from-round"]
     if isinstance(fail, bool) or not isinstance(fail, int) or fail < 0:
         raise UserError(f"invalid fail-from-round={fail!r}: a round number >= 1, or 0 (a testing hook)")
