@@ -42,6 +42,10 @@ APP_DIR = Path(__file__).resolve().parent / "app"
 CONNECTION = "stochvit"
 FINISHED = "finished:completed"
 
+# the ServerApp's per-round checkpoint in the run directory (server_app.save_checkpoint); named here, where the CLI side
+# looks for it, so that an interrupted run is told apart without importing torch in the interrupt path
+CHECKPOINT = "federated-checkpoint.safetensors"
+
 
 def free_port() -> int:
     with socket.socket() as s:

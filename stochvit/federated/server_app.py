@@ -39,6 +39,7 @@ from ..runs import Curves, atomic_write_bytes, finalize_run, pyplot, read_json, 
 from ..tracking import open_logger
 from ..train import warn_long_warmup
 from . import task
+from .launch import CHECKPOINT
 from .partition import partition, save_summary
 from .settings import from_run_config
 
@@ -91,9 +92,6 @@ class TrackedFedAvgM(FedAvgM):
         metrics = super().aggregate_evaluate(server_round, replies)
         self.rounds[server_round]["clients_eval"] = dict(metrics) if metrics is not None else {}
         return metrics
-
-
-CHECKPOINT = "federated-checkpoint.safetensors"
 
 
 def save_checkpoint(out: Path, server_round: int, arrays: ArrayRecord, strategy: TrackedFedAvgM) -> None:

@@ -94,7 +94,7 @@ def resume(run_dir: str | Path, cpus_per_client: int = 1, timeout: float = 86400
 
 
 def _resumable(out: Path) -> bool:
-    from ..federated.server_app import CHECKPOINT
+    from ..federated.launch import CHECKPOINT
 
     return all((out / f).exists() for f in ("config.json", "logs/run-config.toml", CHECKPOINT))
 
