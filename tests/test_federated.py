@@ -183,6 +183,26 @@ def test_only_learned_weights_travel(stochastic):
     assert set(ArrayRecord(task.initial_model(run_config(other, load_data("digits"))).net.state_dict()).keys()) == learned
 
 
+def test_checkpoint_round_trip_keeps_fedavgm_momentum_in_the_model_key_order(tmp_path):
+    """safetensors stores keys sorted; FedAvgM's momentum buffer is a list in the model's state-dict order."""
+    from stochvit.federated.server_app import TrackedFedAvgM, load_checkpoint, save_checkpoint
+
+    cfg, _ = from_run_config({"stochastic": True})
+    net = task.initial_model(run_config(cfg, load_data("digits"))).net
+    state = net.state_dict()
+    assert list(state) != sorted(state)  # otherwise this test could not tell the orders apart
+    arrays = ArrayRecord(state)
+    strategy = TrackedFedAvgM(server_momentum=0.9)
+    strategy.momentum_vector = [np.full(a.shape, i, dtype=np.float32) for i, a in enumerate(arrays.to_numpy_ndarrays())]
+    save_checkpoint(tmp_path, 7, arrays, strategy)
+    done, weights, momentum = load_checkpoint(tmp_path, list(state))
+    assert done == 7 and all(torch.equal(weights[k], v) for k, v in state.items())
+    assert len(momentum) == len(state) and all(np.array_equal(m, s) for m, s in zip(momentum, strategy.momentum_vector))
+    strategy.momentum_vector = None  # plain FedAvg: no buffer stored, none restored
+    save_checkpoint(tmp_path, 8, arrays, strategy)
+    assert load_checkpoint(tmp_path, list(state))[::2] == (8, None)
+
+
 def test_cli_rejects_bad_settings_before_starting_anything(tmp_path, capsys):
     for args in (["--partition", "dirichlet:0"], ["--partition", "shard:0"], ["--clients", "2", "--min-clients", "3"],
                  ["--fraction-train", "0"], ["--server-momentum", "-0.1"]):

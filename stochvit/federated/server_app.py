@@ -100,13 +100,14 @@ def save_checkpoint(out: Path, server_round: int, arrays: ArrayRecord, strategy:
 
     tensors = {f"weights/{k}": v.contiguous() for k, v in arrays.to_torch_state_dict().items()}
     if strategy.momentum_vector is not None:
-        tensors |= {f"momentum/{k}": torch.from_numpy(np.ascontiguousarray(m))
+        tensors |= {f"momentum/{k}": torch.from_numpy(np.array(m, order="C"))  # (np.ascontiguousarray makes 0-d 1-d)
                     for k, m in zip(arrays.keys(), strategy.momentum_vector, strict=True)}
     atomic_write_bytes(out / CHECKPOINT, save(tensors, metadata={"round": str(server_round)}))
 
 
-def load_checkpoint(out: Path) -> tuple[int, dict[str, torch.Tensor], list[np.ndarray] | None]:
-    """(last finished round, global weights, FedAvgM's momentum buffer or None) of an interrupted run."""
+def load_checkpoint(out: Path, keys: list[str]) -> tuple[int, dict[str, torch.Tensor], list[np.ndarray] | None]:
+    """(last finished round, global weights, FedAvgM's momentum buffer or None) of an interrupted run; the buffer in
+    the order of `keys`, the model's state-dict order, which FedAvgM's arrays follow (safetensors sorts its keys)."""
     from safetensors import safe_open
 
     path = out / CHECKPOINT
@@ -114,9 +115,9 @@ def load_checkpoint(out: Path) -> tuple[int, dict[str, torch.Tensor], list[np.nd
         raise UserError(f"{out} has no {CHECKPOINT}: it finished no round, so there is nothing to resume; start it anew")
     with safe_open(str(path), framework="pt") as f:  # tensors only: no code runs on load
         server_round = int(f.metadata()["round"])
-        weights = {k.removeprefix("weights/"): f.get_tensor(k) for k in f.keys() if k.startswith("weights/")}
-        momentum = [f.get_tensor(f"momentum/{k}").numpy() for k in weights] if f"momentum/{next(iter(weights))}" in f.keys() \
-            else None
+        stored = set(f.keys())
+        weights = {k: f.get_tensor(f"weights/{k}") for k in keys}
+        momentum = [f.get_tensor(f"momentum/{k}").numpy() for k in keys] if f"momentum/{keys[0]}" in stored else None
     return server_round, weights, momentum
 
 
@@ -177,7 +178,7 @@ def main(grid: Grid, context: Context) -> None:
         if read_json(out / "config.json", "run config") != json.loads(json.dumps(config)):
             raise UserError(f"{out}/config.json differs from the run config submitted to resume it; resume with the "
                             "run's own logs/run-config.toml (stochvit federated --resume RUN_DIR)")
-        done, weights, momentum = load_checkpoint(out)
+        done, weights, momentum = load_checkpoint(out, list(model.net.state_dict()))
         model.net.load_state_dict(weights)
         log(INFO, "stochvit: resuming %s after round %d of %d", out, done, fed["rounds"])
     else:
