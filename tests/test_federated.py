@@ -286,7 +286,7 @@ def test_an_interrupted_run_resumes_from_its_last_round_like_an_uninterrupted_on
     """Round 2 fails (the fault-injection hook): the directory keeps round 1's row and checkpoint; --resume runs
     round 2 and finishes. The clients' seeds and learning rate depend on the round only, so the resumed run ends with
     the weights and rows of the same two rounds run without interruption."""
-    args = ("--clients", "2", "--rounds", "2", "--fraction-evaluate", "0", "--seed", "5")
+    args = ("--clients", "2", "--rounds", "2", "--fraction-evaluate", "0", "--seed", "5", "--train-limit", "200")
     broken, whole = tmp_path / "broken", tmp_path / "whole"
     assert _federated(broken, *args, "--fail-from-round", "2") == 2
     assert (broken / "federated-checkpoint.safetensors").exists() and not (broken / "summary.json").exists()
