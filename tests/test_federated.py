@@ -361,7 +361,13 @@ def _cli(out: Path, tmp: Path, *args: str, **env: str) -> subprocess.Popen:
     cmd = [str(Path(sys.executable).with_name("stochvit")), "federated", "--out", str(out), "--eval-samples", "2",
            "--clients", "2", "--train-limit", "200", "--fraction-evaluate", "0", *args]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_default_sigint)
+
+
+def _default_sigint() -> None:
+    """The CLI starts with Ctrl-C's default disposition, as from a terminal, even when this test runs in a background
+    job (`nohup ... &`), whose SIGINT is ignored and would be inherited: Python keeps an inherited SIG_IGN."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _gone(marker_value: str, tmp: Path, seconds: float = 90) -> tuple[list[int], list[str]]:
@@ -431,7 +437,7 @@ def test_interrupting_the_cli_leaves_no_process_and_no_temp_folder(tmp_path, mar
         pytest.fail(f"Ray did not start: {proc.communicate()[1][-2000:]}")
     time.sleep(5)  # the simulation's actors are starting
     (os.killpg if sig == signal.SIGINT else os.kill)(proc.pid, sig)  # our own child (and its group), by id
-    _, stderr = proc.communicate(timeout=300)  # the unwinding takes seconds idle, minutes on an overloaded machine
+    _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == {signal.SIGINT: 130, signal.SIGTERM: 143}.get(sig, -signal.SIGKILL), stderr[-2000:]
     if sig != signal.SIGKILL:
         said = "interrupted" if sig == signal.SIGINT else "terminated"
