@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from stochvit.eval.stats import Comparison
+from stochvit.federated.launch import CHECKPOINT
 from stochvit.suites.compare_runs import Predictions, RunPredictions, compare_runs, comparisons_markdown, plot_comparisons
 
 RUNS = Path(__file__).resolve().parent / "runs"
@@ -53,15 +54,15 @@ def check_recipe(out: Path, a: argparse.Namespace) -> None:
 def run(partition: str, model: str, seed: int, a: argparse.Namespace) -> dict:
     out = a.root / f"{partition.replace(':', '')}-{model}-seed{seed}"
     wall = None
-    if (out / "summary.json").exists():
+    finished, interrupted = (out / "summary.json").exists(), (out / CHECKPOINT).exists()
+    if finished or interrupted:
         check_recipe(out, a)
-    if not (out / "summary.json").exists() and (out / "federated-checkpoint.safetensors").exists():
-        check_recipe(out, a)  # an interrupted run: continue it from its last finished round
+    if interrupted and not finished:  # continue it from its last finished round
         cmd = [sys.executable, "-m", "stochvit.cli", "federated", "--resume", str(out),
                "--cpus-per-client", str(a.cpus_per_client)]
         print("$", " ".join(cmd[1:]), flush=True)
         subprocess.run(cmd, check=True)  # its wall time is split across sessions: not recorded
-    elif not (out / "summary.json").exists():
+    elif not finished:
         if out.exists():  # interrupted before its first round finished: only logs/, start it again
             print(f"{out} finished no round; running it again", flush=True)
             shutil.rmtree(out)
