@@ -137,7 +137,12 @@ class StochasticLinear(RandomAtInference):
     # -- forward --------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         """Apply a fresh draw. `inplace=True` lets the diagonal kind scale `x` in place (callers that own `x`, like
-        `StochasticMlp` with fc1's output, skip one activation-sized allocation: ~5% of inference time on a CPU)."""
+        `StochasticMlp` with fc1's output, skip one activation-sized allocation: ~5% of inference time on a CPU).
+
+        Only where autograd does not record `x`: fc1's output is a view of its matmul's result, and an in-place op on a
+        view makes the backward rebuild the base (CopySlices, AsStrided), four activation-sized copies per MLP, which
+        made the eager layer cost 11-13% of a bf16 training step (benchmarks/RESULTS.md, session 14)."""
+        inplace = inplace and not (torch.is_grad_enabled() and x.requires_grad)
         if x.shape[-1] != self.features:
             raise ValueError(f"StochasticLinear expects {self.features} features in the last dim, got shape {tuple(x.shape)}")
         if self.mode == "off":

@@ -324,6 +324,36 @@ def test_gradients_reach_model_weights():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
+def _autograd_nodes(t: torch.Tensor) -> set[str]:
+    seen, todo, names = set(), [t.grad_fn], set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        todo.extend(n for n, _ in node.next_functions)
+    return names
+
+
+def test_mlp_scales_in_place_only_where_autograd_does_not_record():
+    """fc1's output is a view of its matmul: scaling it in place while autograd records makes the backward rebuild the
+    base (CopySlices), activation-sized copies per MLP. Training keeps the plain multiply; inference stays in place."""
+    from stochvit import StochasticMlp
+
+    mlp = StochasticMlp(C, 4 * C)
+    x = torch.randn(2, 5, C)
+    nodes = _autograd_nodes(mlp(x).sum())
+    assert "MulBackward0" in nodes and not nodes & {"CopySlices", "AsStridedBackward0"}, nodes
+    with torch.no_grad():  # in place: the scaled tensor is fc1's own output, no second activation-sized buffer
+        h = mlp.fc1(x)
+        torch.manual_seed(0)
+        assert mlp.stochastic(h, inplace=True).data_ptr() == h.data_ptr()
+    torch.manual_seed(0)
+    out = mlp.stochastic(mlp.fc1(x), inplace=True)  # autograd records: a new tensor, same values as the in-place draw
+    assert torch.equal(out, h)
+
+
 @pytest.mark.parametrize(
     "kwargs,name",
     [
