@@ -22,6 +22,12 @@
 - orthogonal: plain, diagonal and full-orthogonal layers at digits width (vit_digits_patch2_8, batch 64), training and
   inference, blocks method.
 - profile: torch.profiler of bf16 vit_tiny training steps (default layer): the top ops by self CPU time.
+- gemms: the matmuls of one such training step alone (mm, addmm, bmm, recorded with their shapes, strides and dtypes
+  by a TorchDispatchMode, then replayed on random tensors, each call's best of 5 with its operands in cache): the rate
+  the hardware reaches at the model's own shapes, and so the trainer's ceiling if everything but the matmuls cost
+  nothing. The 2048^3 peak is not reachable at width 192; this says how much of the gap to it the shapes explain and
+  how much the rest of the step does. Its FLOP count includes the explicit attention's bmm, which
+  torch.utils.flop_counter does not count on the fused CPU kernel (the trainer section's "counted").
 """
 
 from __future__ import annotations
@@ -49,16 +55,16 @@ import stochvit
 from stochvit.precision import cpu_has_native_bf16, resolve_precision
 from stochvit.procs import child_dies_with_parent
 
-SECTIONS = ("peak", "trainer", "layer", "threads", "orthogonal", "profile")
+SECTIONS = ("peak", "gemms", "trainer", "layer", "threads", "orthogonal", "profile")
 ISSUE_GFLOP = 1.04  # issue 16's cost of a vit_tiny_patch4_32 training step per image
 BF16 = "bf16" if cpu_has_native_bf16() else "fp32"
 FULL = dict(matmul=2048, matmul_repeats=5, batch=128, digits_batch=64, trainer_images=2560, trainer_limit=None, trainer_epochs=2,
             layer_rounds=12, layer_steps=2, layer_compile=True, trainer_compile=True, thread_rounds=3, thread_steps=5,
-            ortho_rounds=5, ortho_steps=3, profile_steps=2,
+            ortho_rounds=5, ortho_steps=3, profile_steps=2, gemm_repeats=5,
             thread_counts=(1, 2), loads=("idle", "loaded"))
 QUICK = dict(matmul=256, matmul_repeats=2, batch=8, digits_batch=8, trainer_images=100, trainer_limit=24, trainer_epochs=1,
              layer_rounds=2, layer_steps=1, layer_compile=False, trainer_compile=False, thread_rounds=1, thread_steps=2,
-             ortho_rounds=1, ortho_steps=1, profile_steps=1,
+             ortho_rounds=1, ortho_steps=1, profile_steps=1, gemm_repeats=1,
              thread_counts=(1,), loads=("idle",))  # one thread, no load process: never oversubscribes a shared machine
 
 
@@ -341,7 +347,58 @@ def profile_section(c: dict, _tmp: Path, top: int = 15) -> dict:
                 threads=torch.get_num_threads(), self_cpu_ms_per_step=total / 1e3 / c["profile_steps"], top=rows)
 
 
+MATMUL_OPS = {"aten.mm": 0, "aten.addmm": 1, "aten.bmm": 0}  # op -> index of its first matrix operand
+
+
+def step_matmuls(step: Callable[[], None]) -> list[tuple]:
+    """The matmul calls of one call of `step`: (op, args with each tensor as (shape, stride, dtype)), in order."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    calls = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if str(func.overloadpacket) in MATMUL_OPS:
+                calls.append((func, tuple((tuple(a.shape), a.stride(), a.dtype) if isinstance(a, torch.Tensor) else a
+                                          for a in args), kwargs or {}))
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        step()
+    return calls
+
+
+def matmul_flop(func, args: tuple) -> int:
+    (*batch, m, k), n = args[MATMUL_OPS[str(func.overloadpacket)]][0], args[-1 if "addmm" not in str(func) else 2][0][-1]
+    return 2 * m * k * n * (batch[0] if batch else 1)
+
+
+def gemms_section(c: dict, _tmp: Path) -> dict:
+    step = model_cells("vit_tiny_patch4_32", {"stochastic": dict(stochastic=True)}, "train", BF16, c["batch"])["stochastic"]
+    step()
+    calls = step_matmuls(step)
+    replay = [(func, [torch.randn(a[0], dtype=a[2]).as_strided(a[0], a[1]) if isinstance(a, tuple) and len(a) == 3
+                      and isinstance(a[2], torch.dtype) else a for a in args], kw) for func, args, kw in calls]
+    flop = sum(matmul_flop(func, args) for func, args, _ in calls)
+    best = 0.0
+    for func, args, kw in replay:  # each call's best of `gemm_repeats` after one warm-up: operands in cache, as in the
+        func(*args, **kw)          # step, where a matmul reads what the op before it just wrote
+        times = []
+        for _ in range(c["gemm_repeats"]):
+            t = time.perf_counter()
+            func(*args, **kw)
+            times.append(time.perf_counter() - t)
+        best += min(times)
+    return dict(model="vit_tiny_patch4_32 (default layer)", precision=BF16, batch=c["batch"], calls=len(calls),
+                gflop_per_image=flop / c["batch"] / 1e9, matmul_seconds_per_step=best, gflop_per_s=flop / best / 1e9,
+                ceiling_images_per_s=c["batch"] / best, threads=torch.get_num_threads())
+
+
 # -- report --------------------------------------------------------------------------------------------------------
+
+def c_repeats(r: dict) -> int:
+    return r["settings"]["gemm_repeats"]
+
 
 def markdown(r: dict) -> str:
     lines = [f"# Scale study (`benchmarks/throughput.py --sections`), {r['machine']}, torch {r['torch']}, "
@@ -357,6 +414,16 @@ def markdown(r: dict) -> str:
                   f"{t['gflop_per_image_counted']:.3f} GFLOP/image: {t['ratio_to_limit_counted']:.3f})"
                   + (f"; with `--compile` {t['compiled_images_per_s']:.1f} img/s, **ratio {t['compiled_ratio_to_limit']:.3f}**"
                      if "compiled_images_per_s" in t else ""), ""]
+    if "gemms" in r:
+        g = r["gemms"]
+        share = f" = {g['gflop_per_s'] / r['peak']['gflop_per_s']:.2f} of the peak" if "peak" in r else ""
+        lines += [f"**matmuls alone** (the {g['calls']} mm/addmm/bmm calls of one {g['precision']} training step of "
+                  f"{g['model']}, batch {g['batch']}, replayed, each call's best of {c_repeats(r)}): "
+                  f"{g['gflop_per_s']:.0f} GFLOP/s at the model's shapes{share}; {g['gflop_per_image']:.3f} GFLOP/image; ceiling "
+                  f"{g['ceiling_images_per_s']:.0f} img/s"
+                  + (f"; the trainer reaches **{r['trainer']['images_per_s'] / g['ceiling_images_per_s']:.3f}** of it"
+                     + (f" eager, **{r['trainer']['compiled_images_per_s'] / g['ceiling_images_per_s']:.3f}** compiled"
+                        if "compiled_images_per_s" in r["trainer"] else "") if "trainer" in r else ""), ""]
     if "layer" in r:
         L = r["layer"]
         lines += [f"**default layer vs plain**, {L['precision']} training, batch {L['batch']}, {L['rounds']} rounds "
@@ -442,7 +509,7 @@ def main(p: argparse.ArgumentParser) -> None:
                 result["peak"] = result.get("peak") or peak_section(c, tmp)
                 result["trainer"] = trainer_section(c, tmp, a.trainer_data, result["peak"])
             else:
-                result[name] = dict(peak=peak_section, layer=layer_section, threads=threads_section,
+                result[name] = dict(peak=peak_section, gemms=gemms_section, layer=layer_section, threads=threads_section,
                                     orthogonal=orthogonal_section, profile=profile_section)[name](c, tmp)
             result.setdefault("seconds", {})[name] = time.perf_counter() - t
             result["total_seconds"] = time.perf_counter() - t0

@@ -8,6 +8,7 @@ import math
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -26,7 +27,7 @@ def test_throughput_scale_sections_quick(tmp_path, monkeypatch):
     _main(monkeypatch, "throughput.py", ["--sections", "all", "--quick", "--out", str(out)])
     assert torch.get_num_threads() == threads  # the threads section restores the caller's setting
     r = json.loads(out.read_text())
-    assert {"peak", "trainer", "layer", "threads", "orthogonal", "profile"} <= set(r)
+    assert {"peak", "gemms", "trainer", "layer", "threads", "orthogonal", "profile"} <= set(r)
     t = r["trainer"]
     assert t["stochastic"] and t["images_per_s"] > 0 and math.isfinite(t["ratio_to_limit"])
     assert abs(t["gflop_per_image_counted"] - 1.04) < 0.05  # the cost of a vit_tiny_patch4_32 training step
@@ -35,6 +36,11 @@ def test_throughput_scale_sections_quick(tmp_path, monkeypatch):
     assert r["layer"]["blocks"]["explicit"]["plain"]["ratio"]["median"] == 1.0
     assert {row["model"] for row in r["threads"]["rows"]} == {"vit_digits_convstem_8", "vit_tiny_patch4_32"}
     assert r["orthogonal"]["train"]["diagonal"]["ratio"]["median"] == 1.0
+    # the replayed matmuls are the step's: forward + 2x backward of every linear (24 N D^2 per block) and of the
+    # explicit attention's two bmm (4 N^2 D), and the head; the 2048^3-style count of FLOPs in closed form
+    depth, n, d, classes = 6, 65, 192, 10
+    assert r["gemms"]["gflop_per_image"] == pytest.approx(3 * (depth * (24 * n * d**2 + 4 * n**2 * d) + 2 * d * classes) / 1e9)
+    assert r["gemms"]["gflop_per_s"] > 0 and "**matmuls alone**" in out.with_suffix(".md").read_text()
     top = r["profile"]["top"]
     assert top and all(a["self_cpu_ms_per_step"] >= b["self_cpu_ms_per_step"] for a, b in zip(top, top[1:]))
     md = out.with_suffix(".md").read_text()
