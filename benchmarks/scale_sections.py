@@ -3,7 +3,8 @@
 - peak: the bf16 (fp32 without native bf16) matmul peak, 2048 x 2048 matmuls, best of 5, at the run's thread count.
 - trainer: the real training path (`stochvit.train.prepare` + `train_one_epoch`, data loading, augmentation and
   clipping included) of `vit_tiny_patch4_32` with the default stochastic layer at default precision, eager and (not in
-  --quick) with `--compile`, epochs interleaved, on `--trainer-data`
+  --quick) with `--compile`, epochs interleaved with the same eager steps on one repeated batch and with the loader
+  alone (what the data pipeline costs), on `--trainer-data`
   or on a synthetic folder of CIFAR-size PNGs (decoded into memory like the JPEGs, so the speed is the same); its
   images/s over the limit peak / GFLOP-per-image, with both the issue's 1.04 GFLOP and the count of
   `torch.utils.flop_counter` (matmuls forward + backward).
@@ -130,13 +131,19 @@ def training(data: str, batch: int, limit: int | None, tmp: Path, compile: bool 
     return prepare(cfg, tmp / f"run-{len(list(tmp.iterdir()))}")
 
 
-def epoch_rate(t) -> float:
-    """Images/s of one pass of `t.loader` through `stochvit.train.train_one_epoch`."""
+def epoch_rate(t, batches=None) -> float:
+    """Images/s of one pass of `batches` (default `t.loader`) through `stochvit.train.train_one_epoch`."""
     from stochvit.train import train_one_epoch
 
-    s = train_one_epoch(t.model, t.loader, t.opt, sched=t.sched, loss_fn=t.loss_fn, precision=t.precision,
-                        clip_grad=t.cfg.clip_grad, net=t.net)
+    s = train_one_epoch(t.model, t.loader if batches is None else batches, t.opt, sched=t.sched, loss_fn=t.loss_fn,
+                        precision=t.precision, clip_grad=t.cfg.clip_grad, net=t.net)
     return s["images"] / s["seconds"]
+
+
+def loader_rate(t) -> float:
+    """Images/s of one pass of `t.loader` alone: decoding is done, so this is batching and augmentation."""
+    start, n = time.perf_counter(), sum(len(y) for _, y in t.loader)
+    return n / (time.perf_counter() - start)
 
 
 LOAD_CODE = """
@@ -232,9 +239,12 @@ def trainer_section(c: dict, tmp: Path, data: str | None, peak: dict) -> dict:
     tc = training(spec, c["batch"], limit, tmp, compile=True) if c["trainer_compile"] else None
     if tc is not None:
         epoch_rate(tc)  # warm-up epoch: the compilation
-    rates, compiled_rates = [], []
+    one_batch = [next(iter(t.loader))] * len(t.loader)  # the same steps without the data pipeline
+    rates, compiled_rates, batch_rates, loader_rates = [], [], [], []
     for _ in range(c["trainer_epochs"]):  # eager and compiled epochs interleaved
         rates.append(epoch_rate(t))
+        batch_rates.append(epoch_rate(t, one_batch))
+        loader_rates.append(loader_rate(t))
         if tc is not None:
             compiled_rates.append(epoch_rate(tc))
     ips = statistics.median(rates)
@@ -242,7 +252,8 @@ def trainer_section(c: dict, tmp: Path, data: str | None, peak: dict) -> dict:
     out = dict(data=spec if data else f"synthetic CIFAR-size PNG folder ({c['trainer_images']} images, 80% train)",
                model=t.cfg.model, stochastic=t.cfg.stochastic is not None, precision=t.precision, batch=c["batch"],
                train_images=len(t.data.train), epochs_timed=len(rates), images_per_s=ips,
-               gflop_per_image_issue=ISSUE_GFLOP, gflop_per_image_counted=counted)
+               gflop_per_image_issue=ISSUE_GFLOP, gflop_per_image_counted=counted,
+               one_batch_images_per_s=statistics.median(batch_rates), loader_images_per_s=statistics.median(loader_rates))
     out["limit_images_per_s"] = peak["gflop_per_s"] / ISSUE_GFLOP
     out["ratio_to_limit"] = ips / out["limit_images_per_s"]
     out["ratio_to_limit_counted"] = ips / (peak["gflop_per_s"] / counted)
@@ -413,7 +424,9 @@ def markdown(r: dict) -> str:
                   f"{t['limit_images_per_s']:.0f} img/s; **ratio {t['ratio_to_limit']:.3f}** (counted "
                   f"{t['gflop_per_image_counted']:.3f} GFLOP/image: {t['ratio_to_limit_counted']:.3f})"
                   + (f"; with `--compile` {t['compiled_images_per_s']:.1f} img/s, **ratio {t['compiled_ratio_to_limit']:.3f}**"
-                     if "compiled_images_per_s" in t else ""), ""]
+                     if "compiled_images_per_s" in t else ""), "",
+                  f"the same eager steps on one repeated batch (no data pipeline): {t['one_batch_images_per_s']:.1f} img/s; "
+                  f"the loader alone (batching, augmentation): {t['loader_images_per_s']:.0f} img/s", ""]
     if "gemms" in r:
         g = r["gemms"]
         share = f" = {g['gflop_per_s'] / r['peak']['gflop_per_s']:.2f} of the peak" if "peak" in r else ""

@@ -30,6 +30,7 @@ def test_throughput_scale_sections_quick(tmp_path, monkeypatch):
     assert {"peak", "gemms", "trainer", "layer", "threads", "orthogonal", "profile"} <= set(r)
     t = r["trainer"]
     assert t["stochastic"] and t["images_per_s"] > 0 and math.isfinite(t["ratio_to_limit"])
+    assert t["one_batch_images_per_s"] > 0 and t["loader_images_per_s"] > t["images_per_s"]
     assert abs(t["gflop_per_image_counted"] - 1.04) < 0.05  # the cost of a vit_tiny_patch4_32 training step
     for method in ("blocks", "alternating"):
         assert set(r["layer"][method]["explicit"]) == {"plain", "stochastic", "stochastic-fused"}
