@@ -22,6 +22,10 @@
   loaded (a child run of this section, since OpenMP reads it at start-up).
 - orthogonal: plain, diagonal and full-orthogonal layers at digits width (vit_digits_patch2_8, batch 64), training and
   inference, blocks method.
+- weights: what bf16 weights would buy the bf16 training step of vit_tiny (default layer), before the trainer changes:
+  today's step (bf16 autocast over fp32 weights: every matmul casts its operands, the residual stream stays fp32)
+  against a prototype that keeps a bf16 copy of the model for the forward and backward and fp32 master weights in
+  AdamW (the bf16 gradients copied up, the updated weights copied down every step), rounds alternating.
 - profile: torch.profiler of bf16 vit_tiny training steps (default layer): the top ops by self CPU time.
 - gemms: the matmuls of one such training step alone (mm, addmm, bmm, recorded with their shapes, strides and dtypes
   by a TorchDispatchMode, then replayed on random tensors, each call's best of 5 with its operands in cache): the rate
@@ -56,7 +60,7 @@ import stochvit
 from stochvit.precision import cpu_has_native_bf16, resolve_precision
 from stochvit.procs import child_dies_with_parent
 
-SECTIONS = ("peak", "gemms", "trainer", "layer", "threads", "orthogonal", "profile")
+SECTIONS = ("peak", "gemms", "trainer", "layer", "weights", "threads", "orthogonal", "profile")
 ISSUE_GFLOP = 1.04  # issue 16's cost of a vit_tiny_patch4_32 training step per image
 BF16 = "bf16" if cpu_has_native_bf16() else "fp32"
 FULL = dict(matmul=2048, matmul_repeats=5, batch=128, digits_batch=64, trainer_images=2560, trainer_limit=None, trainer_epochs=2,
@@ -287,6 +291,46 @@ def layer_section(c: dict, _tmp: Path) -> dict:
     return out
 
 
+def bf16_weights_step(name: str, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    """A training step of `name` (default layer) on bf16 weights, with fp32 master weights in AdamW: no autocast."""
+    import copy
+
+    master = stochvit.create_model(name, stochastic=True).train()
+    work = copy.deepcopy(master).to(torch.bfloat16)
+    for m in work.modules():  # timm's explicit attention path, as stochvit's autocast runs it on a CPU
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = False
+    pairs = list(zip(master.parameters(), work.parameters()))
+    opt = torch.optim.AdamW(master.parameters(), lr=1e-4)
+    xb = x.to(torch.bfloat16)
+
+    def step() -> None:
+        loss = nn.functional.cross_entropy(work(xb).float(), y)
+        for _, w in pairs:
+            w.grad = None
+        loss.backward()
+        for m, w in pairs:
+            m.grad = w.grad.float()
+        opt.step()
+        with torch.no_grad():
+            for m, w in pairs:
+                w.copy_(m)
+
+    return step
+
+
+def weights_section(c: dict, _tmp: Path) -> dict:
+    if BF16 != "bf16":
+        return dict(skipped="this CPU has no native bf16")
+    cells = model_cells("vit_tiny_patch4_32", {"autocast": dict(stochastic=True)}, "train", BF16, c["batch"])
+    torch.manual_seed(0)
+    x, y = torch.randn(c["batch"], 3, 32, 32), torch.randint(0, 10, (c["batch"],))
+    cells["bf16-weights"] = bf16_weights_step("vit_tiny_patch4_32", x, y)
+    times = interleaved(cells, c["layer_rounds"], c["layer_steps"], alternate=True)
+    return dict(model="vit_tiny_patch4_32 (default layer)", batch=c["batch"], rounds=c["layer_rounds"],
+                rows=ratio_rows(times, "autocast", c["batch"]))
+
+
 def _thread_rates(t, rounds: int, counts: tuple[int, ...]) -> dict[str, list[float]]:
     rates: dict[str, list[float]] = {str(n): [] for n in counts}
     for _ in range(rounds):
@@ -457,6 +501,12 @@ def markdown(r: dict) -> str:
         if "compile_speedup" in L:
             lines += ["torch.compile's speed-up of the training step (compiled over eager, explicit attention): plain "
                       f"{fmt(L['compile_speedup']['plain'])}, stochastic {fmt(L['compile_speedup']['stochastic'])}", ""]
+    if "weights" in r and "rows" in r["weights"]:
+        w = r["weights"]
+        rows = w["rows"]
+        lines += [f"**bf16 weights** ({w['model']}, batch {w['batch']}, {w['rounds']} alternating rounds): autocast over fp32 "
+                  f"weights {rows['autocast']['images_per_s']:.1f} img/s, bf16 weights with fp32 masters "
+                  f"{rows['bf16-weights']['images_per_s']:.1f} img/s, ratio {fmt(rows['bf16-weights']['ratio'])}", ""]
     if "threads" in r:
         lines += ["**threads** (training img/s through train_one_epoch, medians of interleaved rounds)", "",
                   "| model | precision | load | OMP_WAIT_POLICY | 1 thread | 2 threads | 2 / 1 |",
@@ -522,8 +572,9 @@ def main(p: argparse.ArgumentParser) -> None:
                 result["peak"] = result.get("peak") or peak_section(c, tmp)
                 result["trainer"] = trainer_section(c, tmp, a.trainer_data, result["peak"])
             else:
-                result[name] = dict(peak=peak_section, gemms=gemms_section, layer=layer_section, threads=threads_section,
-                                    orthogonal=orthogonal_section, profile=profile_section)[name](c, tmp)
+                result[name] = dict(peak=peak_section, gemms=gemms_section, layer=layer_section, weights=weights_section,
+                                    threads=threads_section, orthogonal=orthogonal_section,
+                                    profile=profile_section)[name](c, tmp)
             result.setdefault("seconds", {})[name] = time.perf_counter() - t
             result["total_seconds"] = time.perf_counter() - t0
             out.write_text(json.dumps(result, indent=2) + "\n")  # after every section: a late failure keeps the rest

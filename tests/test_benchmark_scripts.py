@@ -27,7 +27,7 @@ def test_throughput_scale_sections_quick(tmp_path, monkeypatch):
     _main(monkeypatch, "throughput.py", ["--sections", "all", "--quick", "--out", str(out)])
     assert torch.get_num_threads() == threads  # the threads section restores the caller's setting
     r = json.loads(out.read_text())
-    assert {"peak", "gemms", "trainer", "layer", "threads", "orthogonal", "profile"} <= set(r)
+    assert {"peak", "gemms", "trainer", "layer", "weights", "threads", "orthogonal", "profile"} <= set(r)
     t = r["trainer"]
     assert t["stochastic"] and t["images_per_s"] > 0 and math.isfinite(t["ratio_to_limit"])
     assert t["one_batch_images_per_s"] > 0 and t["loader_images_per_s"] > t["images_per_s"]
@@ -42,6 +42,9 @@ def test_throughput_scale_sections_quick(tmp_path, monkeypatch):
     depth, n, d, classes = 6, 65, 192, 10
     assert r["gemms"]["gflop_per_image"] == pytest.approx(3 * (depth * (24 * n * d**2 + 4 * n**2 * d) + 2 * d * classes) / 1e9)
     assert r["gemms"]["gflop_per_s"] > 0 and "**matmuls alone**" in out.with_suffix(".md").read_text()
+    if "rows" in r["weights"]:  # CPUs with native bf16
+        rows = r["weights"]["rows"]
+        assert rows["autocast"]["ratio"]["median"] == 1.0 and rows["bf16-weights"]["images_per_s"] > 0
     top = r["profile"]["top"]
     assert top and all(a["self_cpu_ms_per_step"] >= b["self_cpu_ms_per_step"] for a, b in zip(top, top[1:]))
     md = out.with_suffix(".md").read_text()
