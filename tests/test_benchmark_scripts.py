@@ -51,6 +51,14 @@ def test_throughput_scale_sections_quick(tmp_path, monkeypatch):
     assert "| method | attention | layer |" in md and "fused (set_fused)" in md and "| op | self CPU ms / step |" in md
 
 
+def test_inplace_backward_times_the_old_and_the_fixed_layer(tmp_path, monkeypatch):
+    out = tmp_path / "ip.json"
+    _main(monkeypatch, "inplace_backward.py", ["--rounds", "1", "--batch-size", "4", "--out", str(out)])
+    r = json.loads(out.read_text())
+    assert set(r["rows"]) == {"plain", "stochastic", "stochastic-inplace"} and r["rows"]["plain"]["ratio"]["median"] == 1.0
+    assert r["fix_speedup"]["median"] > 0
+
+
 def test_suite_times_quick(digits_runs, tmp_path, monkeypatch):
     out = tmp_path / "s.json"
     _main(monkeypatch, "suite_times.py", [
