@@ -25,7 +25,8 @@
 - weights: what bf16 weights would buy the bf16 training step of vit_tiny (default layer), before the trainer changes:
   today's step (bf16 autocast over fp32 weights: every matmul casts its operands, the residual stream stays fp32)
   against a prototype that keeps a bf16 copy of the model for the forward and backward and fp32 master weights in
-  AdamW (the bf16 gradients copied up, the updated weights copied down every step), rounds alternating.
+  AdamW (the bf16 gradients copied up, the updated weights copied down every step), rounds alternating; not in
+  --quick, also both compiled, the prototype with fused AdamW too (every lever at once: how near the limit it gets).
 - profile: torch.profiler of bf16 vit_tiny training steps (default layer): the top ops by self CPU time.
 - gemms: the matmuls of one such training step alone (mm, addmm, bmm, recorded with their shapes, strides and dtypes
   by a TorchDispatchMode, then replayed on random tensors, each call's best of 5 with its operands in cache): the rate
@@ -291,8 +292,9 @@ def layer_section(c: dict, _tmp: Path) -> dict:
     return out
 
 
-def bf16_weights_step(name: str, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
-    """A training step of `name` (default layer) on bf16 weights, with fp32 master weights in AdamW: no autocast."""
+def bf16_weights_step(name: str, x: torch.Tensor, y: torch.Tensor, compile: bool = False) -> Callable[[], None]:
+    """A training step of `name` (default layer) on bf16 weights, with fp32 master weights in AdamW: no autocast.
+    `compile`: the bf16 model compiled and AdamW fused too (every lever at once)."""
     import copy
 
     master = stochvit.create_model(name, stochastic=True).train()
@@ -301,11 +303,12 @@ def bf16_weights_step(name: str, x: torch.Tensor, y: torch.Tensor) -> Callable[[
         if hasattr(m, "fused_attn"):
             m.fused_attn = False
     pairs = list(zip(master.parameters(), work.parameters()))
-    opt = torch.optim.AdamW(master.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(master.parameters(), lr=1e-4, fused=compile)
     xb = x.to(torch.bfloat16)
+    forward = torch.compile(work) if compile else work
 
     def step() -> None:
-        loss = nn.functional.cross_entropy(work(xb).float(), y)
+        loss = nn.functional.cross_entropy(forward(xb).float(), y)
         for _, w in pairs:
             w.grad = None
         loss.backward()
@@ -322,10 +325,14 @@ def bf16_weights_step(name: str, x: torch.Tensor, y: torch.Tensor) -> Callable[[
 def weights_section(c: dict, _tmp: Path) -> dict:
     if BF16 != "bf16":
         return dict(skipped="this CPU has no native bf16")
-    cells = model_cells("vit_tiny_patch4_32", {"autocast": dict(stochastic=True)}, "train", BF16, c["batch"])
+    variants = {"autocast": dict(stochastic=True)} | ({"autocast-compiled": dict(stochastic=True, compile=True)}
+                                                      if c["layer_compile"] else {})
+    cells = model_cells("vit_tiny_patch4_32", variants, "train", BF16, c["batch"])
     torch.manual_seed(0)
     x, y = torch.randn(c["batch"], 3, 32, 32), torch.randint(0, 10, (c["batch"],))
     cells["bf16-weights"] = bf16_weights_step("vit_tiny_patch4_32", x, y)
+    if c["layer_compile"]:
+        cells["bf16-weights-compiled-fused-adamw"] = bf16_weights_step("vit_tiny_patch4_32", x, y, compile=True)
     times = interleaved(cells, c["layer_rounds"], c["layer_steps"], alternate=True)
     return dict(model="vit_tiny_patch4_32 (default layer)", batch=c["batch"], rounds=c["layer_rounds"],
                 rows=ratio_rows(times, "autocast", c["batch"]))
@@ -504,9 +511,9 @@ def markdown(r: dict) -> str:
     if "weights" in r and "rows" in r["weights"]:
         w = r["weights"]
         rows = w["rows"]
-        lines += [f"**bf16 weights** ({w['model']}, batch {w['batch']}, {w['rounds']} alternating rounds): autocast over fp32 "
-                  f"weights {rows['autocast']['images_per_s']:.1f} img/s, bf16 weights with fp32 masters "
-                  f"{rows['bf16-weights']['images_per_s']:.1f} img/s, ratio {fmt(rows['bf16-weights']['ratio'])}", ""]
+        lines += [f"**bf16 weights** ({w['model']}, batch {w['batch']}, {w['rounds']} alternating rounds; ratio to "
+                  "today's eager autocast step)", "", "| step | img/s | ratio [95% CI] |", "|---|---|---|"]
+        lines += [f"| {k} | {row['images_per_s']:.1f} | {fmt(row['ratio'])} |" for k, row in rows.items()] + [""]
     if "threads" in r:
         lines += ["**threads** (training img/s through train_one_epoch, medians of interleaved rounds)", "",
                   "| model | precision | load | OMP_WAIT_POLICY | 1 thread | 2 threads | 2 / 1 |",
