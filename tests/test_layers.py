@@ -352,6 +352,15 @@ def test_mlp_scales_in_place_only_where_autograd_does_not_record():
     torch.manual_seed(0)
     out = mlp.stochastic(mlp.fc1(x), inplace=True)  # autograd records: a new tensor, same values as the in-place draw
     assert torch.equal(out, h)
+    grads = []  # and the same gradients as scaling in place under autograd did (so older runs' numerics hold)
+    for scale_in_place in (False, True):
+        mlp.zero_grad()
+        torch.manual_seed(1)
+        h = mlp.fc1(x)
+        h = h.mul_(mlp.stochastic.draw(h)) if scale_in_place else mlp.stochastic(h, inplace=True)
+        mlp.fc2(mlp.act(h)).pow(2).sum().backward()
+        grads.append([p.grad.clone() for p in mlp.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
 
 
 @pytest.mark.parametrize(
