@@ -397,17 +397,19 @@ class Curves:
         atomic_write_bytes(self.path / "metrics.csv", _csv(rows))
 
     def figure(self):
-        """Loss, accuracy and ECE per epoch. Every point has a marker, so a 1-epoch run shows its values."""
+        """Loss, accuracy and ECE per epoch (per round, numbered from 1, for a federated run, whose rows carry one).
+        Every point has a marker, so a 1-epoch run shows its values."""
         from matplotlib.ticker import MaxNLocator
 
         plt = pyplot()
         rows = self.rows()
-        ep = [r["epoch"] for r in rows]
+        unit = "round" if rows and all("round" in r for r in rows) else "epoch"
+        ep = [r[unit] for r in rows]
         val_rows = [r for r in rows if "val_nll" in r]  # --val-every N leaves epochs without validation
         fig, ax = plt.subplots(1, 3, figsize=(13, 3.6), sharex=True)  # one epoch axis, also where val is sparse
         for a, key, title in zip(ax, ("loss", "accuracy", "ece"), ("loss / NLL", "accuracy", "ECE (val)")):
             lines = [] if key == "ece" else [("train", "o-", "C0", ep, [r[f"train_{key}"] for r in rows])]
-            lines.append(("val", "s-", "C1", [r["epoch"] for r in val_rows],
+            lines.append(("val", "s-", "C1", [r[unit] for r in val_rows],
                           [r[f"val_{'nll' if key == 'loss' else key}"] for r in val_rows]))
             for label, fmt, color, x, y in lines:
                 a.plot(x, y, fmt, color=color, markersize=4, label=label)
@@ -416,7 +418,7 @@ class Curves:
                     a.annotate(f"{y[0]:.3f}", (x[0], y[0]), textcoords="offset points", xytext=(-6 if left else 6, 0),
                                ha="right" if left else "left", va="center", fontsize=8, color=color)
             a.set_title(title)
-            a.set_xlabel("epoch")
+            a.set_xlabel(unit)
             if len(ep) < 3:
                 a.set_xticks(ep)
                 a.set_xlim(min(ep) - 0.5, max(ep) + 0.5)

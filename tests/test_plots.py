@@ -42,8 +42,17 @@ def test_curves_of_a_longer_run_keep_integer_epochs_without_labels(tmp_path):
         curves.append(_row(e))
     fig = curves.figure()
     for ax in fig.axes:
-        assert not ax.texts and all(float(t).is_integer() for t in ax.get_xticks())
+        assert not ax.texts and all(float(t).is_integer() for t in ax.get_xticks()) and ax.get_xlabel() == "epoch"
         assert all(len(line.get_xdata()) == 6 for line in ax.get_lines())
+
+
+def test_curves_of_a_federated_run_count_rounds_from_one(tmp_path):
+    curves = Curves(tmp_path)
+    for e in range(3):
+        curves.append(_row(e, round=e + 1))
+    fig = curves.figure()
+    for ax in fig.axes:
+        assert ax.get_xlabel() == "round" and all(list(line.get_xdata()) == [1, 2, 3] for line in ax.get_lines())
 
 
 def _entry(name: str, kind: str, block: int, sigma: float, acc: float, psnr: float) -> dict:
