@@ -170,6 +170,18 @@ def test_fault_injection_is_a_mod_on_the_train_handler_set_by_the_run_config():
         from_run_config({**rc, "fail-from-round": -1})
 
 
+def test_a_resume_accepts_settings_added_later_and_names_what_changed():
+    """A run started before a setting existed still resumes (the new key comes at its default); a changed or a lost
+    setting is named."""
+    from stochvit.federated.server_app import settings_changed
+
+    stored = {"train": {"lr": 5e-4, "stochastic": {"low": 0.5}}, "federated": {"rounds": 32}}
+    later = {"train": {"lr": 5e-4, "stochastic": {"low": 0.5}, "a_new_setting": 1}, "federated": {"rounds": 32}}
+    assert settings_changed(stored, later) == []
+    changed = {"train": {"lr": 1e-3, "stochastic": {"low": 0.0}}, "federated": {}}
+    assert settings_changed(stored, changed) == ["train.lr", "train.stochastic.low", "federated.rounds (missing)"]
+
+
 @pytest.mark.parametrize("stochastic", [True, False])
 def test_only_learned_weights_travel(stochastic):
     cfg, fed = from_run_config({"stochastic": stochastic})

@@ -24,6 +24,7 @@ import json
 import time
 from logging import INFO
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -159,6 +160,19 @@ def plot_rounds(path: Path, rows: list[dict]) -> None:
     tmp.replace(path)
 
 
+def settings_changed(stored: Any, submitted: Any, where: str = "") -> list[str]:
+    """Where the settings submitted to resume a run depart from its config.json: values that differ, and keys they
+    lack. Keys only the submitted settings have are settings a later stochvit added, at defaults that keep the old
+    behaviour, so a run started before them still resumes."""
+    if isinstance(stored, dict) and isinstance(submitted, dict):
+        out = []
+        for key, value in stored.items():
+            out += [f"{where}{key} (missing)"] if key not in submitted else settings_changed(value, submitted[key],
+                                                                                              f"{where}{key}.")
+        return out
+    return [] if stored == submitted else [where.rstrip(".")]
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run FedAvg for `rounds` rounds, evaluating the global model on the server's validation split after each."""
@@ -175,9 +189,10 @@ def main(grid: Grid, context: Context) -> None:
     model = task.initial_model(config).to(default_device())
     done, momentum = 0, None
     if resume:
-        if read_json(out / "config.json", "run config") != json.loads(json.dumps(config)):
-            raise UserError(f"{out}/config.json differs from the run config submitted to resume it; resume with the "
-                            "run's own logs/run-config.toml (stochvit federated --resume RUN_DIR)")
+        changed = settings_changed(read_json(out / "config.json", "run config"), json.loads(json.dumps(config)))
+        if changed:
+            raise UserError(f"{out}/config.json differs from the run config submitted to resume it ({', '.join(changed)}); "
+                            "resume with the run's own logs/run-config.toml (stochvit federated --resume RUN_DIR)")
         done, weights, momentum = load_checkpoint(out, list(model.net.state_dict()))
         model.net.load_state_dict(weights)
         log(INFO, "stochvit: resuming %s after round %d of %d", out, done, fed["rounds"])
