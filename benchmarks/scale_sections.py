@@ -27,7 +27,8 @@
   against a prototype that keeps a bf16 copy of the model for the forward and backward and fp32 master weights in
   AdamW (the bf16 gradients copied up, the updated weights copied down every step), rounds alternating; not in
   --quick, also both compiled, the prototype with fused AdamW too (every lever at once: how near the limit it gets).
-- profile: torch.profiler of bf16 vit_tiny training steps (default layer): the top ops by self CPU time.
+- profile: torch.profiler of bf16 vit_tiny training steps (default layer): the top ops by self CPU time, and the step's
+  copies grouped by the autograd node that ran them (a TorchDispatchMode), where the profile cannot say.
 - gemms: the matmuls of one such training step alone (mm, addmm, bmm, recorded with their shapes, strides and dtypes
   by a TorchDispatchMode, then replayed on random tensors, each call's best of 5 with its operands in cache): the rate
   the hardware reaches at the model's own shapes, and so the trainer's ceiling if everything but the matmuls cost
@@ -406,7 +407,39 @@ def profile_section(c: dict, _tmp: Path, top: int = 15) -> dict:
     rows = [dict(op=e.key, self_cpu_ms_per_step=e.self_cpu_time_total / 1e3 / c["profile_steps"],
                  share=e.self_cpu_time_total / total, calls_per_step=e.count / c["profile_steps"]) for e in events[:top]]
     return dict(model="vit_tiny_patch4_32 (default layer)", precision=BF16, batch=c["batch"], steps=c["profile_steps"],
-                threads=torch.get_num_threads(), self_cpu_ms_per_step=total / 1e3 / c["profile_steps"], top=rows)
+                threads=torch.get_num_threads(), self_cpu_ms_per_step=total / 1e3 / c["profile_steps"], top=rows,
+                copies=step_copies(step, top))
+
+
+COPY_OPS = ("aten.copy_", "aten._to_copy", "aten.clone")
+
+
+def step_copies(step: Callable[[], None], top: int) -> list[dict]:
+    """The copies of one call of `step` (copy_, _to_copy, clone), grouped by op, dtypes, phase and the autograd node
+    that ran them (None: the forward), largest traffic first: where the profile's `aten::copy_` comes from. This is how
+    session 14 found the layer's in-place scale rebuilding fc1's output in the backward (CopySlices)."""
+    from collections import defaultdict
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    groups: dict[tuple, list[int]] = defaultdict(lambda: [0, 0])
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if str(func.overloadpacket) in COPY_OPS and isinstance(out, torch.Tensor):
+                src = args[1] if str(func.overloadpacket) == "aten.copy_" else args[0]
+                node = torch._C._current_autograd_node()
+                key = (str(func.overloadpacket), f"{src.dtype} -> {out.dtype}".replace("torch.", ""),
+                       type(node).__name__ if node is not None else "forward")
+                groups[key][0] += 1
+                groups[key][1] += out.numel() * out.element_size()
+            return out
+
+    with Record():
+        step()
+    rows = [dict(op=k[0], dtypes=k[1], autograd_node=k[2], calls=n, megabytes=b / 1e6) for k, (n, b) in groups.items()]
+    return sorted(rows, key=lambda r: r["megabytes"], reverse=True)[:top]
 
 
 MATMUL_OPS = {"aten.mm": 0, "aten.addmm": 1, "aten.bmm": 0}  # op -> index of its first matrix operand
@@ -540,6 +573,10 @@ def markdown(r: dict) -> str:
                   "| op | self CPU ms / step | share | calls / step |", "|---|---|---|---|"]
         for e in p["top"]:
             lines.append(f"| `{e['op']}` | {e['self_cpu_ms_per_step']:.1f} | {e['share']:.1%} | {e['calls_per_step']:g} |")
+        lines += ["", "the step's copies by autograd node (written MB per step):", "",
+                  "| op | dtypes | autograd node | calls | MB |", "|---|---|---|---|---|"]
+        lines += [f"| `{e['op']}` | {e['dtypes']} | {e['autograd_node']} | {e['calls']} | {e['megabytes']:.1f} |"
+                  for e in p.get("copies", [])]
         lines.append("")
     return "\n".join(lines)
 

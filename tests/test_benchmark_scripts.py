@@ -45,10 +45,14 @@ def test_throughput_scale_sections_quick(tmp_path, monkeypatch):
     if "rows" in r["weights"]:  # CPUs with native bf16
         rows = r["weights"]["rows"]
         assert rows["autocast"]["ratio"]["median"] == 1.0 and rows["bf16-weights"]["images_per_s"] > 0
+    copies = r["profile"]["copies"]  # by autograd node, largest first; the layer's backward rebuilds no view's base
+    assert copies and all(a["megabytes"] >= b["megabytes"] for a, b in zip(copies, copies[1:]))
+    assert not {c["autograd_node"] for c in copies} & {"CopySlices", "AsStridedBackward0"}
     top = r["profile"]["top"]
     assert top and all(a["self_cpu_ms_per_step"] >= b["self_cpu_ms_per_step"] for a, b in zip(top, top[1:]))
     md = out.with_suffix(".md").read_text()
     assert "| method | attention | layer |" in md and "fused (set_fused)" in md and "| op | self CPU ms / step |" in md
+    assert "| op | dtypes | autograd node | calls | MB |" in md
 
 
 def test_inplace_backward_times_the_old_and_the_fixed_layer(tmp_path, monkeypatch):
