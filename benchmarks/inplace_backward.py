@@ -1,8 +1,8 @@
-"""The default layer's in-place scale under autograd, before and after session 14's fix, timed side by side.
+"""The default layer's in-place scale under autograd, before and after the fix, timed side by side.
 
     python benchmarks/inplace_backward.py --out benchmarks/results/inplace-backward-xeon.json
 
-Until session 14 `StochasticMlp` scaled fc1's output in place in training too. That output is a view of its matmul's
+`StochasticMlp` used to scale fc1's output in place in training too. That output is a view of its matmul's
 result, so autograd rebuilt the base in the backward (CopySlices, AsStrided): four activation-sized copies per MLP.
 The layer now scales in place only where autograd does not record (stochvit.layers.StochasticLinear.forward). This
 times, in one process with interleaved rounds, bf16 training steps of vit_tiny_patch4_32: plain, the default layer as

@@ -417,7 +417,7 @@ COPY_OPS = ("aten.copy_", "aten._to_copy", "aten.clone")
 def step_copies(step: Callable[[], None], top: int) -> list[dict]:
     """The copies of one call of `step` (copy_, _to_copy, clone), grouped by op, dtypes, phase and the autograd node
     that ran them (None: the forward), largest traffic first: where the profile's `aten::copy_` comes from. This is how
-    session 14 found the layer's in-place scale rebuilding fc1's output in the backward (CopySlices)."""
+    the layer's in-place scale was found rebuilding fc1's output in the backward (CopySlices)."""
     from collections import defaultdict
 
     from torch.utils._python_dispatch import TorchDispatchMode

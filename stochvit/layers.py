@@ -140,8 +140,8 @@ class StochasticLinear(RandomAtInference):
         `StochasticMlp` with fc1's output, skip one activation-sized allocation: ~5% of inference time on a CPU).
 
         Only where autograd does not record `x`: fc1's output is a view of its matmul's result, and an in-place op on a
-        view makes the backward rebuild the base (CopySlices, AsStrided), four activation-sized copies per MLP, which
-        made the eager layer cost 11-13% of a bf16 training step (benchmarks/RESULTS.md, session 14)."""
+        view makes the backward rebuild the base (CopySlices, AsStrided): four activation-sized copies per MLP, a step
+        1.08x slower in bf16 training on a 2-core Xeon (benchmarks/inplace_backward.py, numbers in RESULTS.md)."""
         inplace = inplace and not (torch.is_grad_enabled() and x.requires_grad)
         if x.shape[-1] != self.features:
             raise ValueError(f"StochasticLinear expects {self.features} features in the last dim, got shape {tuple(x.shape)}")

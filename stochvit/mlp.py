@@ -87,10 +87,10 @@ def set_fused(model: nn.Module, on: bool = True) -> int:
     """Fuse the default layer's scale into the activation, act(fc1(x) * s), as one kernel compiled by torch.compile.
 
     Eager PyTorch spends one extra elementwise pass over the hidden features on the scale, forward and backward; the
-    compiled kernel folds it into the activation's own pass. Since the eager layer stopped scaling in place under
-    autograd (session 14), this pays no more on the 2-core Xeon measured: 0.916 of the plain model against the eager
-    layer's 0.955 in one run (benchmarks/RESULTS.md); `torch.compile` of the whole model (`train --compile`) is the
-    way to a free layer. It applies to diagonal layers at position "pre_act" while
+    compiled kernel folds it into the activation's own pass. Now that the eager layer no longer scales in place under
+    autograd, this does not pay on the 2-core Xeon measured: 0.916 of the plain model against the eager layer's 0.955
+    in one run (benchmarks/RESULTS.md); `torch.compile` of the whole model (`train --compile`) is the way to a free
+    layer. It applies to diagonal layers at position "pre_act" while
     they sample (mode "on") with gradients enabled, i.e. to training steps: under no_grad the eager in-place path was as
     fast or faster (benchmarks/RESULTS.md). The draws are the same as the eager path's. The first call compiles
     (seconds; needs a C++ compiler on CPU); without one stochvit warns once and stays eager. Returns how many MLPs

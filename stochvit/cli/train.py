@@ -68,7 +68,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--val-every", type=int, default=1, help="validate every N epochs (always after the last)")
     g.add_argument("--fused", action="store_true", help="compile the default layer's scale into the activation "
                    "(torch.compile; needs a C++ compiler on CPU). Measured no faster than the eager layer on a 2-core "
-                   "Xeon since session 14; --compile is the faster option there")
+                   "Xeon; --compile is the faster option there")
     g.add_argument("--init-weights", default=None, metavar="RUN_DIR|FILE",
                    help="start from these weights (a run directory's model.safetensors, a .safetensors file, or a plain "
                         ".pth state dict, read with weights_only=True) "
