@@ -122,7 +122,7 @@ def _fused_scale_act(act: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], t
                 _EAGER_ONLY.append(f"{type(e).__name__}: {e}"[:300])
                 warnings.warn(f"stochvit: the fused scale could not be compiled ({_EAGER_ONLY[0]}); running eager",
                               stacklevel=2)
-        return act(h.mul_(s))
+        return act(h * s)  # training: in place on fc1's output (a view) would copy it in the backward
 
     return run
 
