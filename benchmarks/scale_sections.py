@@ -51,6 +51,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -414,30 +415,39 @@ def profile_section(c: dict, _tmp: Path, top: int = 15) -> dict:
 COPY_OPS = ("aten.copy_", "aten._to_copy", "aten.clone")
 
 
-def step_copies(step: Callable[[], None], top: int) -> list[dict]:
-    """The copies of one call of `step` (copy_, _to_copy, clone), grouped by op, dtypes, phase and the autograd node
-    that ran them (None: the forward), largest traffic first: where the profile's `aten::copy_` comes from. This is how
-    the layer's in-place scale was found rebuilding fc1's output in the backward (CopySlices)."""
-    from collections import defaultdict
-
+def record_ops(step: Callable[[], None], on_op: Callable[[Any, tuple, dict, Any], None]) -> None:
+    """Run `step` once under a TorchDispatchMode that calls `on_op(func, args, kwargs, out)` after every aten op."""
     from torch.utils._python_dispatch import TorchDispatchMode
-
-    groups: dict[tuple, list[int]] = defaultdict(lambda: [0, 0])
 
     class Record(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
-            if str(func.overloadpacket) in COPY_OPS and isinstance(out, torch.Tensor):
-                src = args[1] if str(func.overloadpacket) == "aten.copy_" else args[0]
-                node = torch._C._current_autograd_node()
-                key = (str(func.overloadpacket), f"{src.dtype} -> {out.dtype}".replace("torch.", ""),
-                       type(node).__name__ if node is not None else "forward")
-                groups[key][0] += 1
-                groups[key][1] += out.numel() * out.element_size()
+            on_op(func, args, kwargs or {}, out)
             return out
 
     with Record():
         step()
+
+
+def step_copies(step: Callable[[], None], top: int) -> list[dict]:
+    """The copies of one call of `step` (copy_, _to_copy, clone), grouped by op, dtypes and the autograd node that ran
+    them ("forward" outside the backward), largest traffic first: where the profile's `aten::copy_` comes from. This is
+    how the layer's in-place scale was found rebuilding fc1's output in the backward (CopySlices)."""
+    from collections import defaultdict
+
+    groups: dict[tuple, list[int]] = defaultdict(lambda: [0, 0])
+
+    def count(func, args, _kwargs, out) -> None:
+        name = str(func.overloadpacket)
+        if name in COPY_OPS and isinstance(out, torch.Tensor):
+            src = args[1] if name == "aten.copy_" else args[0]
+            node = torch._C._current_autograd_node()
+            key = (name, f"{src.dtype} -> {out.dtype}".replace("torch.", ""),
+                   type(node).__name__ if node is not None else "forward")
+            groups[key][0] += 1
+            groups[key][1] += out.numel() * out.element_size()
+
+    record_ops(step, count)
     rows = [dict(op=k[0], dtypes=k[1], autograd_node=k[2], calls=n, megabytes=b / 1e6) for k, (n, b) in groups.items()]
     return sorted(rows, key=lambda r: r["megabytes"], reverse=True)[:top]
 
@@ -445,26 +455,29 @@ def step_copies(step: Callable[[], None], top: int) -> list[dict]:
 MATMUL_OPS = {"aten.mm": 0, "aten.addmm": 1, "aten.bmm": 0}  # op -> index of its first matrix operand
 
 
-def step_matmuls(step: Callable[[], None]) -> list[tuple]:
-    """The matmul calls of one call of `step`: (op, args with each tensor as (shape, stride, dtype)), in order."""
-    from torch.utils._python_dispatch import TorchDispatchMode
+class TensorSpec(NamedTuple):
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    dtype: torch.dtype
 
+
+def step_matmuls(step: Callable[[], None]) -> list[tuple]:
+    """The matmul calls of one call of `step`: (op, args with each tensor as its TensorSpec, kwargs), in order."""
     calls = []
 
-    class Record(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if str(func.overloadpacket) in MATMUL_OPS:
-                calls.append((func, tuple((tuple(a.shape), a.stride(), a.dtype) if isinstance(a, torch.Tensor) else a
-                                          for a in args), kwargs or {}))
-            return func(*args, **(kwargs or {}))
+    def keep(func, args, kwargs, _out) -> None:
+        if str(func.overloadpacket) in MATMUL_OPS:
+            calls.append((func, tuple(TensorSpec(tuple(a.shape), a.stride(), a.dtype) if isinstance(a, torch.Tensor)
+                                      else a for a in args), kwargs))
 
-    with Record():
-        step()
+    record_ops(step, keep)
     return calls
 
 
 def matmul_flop(func, args: tuple) -> int:
-    (*batch, m, k), n = args[MATMUL_OPS[str(func.overloadpacket)]][0], args[-1 if "addmm" not in str(func) else 2][0][-1]
+    """2 m k n (times the batch for bmm) from the specs of the two matrix operands."""
+    first = MATMUL_OPS[str(func.overloadpacket)]
+    (*batch, m, k), n = args[first].shape, args[first + 1].shape[-1]
     return 2 * m * k * n * (batch[0] if batch else 1)
 
 
@@ -472,8 +485,8 @@ def gemms_section(c: dict, _tmp: Path) -> dict:
     step = model_cells("vit_tiny_patch4_32", {"stochastic": dict(stochastic=True)}, "train", BF16, c["batch"])["stochastic"]
     step()
     calls = step_matmuls(step)
-    replay = [(func, [torch.randn(a[0], dtype=a[2]).as_strided(a[0], a[1]) if isinstance(a, tuple) and len(a) == 3
-                      and isinstance(a[2], torch.dtype) else a for a in args], kw) for func, args, kw in calls]
+    replay = [(func, [torch.randn(a.shape, dtype=a.dtype).as_strided(a.shape, a.stride) if isinstance(a, TensorSpec)
+                      else a for a in args], kw) for func, args, kw in calls]
     flop = sum(matmul_flop(func, args) for func, args, _ in calls)
     best = 0.0
     for func, args, kw in replay:  # each call's best of `gemm_repeats` after one warm-up: operands in cache, as in the
@@ -490,10 +503,6 @@ def gemms_section(c: dict, _tmp: Path) -> dict:
 
 
 # -- report --------------------------------------------------------------------------------------------------------
-
-def c_repeats(r: dict) -> int:
-    return r["settings"]["gemm_repeats"]
-
 
 def markdown(r: dict) -> str:
     lines = [f"# Scale study (`benchmarks/throughput.py --sections`), {r['machine']}, torch {r['torch']}, "
@@ -515,7 +524,7 @@ def markdown(r: dict) -> str:
         g = r["gemms"]
         share = f" = {g['gflop_per_s'] / r['peak']['gflop_per_s']:.2f} of the peak" if "peak" in r else ""
         lines += [f"**matmuls alone** (the {g['calls']} mm/addmm/bmm calls of one {g['precision']} training step of "
-                  f"{g['model']}, batch {g['batch']}, replayed, each call's best of {c_repeats(r)}): "
+                  f"{g['model']}, batch {g['batch']}, replayed, each call's best of {r['settings']['gemm_repeats']}): "
                   f"{g['gflop_per_s']:.0f} GFLOP/s at the model's shapes{share}; {g['gflop_per_image']:.3f} GFLOP/image; ceiling "
                   f"{g['ceiling_images_per_s']:.0f} img/s"
                   + (f"; the trainer reaches **{r['trainer']['images_per_s'] / g['ceiling_images_per_s']:.3f}** of it"
