@@ -14,6 +14,7 @@ import subprocess
 import sys
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -27,7 +28,7 @@ from stochvit.cli import main as cli_main  # noqa: E402
 from stochvit.data import load_data  # noqa: E402
 from stochvit.errors import UserError  # noqa: E402
 from stochvit.federated import task  # noqa: E402
-from stochvit.federated.launch import APP_DIR, processes_with  # noqa: E402
+from stochvit.federated.launch import APP_DIR, Federation, processes_with  # noqa: E402
 from stochvit.federated.partition import dirichlet, histogram, iid, label_skew, parse_partition, partition, save_summary  # noqa: E402
 from stochvit.federated.settings import from_run_config, to_run_config  # noqa: E402
 from stochvit.runs import (
@@ -180,6 +181,30 @@ def test_a_resume_accepts_settings_added_later_and_names_what_changed():
     assert settings_changed(stored, later) == []
     changed = {"train": {"lr": 1e-3, "stochastic": {"low": 0.0}}, "federated": {}}
     assert settings_changed(stored, changed) == ["train.lr", "train.stochastic.low", "federated.rounds (missing)"]
+
+
+def test_waiting_asks_flwr_for_the_status_ever_less_often_and_at_once_when_the_files_say_done(tmp_path, monkeypatch):
+    """`flwr ls` starts an interpreter (over a second of CPU): a run of hours must not ask every 15 s."""
+    clock = [0.0]
+    fake_time = SimpleNamespace(monotonic=lambda: clock[0], sleep=lambda s: clock.__setitem__(0, clock[0] + s))
+    monkeypatch.setattr("stochvit.federated.launch.time", fake_time)  # a virtual clock: the test takes no real time
+    fed = Federation(tmp_path)
+    fed.ray_tmp.rmdir()
+    asked: list[float] = []
+
+    def status(_run_id: int, finish_at: float) -> str:
+        asked.append(clock[0])
+        return "finished:completed" if clock[0] >= finish_at else "running"
+
+    monkeypatch.setattr(fed, "status", lambda run_id: status(run_id, 1000))
+    assert fed.wait(1, timeout=2000) == "finished:completed"
+    gaps = np.diff([0.0] + asked)
+    assert gaps[0] == pytest.approx(15, abs=1) and gaps[1] == pytest.approx(22.5, abs=1)  # grows 1.5x per check
+    assert max(gaps) == pytest.approx(120, abs=1) and len(asked) < 15  # capped: 1000 s at 15 s would be 66 checks
+    clock[0], asked[:] = 0.0, []
+    monkeypatch.setattr(fed, "status", lambda run_id: status(run_id, 0))
+    assert fed.wait(1, timeout=2000, done=lambda: clock[0] >= 5) == "finished:completed"
+    assert asked == [pytest.approx(5, abs=1)]  # the files said done: asked at once, not at 15 s
 
 
 @pytest.mark.parametrize("stochastic", [True, False])

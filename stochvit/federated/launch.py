@@ -190,17 +190,19 @@ class Federation:
             return {}
         return run if isinstance(run, dict) else {}
 
-    def wait(self, run_id: int, timeout: float, done: Callable[[], bool] | None = None, status_every: float = 15) -> str:
+    def wait(self, run_id: int, timeout: float, done: Callable[[], bool] | None = None, status_every: float = 15,
+             status_max: float = 120) -> str:
         """Wait until the run finishes; returns its status. `done()` is polled each second (cheap: files), `flwr ls`
-        (a CLI start, seconds of CPU) only every `status_every` seconds or once `done()` says so. Stops the run and
-        raises after `timeout` seconds."""
+        (a CLI start, over a second of CPU) once `done()` says so, and otherwise after `status_every` seconds, the
+        interval growing 1.5x per check up to `status_max`: a failure early in a run shows within seconds, and a
+        run of hours does not spend a tenth of a core asking. Stops the run and raises after `timeout` seconds."""
         deadline = time.monotonic() + timeout
-        last = time.monotonic()
+        last, interval = time.monotonic(), status_every
         while time.monotonic() < deadline:
             since = time.monotonic() - last
-            if (done is not None and done() and since >= 3) or since >= status_every:
+            if (done is not None and done() and since >= 3) or since >= interval:
                 status = self.status(run_id)
-                last = time.monotonic()
+                last, interval = time.monotonic(), min(status_max, interval * 1.5)
                 if status.startswith("finished"):
                     return status
             if self.proc is not None and self.proc.poll() is not None:
