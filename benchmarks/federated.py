@@ -4,6 +4,7 @@ same rounds and local epochs, each through `stochvit federated` (a real Flower s
     nice -n 10 python benchmarks/federated.py                       # 20 rounds x 3 local epochs, batch 32
     nice -n 10 python benchmarks/federated.py --rounds 5 --only iid # a quick look
     python benchmarks/federated.py --only iid dirichlet:0.1 --seeds 0 1 2   # the committed 3-seed reading
+    OMP_NUM_THREADS=1 python benchmarks/federated.py ... --cpus-per-client 2 --parallel 2   # two runs at a time
     OMP_NUM_THREADS=2 python benchmarks/federated.py --data imagefolder:../shared/data/cifar10-jpeg \
         --train-limit 4000 --rounds 4 --local-epochs 1 --batch-size 128 --fraction-evaluate 0 --eval-samples 1
                                                                     # CIFAR-10, CPU-short (runs/cifar10-federated)
@@ -24,6 +25,7 @@ import json
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -32,6 +34,7 @@ from stochvit.federated.launch import CHECKPOINT
 from stochvit.suites.compare_runs import Predictions, RunPredictions, compare_runs, comparisons_markdown, plot_comparisons
 
 RUNS = Path(__file__).resolve().parent / "runs"
+LOGS = Path(__file__).resolve().parent / "logs"
 PARTITIONS = ("iid", "dirichlet:0.5", "dirichlet:0.1")
 MODELS = {"deterministic": ["--no-stochastic"], "stochastic": ["--stochastic"]}
 
@@ -51,17 +54,66 @@ def check_recipe(out: Path, a: argparse.Namespace) -> None:
         sys.exit(f"{out} ran another recipe: {diff}; choose another --name for this one")
 
 
+def run_dir(partition: str, model: str, seed: int, a: argparse.Namespace) -> Path:
+    return a.root / f"{partition.replace(':', '')}-{model}-seed{seed}"
+
+
+def launch(cmd: list[str], out: Path, a: argparse.Namespace) -> None:
+    """One `stochvit federated` process; with --parallel > 1 its output is appended to benchmarks/logs/NAME/RUN.log
+    instead of sharing the terminal with the others."""
+    print("$", " ".join(cmd[1:]), flush=True)
+    if a.parallel == 1:
+        subprocess.run(cmd, check=True)
+        return
+    log = LOGS / a.root.name / f"{out.name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a") as f:
+        subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT)
+    print(f"finished {out.name} (log: {log})", flush=True)
+
+
+def run_all(jobs: list[tuple[str, str, int]], a: argparse.Namespace) -> list[dict]:
+    """Every job's results, in the jobs' order; `a.parallel` of them at a time, interrupted runs first (so that a
+    campaign stopped at a session's end continues where it was). After a failure no further run starts; the failure
+    is raised once the runs in flight have finished."""
+    if a.parallel == 1:
+        return [run(*job, a) for job in jobs]
+    queue = iter(sorted(jobs, key=lambda job: not (run_dir(*job, a) / CHECKPOINT).exists()))
+    lock = threading.Lock()
+    results: dict[tuple[str, str, int], dict] = {}
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        while True:
+            with lock:
+                job = None if errors else next(queue, None)
+            if job is None:
+                return
+            try:
+                results[job] = run(*job, a)
+            except BaseException as e:  # noqa: BLE001 - check_recipe's SystemExit too: raised again below
+                with lock:
+                    errors.append(e)
+
+    threads = [threading.Thread(target=worker) for _ in range(a.parallel)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return [results[job] for job in jobs]
+
+
 def run(partition: str, model: str, seed: int, a: argparse.Namespace) -> dict:
-    out = a.root / f"{partition.replace(':', '')}-{model}-seed{seed}"
+    out = run_dir(partition, model, seed, a)
     wall = None
     finished, interrupted = (out / "summary.json").exists(), (out / CHECKPOINT).exists()
     if finished or interrupted:
         check_recipe(out, a)
     if interrupted and not finished:  # continue it from its last finished round
-        cmd = [sys.executable, "-m", "stochvit.cli", "federated", "--resume", str(out),
-               "--cpus-per-client", str(a.cpus_per_client)]
-        print("$", " ".join(cmd[1:]), flush=True)
-        subprocess.run(cmd, check=True)  # its wall time is split across sessions: not recorded
+        launch([sys.executable, "-m", "stochvit.cli", "federated", "--resume", str(out),
+                "--cpus-per-client", str(a.cpus_per_client)], out, a)  # its wall time is split across sessions: not recorded
     elif not finished:
         if out.exists():  # interrupted before its first round finished: only logs/, start it again
             print(f"{out} finished no round; running it again", flush=True)
@@ -75,9 +127,8 @@ def run(partition: str, model: str, seed: int, a: argparse.Namespace) -> dict:
                "--eval-samples", str(a.eval_samples),
                "--cpus-per-client", str(a.cpus_per_client),
                *(["--train-limit", str(a.train_limit)] if a.train_limit else []), *MODELS[model]]
-        print("$", " ".join(cmd[1:]), flush=True)
         t0 = time.perf_counter()
-        subprocess.run(cmd, check=True)
+        launch(cmd, out, a)
         wall = time.perf_counter() - t0
         (out / "wall_seconds.txt").write_text(f"{wall:.1f}\n")
     elif (out / "wall_seconds.txt").exists():
@@ -158,12 +209,16 @@ def main() -> None:
     p.add_argument("--server-lr", type=float, default=1.0, help="FedAvgM server learning rate (1.0: FedAvg's)")
     p.add_argument("--server-momentum", type=float, default=0.0, help="FedAvgM server momentum (0: FedAvg)")
     p.add_argument("--data", default="digits", help="e.g. imagefolder:/work/shared/data/cifar10-jpeg")
+    p.add_argument("--parallel", type=int, default=1, help="runs at a time (2 on a 2-core machine, with "
+                   "OMP_NUM_THREADS=1 and --cpus-per-client 2), each logging to benchmarks/logs/NAME/RUN.log")
     p.add_argument("--name", default=None, help="runs folder under benchmarks/runs (default: digits-federated or "
                    "cifar10-federated); a new recipe needs a new folder, since finished runs are reused")
     a = p.parse_args()
     a.root = RUNS / (a.name or ("digits-federated" if a.data == "digits" else "cifar10-federated"))
     a.root.mkdir(parents=True, exist_ok=True)
-    results = [run(part, model, seed, a) for seed in a.seeds for part in (a.only or PARTITIONS) for model in MODELS]
+    if a.parallel < 1:
+        p.error("--parallel must be at least 1")
+    results = run_all([(part, model, seed) for seed in a.seeds for part in (a.only or PARTITIONS) for model in MODELS], a)
     rows, text = report(results, a.root, RunPredictions(a.eval_samples))
     (a.root / "results.json").write_text(json.dumps(dict(results=results, comparisons=[c.as_dict() for c in rows]),
                                                     indent=2) + "\n")

@@ -80,3 +80,48 @@ def test_suite_times_quick(digits_runs, tmp_path, monkeypatch):
 
     assert stochvit.suites.evaluate.data_for is stochvit.runs.data_for  # the suites' data loading is restored
     assert "| robustness |" in out.with_suffix(".md").read_text()
+
+
+def test_federated_campaign_runs_interrupted_runs_first_and_stops_at_the_first_failure(tmp_path, monkeypatch):
+    """`benchmarks/federated.py --parallel 2`: the scheduling alone (each real run is a Flower simulation, which
+    tests/test_federated.py covers)."""
+    import argparse
+    import threading
+    import time
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    federated = __import__("federated")
+    a = argparse.Namespace(root=tmp_path, parallel=2)
+    jobs = [("iid", m, s) for s in (1, 2) for m in ("deterministic", "stochastic")]
+    interrupted = federated.run_dir("iid", "deterministic", 2, a)
+    interrupted.mkdir()
+    (interrupted / federated.CHECKPOINT).write_bytes(b"")
+    started, lock = [], threading.Lock()
+
+    def fake_run(partition, model, seed, _a, fail=None):
+        with lock:
+            started.append((partition, model, seed))
+        if (model, seed) == fail:
+            raise RuntimeError("a run failed")
+        return dict(model=model, seed=seed)
+
+    monkeypatch.setattr(federated, "run", fake_run)
+    results = federated.run_all(jobs, a)
+    assert [(r["model"], r["seed"]) for r in results] == [(m, s) for _, m, s in jobs]  # reported in the jobs' order
+    assert started[0] == ("iid", "deterministic", 2)  # the interrupted run resumes first
+    assert sorted(started) == sorted(jobs)
+
+    started.clear()
+    both_started = threading.Barrier(2, timeout=10)
+
+    def failing_run(partition, model, seed, _a):
+        if seed == 1:  # the first two jobs run side by side; the first fails once the second has started,
+            both_started.wait()  # and the second takes a while longer (as a real run would)
+            if model == "stochastic":
+                time.sleep(0.5)
+        return fake_run(partition, model, seed, _a, fail=("deterministic", 1))
+
+    monkeypatch.setattr(federated, "run", failing_run)
+    with pytest.raises(RuntimeError, match="a run failed"):
+        federated.run_all(jobs, argparse.Namespace(root=tmp_path / "fresh", parallel=2))
+    assert sorted(started) == sorted(jobs[:2])  # no run started after the failure

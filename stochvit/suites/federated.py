@@ -159,6 +159,6 @@ def _run(rc: dict, out: Path, cpus_per_client: int, timeout: float, fresh: bool)
     t = summary["test"]
     fewer = summary["federated"]["rounds_with_fewer_clients"]
     print(f"run: {out}\ntest accuracy {summary['test_accuracy']:.4f} (single pass), {t['mc_average']['accuracy']:.4f} "
-          f"(K={t['samples']} average); ECE {t['single_pass']['ece']['mean']:.4f}; {rounds} rounds in "
+          f"(K={t['samples']} average); ECE {t['single_pass']['ece']['mean']:.4f}; {rounds} round{'s' if rounds != 1 else ''} in "
           f"{time.perf_counter() - t0:.0f} s" + (f"; rounds with fewer clients: {fewer}" if fewer else ""))
     return FederatedResult(out, summary)
