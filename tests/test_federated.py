@@ -199,8 +199,9 @@ def test_waiting_asks_flwr_for_the_status_ever_less_often_and_at_once_when_the_f
     monkeypatch.setattr(fed, "status", lambda run_id: status(run_id, 1000))
     assert fed.wait(1, timeout=2000) == "finished:completed"
     gaps = np.diff([0.0] + asked)
-    assert gaps[0] == pytest.approx(15, abs=1) and gaps[1] == pytest.approx(22.5, abs=1)  # grows 1.5x per check
-    assert max(gaps) == pytest.approx(120, abs=1) and len(asked) < 15  # capped: 1000 s at 15 s would be 66 checks
+    assert gaps[:20] == pytest.approx([15] * 20, abs=1)  # the first 5 minutes: every 15 s
+    assert gaps[20] == pytest.approx(22.5, abs=1) and gaps[21] == pytest.approx(33.75, abs=1)  # then 1.5x per check
+    assert max(gaps) == pytest.approx(120, abs=1) and len(asked) < 30  # capped: 1000 s at 15 s would be 66 checks
     clock[0], asked[:] = 0.0, []
     monkeypatch.setattr(fed, "status", lambda run_id: status(run_id, 0))
     assert fed.wait(1, timeout=2000, done=lambda: clock[0] >= 5) == "finished:completed"

@@ -191,18 +191,22 @@ class Federation:
         return run if isinstance(run, dict) else {}
 
     def wait(self, run_id: int, timeout: float, done: Callable[[], bool] | None = None, status_every: float = 15,
-             status_max: float = 120) -> str:
+             backoff_after: float = 300, status_max: float = 120) -> str:
         """Wait until the run finishes; returns its status. `done()` is polled each second (cheap: files), `flwr ls`
-        (a CLI start, over a second of CPU) once `done()` says so, and otherwise after `status_every` seconds, the
-        interval growing 1.5x per check up to `status_max`: a failure early in a run shows within seconds, and a
-        run of hours does not spend a tenth of a core asking. Stops the run and raises after `timeout` seconds."""
+        (a CLI start, over a second of CPU) once `done()` says so, and otherwise every `status_every` seconds for the
+        first `backoff_after` seconds (where start-up failures show, and short runs end), then 1.5x less often per
+        check up to every `status_max` seconds: a run of hours does not spend a tenth of a core asking. Stops the run
+        and raises after `timeout` seconds."""
         deadline = time.monotonic() + timeout
-        last, interval = time.monotonic(), status_every
+        start = last = time.monotonic()
+        interval = status_every
         while time.monotonic() < deadline:
             since = time.monotonic() - last
             if (done is not None and done() and since >= 3) or since >= interval:
                 status = self.status(run_id)
-                last, interval = time.monotonic(), min(status_max, interval * 1.5)
+                last = time.monotonic()
+                if last - start >= backoff_after:
+                    interval = min(status_max, interval * 1.5)
                 if status.startswith("finished"):
                     return status
             if self.proc is not None and self.proc.poll() is not None:
