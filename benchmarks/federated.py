@@ -58,10 +58,16 @@ def run_dir(partition: str, model: str, seed: int, a: argparse.Namespace) -> Pat
     return a.root / f"{partition.replace(':', '')}-{model}-seed{seed}"
 
 
+def say(line: str) -> None:
+    """One line in one write (print writes the text and its newline apart), so parallel runs' lines do not mix."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def launch(cmd: list[str], out: Path, a: argparse.Namespace) -> None:
     """One `stochvit federated` process; with --parallel > 1 its output is appended to benchmarks/logs/NAME/RUN.log
     instead of sharing the terminal with the others."""
-    print("$", " ".join(cmd[1:]), flush=True)
+    say(f"$ {' '.join(cmd[1:])}")
     if a.parallel == 1:
         subprocess.run(cmd, check=True)
         return
@@ -69,7 +75,7 @@ def launch(cmd: list[str], out: Path, a: argparse.Namespace) -> None:
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("a") as f:
         subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT)
-    print(f"finished {out.name} (log: {log})", flush=True)
+    say(f"finished {out.name} (log: {log})")
 
 
 def run_all(jobs: list[tuple[str, str, int]], a: argparse.Namespace) -> list[dict]:
