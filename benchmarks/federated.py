@@ -122,7 +122,7 @@ def run(partition: str, model: str, seed: int, a: argparse.Namespace) -> dict:
                 "--cpus-per-client", str(a.cpus_per_client)], out, a)  # its wall time is split across sessions: not recorded
     elif not finished:
         if out.exists():  # interrupted before its first round finished: only logs/, start it again
-            print(f"{out} finished no round; running it again", flush=True)
+            say(f"{out} finished no round; running it again")
             shutil.rmtree(out)
         cmd = [sys.executable, "-m", "stochvit.cli", "federated", "--clients", str(a.clients), "--rounds", str(a.rounds),
                "--local-epochs", str(a.local_epochs), "--batch-size", str(a.batch_size), "--partition", partition,
